@@ -1,0 +1,37 @@
+"""bitalloc: mixed-precision bit allocation for LLM quantization.
+
+The public API is re-exported here lazily, so that light parts (``bitalloc.solvers``,
+``bitalloc.configs``) can be imported without pulling in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "QuantConfig": "bitalloc.configs",
+    "config_space": "bitalloc.configs",
+    "quantize": "bitalloc.quant",
+    "QuantizedTensor": "bitalloc.quant",
+    "load_model": "bitalloc.models",
+    "find_targets": "bitalloc.models",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bitalloc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,324 @@
+"""Quantization configs, config spaces and exact storage accounting.
+
+A :class:`QuantConfig` describes how one weight matrix ``W`` (rows x cols) is stored as
+``Q + L1 @ L2``:
+
+* ``Q``: NF-``bits`` codes in blocks of ``block`` consecutive weights along a row (each row
+  is zero-padded to a multiple of ``block``), one absmax scale per block.
+* Block scales: with ``scale_bits == 16`` stored as fp16. Otherwise double-quantized:
+  a per-matrix fp32 offset (the minimum scale) is subtracted and the rest is stored as
+  ``scale_bits``-bit unsigned codes, in groups of ``scale_block`` blocks, each group with one
+  second-level scale in ``scale_dtype`` (fp16 or fp32).
+* ``L1`` (rows x rank) and ``L2`` (rank x cols): bf16 (``lowrank_bits == 16``) or NF8
+  (``lowrank_bits == 8``, see :data:`LOWRANK_NF8`), ``L1`` stored transposed so that its
+  blocks run along its long side.
+
+``storage_bits`` counts every one of those bits; the packed arrays written by
+``bitalloc.quantize`` and ``apply`` take ``ceil(bits / 8)`` bytes each, so the two agree up
+to one byte of padding per stored array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+NF_BITS = (2, 3, 4, 8)
+SCALE_DTYPE_BITS = {"fp16": 16, "fp32": 32}
+OFFSET_BITS = 32  # the per-matrix fp32 offset of double-quantized scales
+LOWRANK_BITS = (16, 8)
+
+_NAME_RE = re.compile(
+    r"^nf(?P<bits>\d+)-g(?P<block>\d+)-s(?P<scale_bits>\d+)(?:x(?P<scale_block>\d+))?"
+    r"(?P<fp32>-fp32)?-r(?P<rank>\d+)(?P<lr8>-lr8)?$"
+)
+
+
+@dataclass(frozen=True, order=True)
+class QuantConfig:
+    """How one matrix is stored: NF codes, (double-quantized) block scales, low-rank factors.
+
+    The name grammar is ``nf{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32]-r{rank}[-lr8]``
+    (``nf4-g64-s16-r0`` when scales are plain fp16); :meth:`from_name` parses it back.
+    """
+
+    bits: int = 4
+    block: int = 64
+    scale_bits: int = 8
+    scale_block: int = 256
+    scale_dtype: str = "fp16"
+    rank: int = 0
+    lowrank_bits: int = 16
+
+    def __post_init__(self) -> None:
+        for field in ("bits", "block", "scale_bits", "scale_block", "rank", "lowrank_bits"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"QuantConfig.{field} must be an int, got {value!r}")
+        if self.bits not in NF_BITS:
+            raise ValueError(f"QuantConfig.bits must be one of {NF_BITS}, got {self.bits}")
+        if self.block < 1:
+            raise ValueError(f"QuantConfig.block must be >= 1, got {self.block}")
+        if not (2 <= self.scale_bits <= 8 or self.scale_bits == 16):
+            raise ValueError(
+                f"QuantConfig.scale_bits must be 2..8 (double-quantized) or 16 (fp16), "
+                f"got {self.scale_bits}"
+            )
+        if self.scale_dtype not in SCALE_DTYPE_BITS:
+            raise ValueError(
+                f"QuantConfig.scale_dtype must be one of {sorted(SCALE_DTYPE_BITS)}, "
+                f"got {self.scale_dtype!r}"
+            )
+        if self.scale_block < 1:
+            raise ValueError(f"QuantConfig.scale_block must be >= 1, got {self.scale_block}")
+        if self.rank < 0:
+            raise ValueError(f"QuantConfig.rank must be >= 0, got {self.rank}")
+        if self.lowrank_bits not in LOWRANK_BITS:
+            raise ValueError(
+                f"QuantConfig.lowrank_bits must be one of {LOWRANK_BITS}, got {self.lowrank_bits}"
+            )
+        if self.scale_bits == 16:
+            # No second level: its fields carry no meaning; canonicalize them.
+            object.__setattr__(self, "scale_block", 1)
+            object.__setattr__(self, "scale_dtype", "fp16")
+        if self.rank == 0:
+            object.__setattr__(self, "lowrank_bits", 16)
+
+    # ----- names -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The stable name, e.g. ``nf3-g64-s8x256-r64``."""
+        if self.scale_bits == 16:
+            scales = "s16"
+        else:
+            scales = f"s{self.scale_bits}x{self.scale_block}"
+            if self.scale_dtype == "fp32":
+                scales += "-fp32"
+        name = f"nf{self.bits}-g{self.block}-{scales}-r{self.rank}"
+        if self.lowrank_bits == 8 and self.rank > 0:
+            name += "-lr8"
+        return name
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def from_name(cls, name: str) -> "QuantConfig":
+        """Parse a name written by :attr:`name`; raises ValueError on anything else."""
+        if not isinstance(name, str):
+            raise ValueError(f"a config name must be a string, got {name!r}")
+        m = _NAME_RE.match(name.strip())
+        if m is None:
+            raise ValueError(
+                f"invalid config name {name!r}: expected "
+                "'nf{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32]-r{rank}[-lr8]' "
+                "(e.g. 'nf3-g64-s8x256-r64') or 'nf{bits}-g{block}-s16-r{rank}'"
+            )
+        scale_bits = int(m["scale_bits"])
+        if scale_bits == 16:
+            if m["scale_block"] is not None or m["fp32"]:
+                raise ValueError(
+                    f"invalid config name {name!r}: fp16 scales ('s16') take no "
+                    "second-level group ('x...') or '-fp32'"
+                )
+            scale_block = 1
+        else:
+            if m["scale_block"] is None:
+                raise ValueError(
+                    f"invalid config name {name!r}: double-quantized scales need a group "
+                    f"size, e.g. 's{scale_bits}x256'"
+                )
+            scale_block = int(m["scale_block"])
+        rank = int(m["rank"])
+        if m["lr8"] and rank == 0:
+            raise ValueError(f"invalid config name {name!r}: '-lr8' needs rank > 0")
+        cfg = cls(
+            bits=int(m["bits"]),
+            block=int(m["block"]),
+            scale_bits=scale_bits,
+            scale_block=scale_block,
+            scale_dtype="fp32" if m["fp32"] else "fp16",
+            rank=rank,
+            lowrank_bits=8 if m["lr8"] else 16,
+        )
+        return cfg
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    # ----- accounting --------------------------------------------------------------------
+    def quant_bits(self, rows: int, cols: int) -> int:
+        """Bits of the quantized part Q alone (codes, scales, constants), padding included."""
+        _check_shape(rows, cols)
+        blocks_per_row = -(-cols // self.block)
+        n_blocks = rows * blocks_per_row
+        code_bits = n_blocks * self.block * self.bits
+        if self.scale_bits == 16:
+            scale_bits = n_blocks * 16
+        else:
+            n_groups = -(-n_blocks // self.scale_block)
+            scale_bits = (
+                n_blocks * self.scale_bits
+                + n_groups * SCALE_DTYPE_BITS[self.scale_dtype]
+                + OFFSET_BITS
+            )
+        return code_bits + scale_bits
+
+    def lowrank_storage_bits(self, rows: int, cols: int) -> int:
+        """Bits of the low-rank factors L1 (rows x rank) and L2 (rank x cols)."""
+        _check_shape(rows, cols)
+        if self.rank == 0:
+            return 0
+        if self.lowrank_bits == 16:
+            return 16 * self.rank * (rows + cols)
+        # NF8 factors: L1 stored transposed (rank x rows) and L2 (rank x cols).
+        return LOWRANK_NF8.quant_bits(self.rank, rows) + LOWRANK_NF8.quant_bits(self.rank, cols)
+
+    def storage_bits(self, rows: int, cols: int) -> int:
+        """Every bit stored for a rows x cols matrix: Q and the low-rank factors."""
+        return self.quant_bits(rows, cols) + self.lowrank_storage_bits(rows, cols)
+
+    def bits_per_param(self, rows: int, cols: int) -> float:
+        """``storage_bits / (rows * cols)``."""
+        return self.storage_bits(rows, cols) / (rows * cols)
+
+    def stored_arrays(self) -> int:
+        """How many packed arrays Q is stored as (for the one-byte-per-array padding rule)."""
+        return 2 if self.scale_bits == 16 else 4
+
+
+#: How NF8 low-rank factors are stored: NF8 codes in blocks of 64 with fp16 scales.
+LOWRANK_NF8 = QuantConfig(bits=8, block=64, scale_bits=16)
+
+
+def _check_shape(rows: int, cols: int) -> None:
+    if int(rows) != rows or int(cols) != cols or rows < 1 or cols < 1:
+        raise ValueError(f"a matrix shape must be two positive ints, got ({rows}, {cols})")
+
+
+# ----- config spaces ---------------------------------------------------------------------
+
+LQLORA_GRID: dict[str, Sequence[Any]] = {
+    "bits": (2, 3, 4, 8),
+    "scale_bits": (2, 3, 4, 8),
+    "scale_dtype": ("fp16", "fp32"),
+    "block": (16, 32, 64),
+    "scale_block": (16, 64, 256),
+}
+
+#: The cheaper default space (provisional; the profiler issue settles it by measurement).
+DEFAULT_GRID: dict[str, Sequence[Any]] = {
+    "bits": (2, 3, 4, 8),
+    "scale_bits": (4, 8),
+    "scale_dtype": ("fp16",),
+    "block": (16, 32, 64, 128),
+    "scale_block": (256,),
+}
+
+_GRID_FIELDS = ("bits", "block", "scale_bits", "scale_block", "scale_dtype", "rank", "lowrank_bits")
+BUILTIN_SPACES = {"lqlora": LQLORA_GRID, "default": DEFAULT_GRID}
+
+
+def _expand_grid(grid: dict[str, Sequence[Any]], ranks: Iterable[int]) -> list[QuantConfig]:
+    grid = dict(grid)
+    grid.setdefault("rank", tuple(ranks))
+    unknown = set(grid) - set(_GRID_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)}; known: {list(_GRID_FIELDS)}")
+    keys = [k for k in _GRID_FIELDS if k in grid]
+    values = []
+    for k in keys:
+        v = grid[k]
+        v = [v] if isinstance(v, (int, str)) else list(v)
+        if not v:
+            raise ValueError(f"config field {k!r} has an empty list of values")
+        values.append(v)
+    return _unique(QuantConfig(**dict(zip(keys, combo))) for combo in itertools.product(*values))
+
+
+def _unique(configs: Iterable[QuantConfig]) -> list[QuantConfig]:
+    seen: dict[str, QuantConfig] = {}
+    for cfg in configs:
+        seen.setdefault(cfg.name, cfg)
+    return list(seen.values())
+
+
+def _load_space_file(path: Path, ranks: Sequence[int]) -> list[QuantConfig]:
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
+        raise ValueError(f"config space file {path} is not valid JSON/YAML: {exc}") from exc
+    if isinstance(data, dict) and "configs" in data:
+        data = data["configs"]
+    if isinstance(data, dict):
+        configs = _expand_grid(data, ranks)
+    elif isinstance(data, list):
+        configs = []
+        for item in data:
+            if isinstance(item, str):
+                configs.append(QuantConfig.from_name(item))
+            elif isinstance(item, dict):
+                configs.append(QuantConfig(**item))
+            else:
+                raise ValueError(f"config space file {path}: entry {item!r} is not a name or a dict")
+        configs = _unique(configs)
+    else:
+        raise ValueError(
+            f"config space file {path} must hold a list of config names/dicts or a grid "
+            "dict like {\"bits\": [2, 3, 4], \"block\": [64], ...}"
+        )
+    if not configs:
+        raise ValueError(f"config space file {path} defines no configs; add at least one")
+    return configs
+
+
+def config_space(name: str | Path = "default", ranks: Sequence[int] = (64,)) -> list[QuantConfig]:
+    """The configs of a space: ``"lqlora"`` (288 per rank), ``"default"``, or a JSON/YAML file.
+
+    A file holds either a list of config names (``["nf4-g64-s8x256-r0", ...]``) or dicts,
+    or a grid ``{"bits": [...], "block": [...], ...}`` expanded as a product; a grid without
+    ``rank`` takes ``ranks``.
+    """
+    ranks = tuple(int(r) for r in ranks)
+    if not ranks:
+        raise ValueError("ranks must name at least one rank (0 = no low-rank part)")
+    if any(r < 0 for r in ranks):
+        raise ValueError(f"ranks must be >= 0, got {ranks}")
+    key = str(name)
+    if key in BUILTIN_SPACES:
+        return _expand_grid(BUILTIN_SPACES[key], ranks)
+    path = Path(key)
+    if path.is_file():
+        return _load_space_file(path, ranks)
+    raise ValueError(
+        f"unknown config space {key!r}: use one of {sorted(BUILTIN_SPACES)} or a path to a "
+        "JSON/YAML file"
+    )
+
+
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """Parse ``"64"`` or ``"0,16,64"`` into a tuple of ranks."""
+    try:
+        ranks = tuple(int(t) for t in str(text).split(",") if t.strip() != "")
+    except ValueError:
+        raise ValueError(f"invalid --ranks {text!r}: expected comma-separated ints like 0,16,64")
+    if not ranks or any(r < 0 for r in ranks):
+        raise ValueError(f"invalid --ranks {text!r}: expected non-negative ints like 0,16,64")
+    return ranks
