@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +203,8 @@ LOWRANK_NF8 = QuantConfig(bits=8, block=64, scale_bits=16)
 
 
 def _check_shape(rows: int, cols: int) -> None:
-    if int(rows) != rows or int(cols) != cols or rows < 1 or cols < 1:
+    ok = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (rows, cols))
+    if not ok or rows < 1 or cols < 1:
         raise ValueError(f"a matrix shape must be two positive ints, got ({rows}, {cols})")
 
 

@@ -1,0 +1,177 @@
+"""The `bitalloc` command: a thin shell over the public API, one small function per subcommand.
+
+Each ``cmd_*`` function parses nothing itself: it receives argparse's namespace, calls the
+library, and prints. Library errors (``ValueError`` and friends) become one clear line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from bitalloc import __version__
+
+log = logging.getLogger("bitalloc")
+
+BUILTIN_HELP = "model: a Hugging Face hub id, a local directory, a .gguf file, or the built-in alias smollm2-135m (default)"
+
+
+# ----- output helpers --------------------------------------------------------------------
+def _print_json(obj: Any) -> None:
+    """Print one JSON object on one line (the last line of --json output)."""
+    print(json.dumps(obj, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ----- subcommands -----------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    """`bitalloc info [MODEL]`: targets, shapes, parameter counts."""
+    from bitalloc.models import load_model, model_summary
+
+    model, _ = load_model(args.model)
+    summary = model_summary(model, include=args.include, exclude=args.exclude)
+    if args.json:
+        _print_json(summary)
+        return 0
+    rows = [(t["name"], f"{t['rows']}x{t['cols']}", t["params"], t["type"]) for t in summary["targets"]]
+    print(_table(rows, ["target", "shape", "params", "type"]))
+    print(
+        f"\n{len(summary['targets'])} targets, {summary['target_params']:,} target parameters; "
+        f"{summary['other_params']:,} other parameters (embeddings, norms, ...); "
+        f"{summary['total_params']:,} in all"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`bitalloc eval [MODEL] --data SRC ...`: perplexity (GPTQ convention) and KL to a reference."""
+    from bitalloc.models import evaluate, load_model
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    reference = None
+    if args.kl_to is not None:
+        reference, _ = load_model(args.kl_to, device=args.device)
+    result = evaluate(
+        model, tokenizer, data=args.data, seqlen=args.seqlen, windows=args.windows, kl_to=reference
+    )
+    result["model"] = args.model or "smollm2-135m"
+    result["kl_to"] = args.kl_to
+    if args.json:
+        _print_json(result)
+        return 0
+    kl = "-" if result["kl"] is None else f"{result['kl']:.5f}"
+    print(
+        _table(
+            [(result["model"], result["data"], result["windows"], result["seqlen"], result["tokens"],
+              f"{result['perplexity']:.4f}", kl, f"{result['seconds']:.1f}")],
+            ["model", "data", "windows", "seqlen", "tokens", "perplexity", "kl", "seconds"],
+        )
+    )
+    return 0
+
+
+# ----- parser ----------------------------------------------------------------------------
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help=BUILTIN_HELP)
+
+
+def _add_target_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include", default=None, help="regex: only layers whose name matches")
+    p.add_argument("--exclude", default=None, help="regex: drop layers whose name matches")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the `bitalloc` command."""
+    parser = argparse.ArgumentParser(
+        prog="bitalloc",
+        description="Mixed-precision bit allocation for LLM quantization: profile, solve, apply, eval, report.",
+    )
+    parser.add_argument("--version", action="version", version=f"bitalloc {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("info", help="list a model's target matrices, shapes and parameter counts")
+    _add_model_arg(p)
+    _add_target_filters(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="perplexity (GPTQ convention) and KL divergence to a reference model")
+    _add_model_arg(p)
+    p.add_argument("--data", default="wikitext2",
+                   help="text source: wikitext2 (shared data when present), c4, a text file, or self:N (default: wikitext2)")
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--windows", type=_positive_int, default=None, help="evaluate the first N windows (default: all)")
+    p.add_argument("--kl-to", default=None, metavar="MODEL", help="reference model for the mean per-token KL divergence")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=cmd_eval)
+
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("urllib3", "filelock", "httpx", "huggingface_hub", "datasets", "fsspec"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if verbose < 2:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+        except Exception:  # transformers missing or changed: keep its defaults
+            pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `bitalloc` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ValueError, OSError) as exc:
+        if args.verbose > 1:
+            raise
+        print(f"bitalloc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bitalloc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

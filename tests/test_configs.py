@@ -1,0 +1,164 @@
+"""QuantConfig names, validation, exact accounting, config spaces."""
+
+import json
+import math
+
+import pytest
+
+from bitalloc.configs import LOWRANK_NF8, QuantConfig, config_space, parse_ranks
+
+
+def test_name_examples_round_trip():
+    for name in [
+        "nf3-g64-s8x256-r64",
+        "nf4-g64-s16-r0",
+        "nf2-g16-s2x16-fp32-r0",
+        "nf8-g32-s4x64-r16-lr8",
+        "nf4-g128-s16-r8-lr8",
+    ]:
+        cfg = QuantConfig.from_name(name)
+        assert cfg.name == name
+        assert QuantConfig.from_name(cfg.name) == cfg
+
+
+def test_fields_from_name():
+    cfg = QuantConfig.from_name("nf3-g64-s8x256-fp32-r64-lr8")
+    assert (cfg.bits, cfg.block, cfg.scale_bits, cfg.scale_block) == (3, 64, 8, 256)
+    assert (cfg.scale_dtype, cfg.rank, cfg.lowrank_bits) == ("fp32", 64, 8)
+
+
+def test_every_lqlora_name_round_trips():
+    space = config_space("lqlora", ranks=(0, 64))
+    assert len(space) == 2 * 288
+    assert len({c.name for c in space}) == len(space)
+    for cfg in space:
+        assert QuantConfig.from_name(cfg.name) == cfg
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "nf4", "nf5-g64-s8x256-r0", "nf4-g64-s8-r0", "nf4-g64-s16x64-r0", "nf4-g64-s16-fp32-r0",
+     "nf4-g0-s8x256-r0", "nf4-g64-s9x256-r0", "nf4-g64-s8x0-r0", "nf4-g64-s8x256-r0-lr8",
+     "NF4-g64-s8x256-r0", "nf4-g64-s8x256-r-1", "nf4-g64-s1x256-r0"],
+)
+def test_invalid_names_raise(bad):
+    with pytest.raises(ValueError):
+        QuantConfig.from_name(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"bits": 5}, "bits"), ({"block": 0}, "block"), ({"scale_bits": 1}, "scale_bits"),
+     ({"scale_bits": 9}, "scale_bits"), ({"scale_dtype": "bf16"}, "scale_dtype"),
+     ({"scale_block": 0}, "scale_block"), ({"rank": -1}, "rank"), ({"lowrank_bits": 4, "rank": 8}, "lowrank_bits"),
+     ({"bits": 4.0}, "bits"), ({"rank": True}, "rank")],
+)
+def test_invalid_fields_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**kwargs)
+
+
+def test_canonical_forms():
+    assert QuantConfig(scale_bits=16, scale_block=64, scale_dtype="fp32") == QuantConfig(scale_bits=16)
+    assert QuantConfig(rank=0, lowrank_bits=8) == QuantConfig(rank=0)
+
+
+def _manual_bits(bits, block, scale_bits, scale_block, dtype_bits, rows, cols):
+    n_blocks = rows * math.ceil(cols / block)
+    total = n_blocks * block * bits
+    if scale_bits == 16:
+        return total + 16 * n_blocks
+    return total + n_blocks * scale_bits + math.ceil(n_blocks / scale_block) * dtype_bits + 32
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (4096, 4096), (576, 1536), (3, 100), (1024, 8192)])
+def test_storage_bits_by_hand(rows, cols):
+    for cfg in config_space("lqlora", ranks=(0,)):
+        dtype_bits = 32 if cfg.scale_dtype == "fp32" else 16
+        assert cfg.storage_bits(rows, cols) == _manual_bits(
+            cfg.bits, cfg.block, cfg.scale_bits, cfg.scale_block, dtype_bits, rows, cols
+        )
+    fp16 = QuantConfig(bits=4, block=64, scale_bits=16)
+    assert fp16.storage_bits(rows, cols) == _manual_bits(4, 64, 16, 1, 16, rows, cols)
+
+
+def test_lowrank_bits_counted():
+    base = QuantConfig.from_name("nf3-g64-s8x256-r0")
+    bf16 = base.replace(rank=64)
+    nf8 = base.replace(rank=64, lowrank_bits=8)
+    rows, cols = 4096, 4096
+    assert bf16.storage_bits(rows, cols) - base.storage_bits(rows, cols) == 16 * 64 * (rows + cols)
+    # NF8 factors: L1 stored as (64 x rows), L2 as (64 x cols), each NF8 with fp16 block scales.
+    expect = LOWRANK_NF8.storage_bits(64, rows) + LOWRANK_NF8.storage_bits(64, cols)
+    assert nf8.storage_bits(rows, cols) - base.storage_bits(rows, cols) == expect
+    assert nf8.lowrank_storage_bits(rows, cols) < bf16.lowrank_storage_bits(rows, cols)
+    # LQ-LoRA's "2.75 bits" config with NF8 factors on a 4096 x 4096 matrix counts ~0.26 bits more.
+    assert 3.3 < nf8.bits_per_param(rows, cols) < 3.45
+
+
+def test_bits_per_param_close_to_nominal_for_large_matrices():
+    cfg = QuantConfig.from_name("nf4-g64-s8x256-r0")
+    bpp = cfg.bits_per_param(4096, 4096)
+    assert bpp == pytest.approx(4 + 8 / 64 + 16 / (64 * 256), abs=1e-5)
+
+
+def test_padding_counted():
+    cfg = QuantConfig.from_name("nf4-g64-s16-r0")
+    assert cfg.storage_bits(1, 65) == cfg.storage_bits(1, 128)
+    assert cfg.storage_bits(1, 65) > cfg.storage_bits(1, 64)
+
+
+def test_bad_shape():
+    with pytest.raises(ValueError, match="shape"):
+        QuantConfig().storage_bits(0, 4)
+
+
+def test_spaces():
+    assert len(config_space("lqlora")) == 288
+    assert all(c.rank == 64 for c in config_space("lqlora"))
+    default = config_space("default", ranks=(0, 16))
+    assert 0 < len(default) < 288 * 2
+    assert {c.rank for c in default} == {0, 16}
+    with pytest.raises(ValueError, match="unknown config space"):
+        config_space("nope")
+    with pytest.raises(ValueError, match="ranks"):
+        config_space("default", ranks=())
+
+
+def test_space_files(tmp_path):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["nf4-g64-s8x256-r0", "nf2-g16-s16-r8"]))
+    assert [c.name for c in config_space(names)] == ["nf4-g64-s8x256-r0", "nf2-g16-s16-r8"]
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("bits: [2, 4]\nblock: [64]\nscale_bits: [8]\nscale_block: [256]\n")
+    assert [c.name for c in config_space(grid, ranks=(0, 8))] == [
+        "nf2-g64-s8x256-r0", "nf2-g64-s8x256-r8", "nf4-g64-s8x256-r0", "nf4-g64-s8x256-r8"]
+
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match="no configs"):
+        config_space(empty)
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        config_space(broken)
+
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"bits": [4], "colour": ["red"]}))
+    with pytest.raises(ValueError, match="colour"):
+        config_space(unknown)
+
+    bad_name = tmp_path / "bad_name.json"
+    bad_name.write_text(json.dumps(["nf4-g64"]))
+    with pytest.raises(ValueError, match="invalid config name"):
+        config_space(bad_name)
+
+
+def test_parse_ranks():
+    assert parse_ranks("64") == (64,)
+    assert parse_ranks("0,16,64") == (0, 16, 64)
+    for bad in ["", "a", "-1", "4,,x"]:
+        with pytest.raises(ValueError, match="--ranks"):
+            parse_ranks(bad)
