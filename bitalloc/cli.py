@@ -89,6 +89,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """`bitalloc profile`: the error of every config for every target matrix (resumable)."""
+    from bitalloc.configs import parse_ranks
+    from bitalloc.profiles import ProfileRequest, profile
+
+    request = ProfileRequest(
+        model=args.model, out=args.out, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
+        fisher=not args.no_fisher, fisher_mode=args.fisher_mode, space=args.space,
+        ranks=parse_ranks(args.ranks), include=args.include, exclude=args.exclude,
+        device=args.device, shard=args.shard, resume=args.resume, seed=args.seed,
+        progress=not args.quiet,
+    )
+    if args.executor == "ray":
+        from bitalloc.profiles.ray_executor import profile_with_ray
+
+        out = profile_with_ray(request, shards=args.ray_shards, address=args.ray_address)
+    else:
+        out = profile(request)
+    print(f"profile written to {out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """`bitalloc merge DIR... --out DIR`: join shard profiles."""
+    from bitalloc.profiles import merge_profiles
+
+    out = merge_profiles(args.dirs, args.out)
+    print(f"merged {len(args.dirs)} shards into {out}")
+    return 0
+
+
 # ----- parser ----------------------------------------------------------------------------
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help=BUILTIN_HELP)
@@ -137,6 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("profile", help="measure the error of every config for every target matrix")
+    p.add_argument("--model", default=None, help=BUILTIN_HELP)
+    p.add_argument("--calib", default=None, help="calibration text for the Fisher: wikitext2, c4, a file, or self:N (default: self: text)")
+    p.add_argument("--samples", type=_positive_int, default=None, help="calibration sequences (default: chosen per device)")
+    p.add_argument("--seqlen", type=_positive_int, default=None, help="tokens per calibration sequence (default: chosen per device)")
+    p.add_argument("--no-fisher", action="store_true", help="plain errors only (no Fisher estimate)")
+    p.add_argument("--fisher-mode", choices=["exact", "batched"], default=None,
+                   help="exact: one sequence per backward pass (LQ-LoRA); batched: cheaper (default: chosen per device)")
+    p.add_argument("--space", default="default", help="config space: default, lqlora, or a JSON/YAML file")
+    p.add_argument("--ranks", default="64", help="low-rank ranks: one value fixes it, several let the solver choose (e.g. 0,16,64)")
+    _add_target_filters(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--out", default="profile", help="profile directory (default ./profile)")
+    p.add_argument("--shard", default=None, help="i/n: profile every n-th matrix starting at the i-th (1 <= i <= n)")
+    p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local", help="local (default) or ray: shards as Ray tasks")
+    p.add_argument("--ray-address", default="auto", help="Ray cluster address for --executor ray (default auto)")
+    p.add_argument("--ray-shards", type=_positive_int, default=None, help="number of shards for --executor ray (default: cluster GPUs or CPUs)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("merge", help="join shard profiles (from --shard i/n) into one profile")
+    p.add_argument("dirs", nargs="+", help="shard profile directories")
+    p.add_argument("--out", required=True, help="merged profile directory")
+    p.set_defaults(func=cmd_merge)
 
     return parser
 

@@ -1,0 +1,31 @@
+"""Models: loading (built-in alias, .gguf, local directory, hub id), target discovery,
+calibration and evaluation text, perplexity and KL divergence."""
+
+from bitalloc.models.builtin import BUILTIN_ALIAS, BuiltinModelMissingError
+from bitalloc.models.causal import is_causal_lm
+from bitalloc.models.evaluate import evaluate, kl_divergence, perplexity
+from bitalloc.models.hub import ModelNotFoundError
+from bitalloc.models.loading import NonFiniteWeightsError, load_model
+from bitalloc.models.targets import find_targets, model_summary, set_target_weight, target_shapes, target_weight
+from bitalloc.models.text import TextSourceError, calibration_tokens, load_text, token_windows
+
+__all__ = [
+    "BUILTIN_ALIAS",
+    "BuiltinModelMissingError",
+    "ModelNotFoundError",
+    "NonFiniteWeightsError",
+    "TextSourceError",
+    "calibration_tokens",
+    "evaluate",
+    "find_targets",
+    "is_causal_lm",
+    "kl_divergence",
+    "load_model",
+    "load_text",
+    "model_summary",
+    "perplexity",
+    "set_target_weight",
+    "target_shapes",
+    "target_weight",
+    "token_windows",
+]

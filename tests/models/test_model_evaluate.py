@@ -1,0 +1,107 @@
+"""Perplexity and KL divergence against manual computations; evaluate's result."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from bitalloc.models import evaluate, kl_divergence, load_model, load_text, perplexity, token_windows
+
+
+@pytest.fixture
+def windows(tiny_tokenizer, tiny_text_file):
+    return token_windows(tiny_tokenizer, load_text(str(tiny_text_file)), 48, n_windows=4)
+
+
+def test_perplexity_matches_the_labels_loss(tiny_llama, windows):
+    model, _ = tiny_llama
+    result = perplexity(model, windows, progress=False)
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
+    expected_nll = sum(losses) / len(losses)
+    assert result["nll"] == pytest.approx(expected_nll, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected_nll), rel=1e-5)
+    assert result["tokens"] == 4 * 47 and result["windows"] == 4 and result["seqlen"] == 48
+
+
+def test_perplexity_does_not_depend_on_batch_size(tiny_gpt2, windows):
+    model, _ = tiny_gpt2
+    one = perplexity(model, windows, batch_size=1, progress=False)
+    three = perplexity(model, windows, batch_size=3, progress=False)
+    assert one["nll"] == pytest.approx(three["nll"], rel=1e-5)
+    assert one["tokens"] == three["tokens"]
+
+
+def test_kl_to_itself_is_zero_and_positive_when_perturbed(tiny_llama, windows):
+    model, _ = tiny_llama
+    assert abs(kl_divergence(model, model, windows, progress=False)) < 1e-6
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kl = kl_divergence(other, model, windows, progress=False)
+    assert kl > 1e-4
+
+
+def test_kl_matches_a_direct_computation(tiny_llama, windows):
+    model, _ = tiny_llama
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)
+    with torch.no_grad():
+        log_p = torch.log_softmax(other(windows).logits, -1)
+        log_q = torch.log_softmax(model(windows).logits, -1)
+        expected = (log_q.exp() * (log_q - log_p)).sum(-1).mean().item()
+    assert kl_divergence(other, model, windows, batch_size=2, progress=False) == pytest.approx(expected, rel=1e-4)
+
+
+def test_evaluate_result(tiny_llama_dir, tiny_text_file):
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    result = evaluate(model, tokenizer, str(tiny_text_file), seqlen=32, windows=3, progress=False)
+    assert {"perplexity", "nll", "tokens", "windows", "seqlen", "kl", "seconds", "data"} <= set(result)
+    assert result["kl"] is None and result["windows"] == 3 and result["tokens"] == 3 * 31
+    assert result["data"] == str(tiny_text_file) and result["seconds"] > 0
+    with_reference = evaluate(model, tokenizer, str(tiny_text_file), 32, 3, kl_to=str(tiny_llama_dir), progress=False)
+    assert abs(with_reference["kl"]) < 1e-6
+    assert with_reference["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
+
+
+def test_encoder_has_no_perplexity(tiny_bert, windows):
+    with pytest.raises(ValueError, match="causal"):
+        perplexity(tiny_bert, windows, progress=False)
+
+
+def test_bad_windows_are_refused(tiny_llama):
+    model, _ = tiny_llama
+    with pytest.raises(ValueError, match="2-D"):
+        perplexity(model, torch.arange(10), progress=False)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        perplexity(model, torch.zeros(2, 1, dtype=torch.long), progress=False)
+
+
+@pytest.mark.slow
+def test_builtin_model_perplexity_on_one_wikitext_window():
+    model, tokenizer = load_model()
+    result = evaluate(model, tokenizer, "wikitext2", seqlen=2048, windows=1, progress=False)
+    ppl, seconds = result["perplexity"], result["seconds"]
+    print(f"built-in model, wikitext2, 1 window of 2048: perplexity {ppl:.2f} in {seconds:.1f}s")
+    assert 1.0 < result["perplexity"] < 200.0
+    assert result["tokens"] == 2047
+
+
+def test_training_mode_is_ignored_and_restored(tiny_gpt2, windows):
+    model, _ = tiny_gpt2
+    expected = perplexity(model, windows, progress=False)["nll"]
+    model.train()
+    assert perplexity(model, windows, progress=False)["nll"] == pytest.approx(expected, rel=1e-6)
+    assert model.training
+
+
+def test_seqlen_beyond_the_model_positions(tiny_gpt2):
+    model, _ = tiny_gpt2
+    too_long = torch.zeros(1, model.config.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="smaller --seqlen"):
+        perplexity(model, too_long, progress=False)

