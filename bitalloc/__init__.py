@@ -19,6 +19,15 @@ _EXPORTS = {
     "QuantizedTensor": "bitalloc.quant",
     "load_model": "bitalloc.models",
     "find_targets": "bitalloc.models",
+    "decompose": "bitalloc.lowrank",
+    "Decomposition": "bitalloc.lowrank",
+    "load_profile": "bitalloc.profiles",
+    "profile": "bitalloc.profiles",
+    "ProfileRequest": "bitalloc.profiles",
+    "merge_profiles": "bitalloc.profiles",
+    "solve": "bitalloc.allocation",
+    "sweep": "bitalloc.allocation",
+    "Allocation": "bitalloc.allocation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bitalloc import __version__
@@ -120,6 +121,68 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _solver_options(args: argparse.Namespace) -> dict[str, Any]:
+    ties = list(args.tie or []) + (["fuse"] if args.fuse else [])
+    return dict(objective=args.objective, ties=ties, min_bits=args.min_bits or [], max_bits=args.max_bits or [],
+                exclude_lowrank_from_budget=args.exclude_lowrank_from_budget, backend=args.backend,
+                time_limit=args.time_limit, mip_gap=args.mip_gap)
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    """`bitalloc solve PROFILE --budget B`: the exact allocation at one budget."""
+    from bitalloc.allocation import solve
+
+    alloc = solve(args.profile, args.budget, **_solver_options(args))
+    if args.out:
+        alloc.save(args.out)
+    d = alloc.to_dict()
+    if args.json:
+        _print_json(d)
+        return 0
+    gap = "-" if d["gap"] is None else f"{100 * d['gap']:.4f}%"
+    print(_table([(d["budget"], f"{d['bits_per_param']:.4f}", f"{d['objective']:.6g}", d["status"], gap,
+                   f"{d['seconds']:.2f}", d["backend"], d["n_candidates_after_pruning"])],
+                 ["budget", "bits/param", "predicted error", "status", "gap", "seconds", "backend", "candidates kept"]))
+    shares = d.get("params_by_bits") or {}
+    print("\nNF bits  matrices  share of params")
+    for bits, count in d["bits_histogram"].items():
+        print(f"{bits:>7}  {count:>8}  {100 * shares.get(bits, 0.0):>14.1f}%")
+    if d.get("note"):
+        print(f"\nnote: {d['note']}")
+    if d["status"] != "optimal":
+        print(f"\nnot proven optimal (status {d['status']}, gap {gap})")
+    if args.out:
+        print(f"\nallocation written to {args.out}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """`bitalloc sweep PROFILE --budgets A:B:STEP`: exact solves over budgets plus the Lagrangian hull."""
+    from bitalloc.allocation import sweep
+    from bitalloc.profiles.store import atomic_write_bytes
+
+    pareto, allocations, _ = sweep(args.profile, args.budgets, **_solver_options(args))
+    if args.out:
+        atomic_write_bytes(Path(args.out), pareto.to_csv(index=False).encode())
+    if args.allocs:
+        folder = Path(args.allocs)
+        for alloc in allocations:
+            if alloc.status != "infeasible":
+                alloc.save(folder / f"alloc-{alloc.data['budget']:.4f}.json")
+    ilp = pareto[pareto["kind"] == "ilp"]
+    if args.json:
+        _print_json({"rows": json.loads(pareto.to_json(orient="records"))})
+        return 0
+    rows = [(f"{r.budget:.4f}", f"{r.bits_per_param:.4f}", f"{r.objective:.6g}", r.status,
+             "-" if r.gap != r.gap else f"{100 * r.gap:.4f}%", f"{r.seconds:.2f}") for r in ilp.itertuples()]
+    print(_table(rows, ["budget", "bits/param", "predicted error", "status", "gap", "seconds"]))
+    print(f"\n{len(ilp)} budgets, {int((pareto['kind'] == 'hull').sum())} Lagrangian hull points, "
+          f"{ilp['seconds'].sum():.2f} s solving")
+    if args.out:
+        print(f"written to {args.out}")
+    return 0
+
+
 # ----- parser ----------------------------------------------------------------------------
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help=BUILTIN_HELP)
@@ -194,6 +257,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", help="shard profile directories")
     p.add_argument("--out", required=True, help="merged profile directory")
     p.set_defaults(func=cmd_merge)
+
+    for name, helptext in (("solve", "the exact allocation at one bits/param budget"),
+                           ("sweep", "exact allocations over many budgets, plus the Lagrangian hull (Pareto front)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("profile", help="profile directory (from `bitalloc profile`)")
+        if name == "solve":
+            p.add_argument("--budget", type=float, required=True, help="bits per parameter, everything stored counted (e.g. 2.85)")
+            p.add_argument("--out", default=None, help="write the allocation JSON here")
+            p.add_argument("--json", action="store_true", help="print the allocation as one JSON object")
+        else:
+            p.add_argument("--budgets", required=True, help="A:B:STEP (inclusive) or a comma list, e.g. 2.25:4.5:0.05")
+            p.add_argument("--out", default=None, help="write the Pareto table (CSV) here")
+            p.add_argument("--allocs", default=None, metavar="DIR", help="also write one allocation JSON per budget into DIR")
+            p.add_argument("--json", action="store_true", help="print the table as one JSON object")
+        p.add_argument("--objective", default=None, help="error column: fisher | plain (default: fisher when profiled)")
+        p.add_argument("--backend", default="highs", help="highs (default) | pulp-highs | pulp-cbc | lagrange")
+        p.add_argument("--tie", action="append", metavar="REGEX",
+                       help="matrices matching REGEX share one config within each layer, e.g. 'self_attn\\.[qkv]_proj' (repeatable)")
+        p.add_argument("--fuse", action="store_true", help="tie the usual fused groups (q/k/v, gate/up)")
+        p.add_argument("--min-bits", action="append", metavar="REGEX=BITS", help="floor on bits/param for matching matrices (repeatable)")
+        p.add_argument("--max-bits", action="append", metavar="REGEX=BITS", help="ceiling on bits/param for matching matrices (repeatable)")
+        p.add_argument("--exclude-lowrank-from-budget", action="store_true",
+                       help="LQ-LoRA's convention: low-rank factors outside the budget (for comparison)")
+        p.add_argument("--time-limit", type=float, default=None, metavar="S", help="stop after S seconds with the best allocation found")
+        p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default 0: exact)")
+        p.set_defaults(func=cmd_solve if name == "solve" else cmd_sweep)
 
     return parser
 

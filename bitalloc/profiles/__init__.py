@@ -1,0 +1,16 @@
+"""The profiler: per-matrix errors of every config, checkpointed per matrix, shardable."""
+
+from bitalloc.profiles.runner import ProfileRequest, profile, resolve_device
+from bitalloc.profiles.shards import merge_profiles, parse_shard, shard_indices
+from bitalloc.profiles.store import ProfileError, load_profile
+
+__all__ = [
+    "ProfileError",
+    "ProfileRequest",
+    "load_profile",
+    "merge_profiles",
+    "parse_shard",
+    "profile",
+    "resolve_device",
+    "shard_indices",
+]

@@ -1,0 +1,238 @@
+"""`bitalloc profile`: the error of every config for every target matrix, resumable and shardable."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from bitalloc import __version__
+from bitalloc.configs import QuantConfig, config_space
+from bitalloc.profiles.shards import parse_shard, shard_indices
+from bitalloc.profiles.store import (
+    PROFILE_FORMAT,
+    PROFILE_VERSION,
+    ProfileError,
+    done_indices,
+    read_meta,
+    read_parts,
+    write_meta,
+    write_part,
+    write_table,
+)
+
+log = logging.getLogger(__name__)
+
+#: meta.json fields that must match for a run to resume an existing directory.
+RESUME_KEYS = ("model_hash", "targets", "configs", "fisher", "calibration", "seed", "shard")
+
+
+@dataclass
+class ProfileRequest:
+    """Everything that defines a profile run (the CLI's flags)."""
+
+    model: str | None = None
+    out: str | os.PathLike[str] = "profile"
+    calib: str | None = None
+    samples: int | None = None
+    seqlen: int | None = None
+    fisher: bool = True
+    fisher_mode: str | None = None
+    space: str = "default"
+    ranks: Sequence[int] = (64,)
+    include: str | None = None
+    exclude: str | None = None
+    device: str = "auto"
+    shard: str | None = None
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` -> cuda when present, else cpu; ``cpu``/``cuda``/``cuda:i`` checked."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid --device {device!r}: use auto, cpu, cuda or cuda:i") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def _matrix_rows(index: int, name: str, W: torch.Tensor, configs: Sequence[QuantConfig],
+                 decompositions: Sequence[Any], seconds: float) -> pd.DataFrame:
+    rows, cols = W.shape
+    norm_sq = float(W.double().pow(2).sum())
+    per_config = seconds / max(len(decompositions), 1)
+    records = []
+    for cfg, dec in zip(configs, decompositions):
+        ef = getattr(dec, "error_fisher", None)
+        records.append({
+            "matrix": name, "index": index, "rows": rows, "cols": cols, "config": cfg.name,
+            "bits": cfg.bits, "block": cfg.block, "scale_bits": cfg.scale_bits,
+            "scale_block": cfg.scale_block, "scale_dtype": cfg.scale_dtype, "rank": cfg.rank,
+            "lowrank_bits": cfg.lowrank_bits, "storage_bits": cfg.storage_bits(rows, cols),
+            "bits_per_param": cfg.bits_per_param(rows, cols), "error": float(dec.error),
+            "error_fisher": math.nan if ef is None else float(ef), "weight_norm_sq": norm_sq,
+            "iterations": int(dec.iterations), "seconds": float(getattr(dec, "seconds", per_config)),
+        })
+    return pd.DataFrame.from_records(records)
+
+
+def _describe_meta_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    parts = []
+    for key in RESUME_KEYS:
+        if old.get(key) != new.get(key):
+            if key == "targets":
+                parts.append("targets (matrix names or shapes)")
+            elif key == "configs":
+                parts.append(f"configs (space {old.get('space')!r} vs {new.get('space')!r}, ranks {old.get('ranks')} vs {new.get('ranks')})")
+            elif key == "model_hash":
+                parts.append(f"model ({old.get('model')!r} vs {new.get('model')!r}: the weights differ)")
+            else:
+                parts.append(f"{key} ({old.get(key)!r} vs {new.get(key)!r})")
+    return "; ".join(parts)
+
+
+def _prepare_directory(out: Path, meta: dict[str, Any], resume: bool) -> set[int]:
+    """Check or create the output directory; return the target indices already done."""
+    if (out / "meta.json").exists():
+        old = read_meta(out)
+        differ = _describe_meta_difference(old, meta)
+        if differ:
+            raise ProfileError(
+                f"{out} holds a profile made differently, so it cannot be resumed: {differ}. "
+                "Choose another --out or delete that directory."
+            )
+        done = done_indices(out)
+        log.info("resuming %s: %d of %d matrices already done", out, len(done & set(meta["work"])), len(meta["work"]))
+        return done
+    if resume:
+        raise ProfileError(f"--resume given but {out} holds no profile to resume (no meta.json)")
+    if out.exists() and any(out.iterdir()):
+        raise ProfileError(f"output {out} exists, is not empty and is not a bitalloc profile; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_meta(out, meta)
+    return set()
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"bitalloc": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def profile(request: ProfileRequest,
+            decompose_fn: Callable[..., Sequence[Any]] | None = None) -> Path:
+    """Run (or resume) a profile as ``request`` says and return its directory.
+
+    Every finished matrix is flushed atomically to ``parts/``; the table ``profile.csv`` is
+    written once all matrices of the run (or shard) are done. ``decompose_fn(W, configs,
+    fisher=F)`` defaults to :func:`bitalloc.lowrank.decompose_many`.
+    """
+    from bitalloc.lowrank import decompose_many
+    from bitalloc.models import find_targets, load_model, target_weight
+    from bitalloc.models.fisher import model_fingerprint
+
+    decompose_fn = decompose_fn or decompose_many
+    out = Path(request.out)
+    shard = parse_shard(request.shard)
+    configs = config_space(request.space, ranks=tuple(request.ranks))
+    device = resolve_device(request.device)
+    started = time.perf_counter()
+
+    model, tokenizer = load_model(request.model)
+    targets = find_targets(model, include=request.include, exclude=request.exclude)
+    shapes = [tuple(target_weight(m).shape) for _, m in targets]
+    work = shard_indices(len(targets), shard)
+    calibration = _calibration_settings(request, device) if request.fisher else None
+    meta: dict[str, Any] = {
+        "format": PROFILE_FORMAT, "format_version": PROFILE_VERSION,
+        "model": request.model or "smollm2-135m", "model_hash": model_fingerprint(model),
+        "targets": [{"name": n, "rows": r, "cols": c} for (n, _), (r, c) in zip(targets, shapes)],
+        "include": request.include, "exclude": request.exclude,
+        "space": str(request.space), "ranks": list(request.ranks),
+        "configs": [c.name for c in configs],
+        "fisher": bool(request.fisher), "calibration": calibration,
+        "seed": request.seed, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
+        "work": work, "device": str(device), "versions": _versions(), "complete": False,
+    }
+    done = _prepare_directory(out, meta, request.resume)
+    todo = [i for i in work if i not in done]
+
+    fisher = _fisher_for(model, tokenizer, targets, calibration, request, meta["model_hash"], device) if todo else None
+    bar = tqdm(total=len(work) * len(configs), initial=len(set(work) & done) * len(configs),
+               unit="cfg", desc="profile", disable=not request.progress)
+    try:
+        for index in todo:
+            name, module = targets[index]
+            W = target_weight(module).detach().to(device=device, dtype=torch.float32)
+            if not torch.isfinite(W).all():
+                bad = int((~torch.isfinite(W)).sum())
+                raise ValueError(f"matrix {name} contains {bad} NaN/inf values; fix the checkpoint or --exclude it")
+            F = None if fisher is None else fisher[name].to(device=device, dtype=torch.float32)
+            usable = [c for c in configs if c.rank <= min(W.shape)]
+            torch.manual_seed(request.seed * 100003 + index)
+            t0 = time.perf_counter()
+            decs = decompose_fn(W, usable, fisher=F)
+            rows = _matrix_rows(index, name, W, usable, decs, time.perf_counter() - t0)
+            write_part(out, index, rows)
+            bar.update(len(configs))
+    finally:
+        bar.close()
+
+    table = read_parts(out, work)
+    meta["seconds"] = float(read_meta(out).get("seconds", 0.0)) + time.perf_counter() - started
+    write_table(out, table, meta)
+    log.info("profile %s: %d rows for %d matrices x %d configs", out, len(table), len(work), len(configs))
+    return out
+
+
+def _calibration_settings(request: ProfileRequest, device: torch.device) -> dict[str, Any]:
+    from bitalloc.models.fisher import default_fisher_settings
+
+    defaults = default_fisher_settings(device)
+    samples = int(request.samples or defaults["samples"])
+    return {
+        "source": request.calib or f"self:{samples}",
+        "samples": samples,
+        "seqlen": int(request.seqlen or defaults["seqlen"]),
+        "mode": request.fisher_mode or defaults["mode"],
+        "batch_size": int(defaults.get("batch_size") or 1),
+    }
+
+
+def _fisher_for(model, tokenizer, targets, calibration, request, model_hash, device):
+    """The Fisher estimate of the targets (cached by model, data, samples, seqlen, mode, seed)."""
+    if calibration is None:
+        return None
+    from bitalloc.models import calibration_tokens
+    from bitalloc.models.fisher import load_or_estimate_fisher
+    from bitalloc.models.gguf_cache import cache_root
+
+    def tokens() -> torch.Tensor:
+        return calibration_tokens(calibration["source"], model, tokenizer, calibration["seqlen"],
+                                  calibration["samples"], seed=request.seed)
+
+    key_fields = {
+        "model_id": request.model or "smollm2-135m", "model_hash": model_hash,
+        "data": calibration["source"], "samples": calibration["samples"], "seqlen": calibration["seqlen"],
+        "mode": calibration["mode"], "seed": request.seed,
+    }
+    return load_or_estimate_fisher(model, tokens, targets, cache_dir=cache_root() / "fisher",
+                                   key_fields=key_fields, batch_size=calibration["batch_size"],
+                                   device=device, progress=request.progress)

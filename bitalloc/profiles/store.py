@@ -1,0 +1,206 @@
+"""The profile directory on disk: ``meta.json``, per-matrix parts, and the final table.
+
+Layout::
+
+    PROFILE/
+      meta.json          what was profiled (model and hash, targets, configs, calibration, ...)
+      parts/00012.csv    one file per finished matrix, written atomically (resume unit)
+      profile.csv        the whole table, written when every matrix of the run is done
+
+``meta.json`` records the table's row count and SHA-256 once complete, so a truncated or
+edited table is refused with a clear message instead of being read half.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+PROFILE_FORMAT = "bitalloc-profile"
+PROFILE_VERSION = 1
+META_FILE = "meta.json"
+TABLE_FILE = "profile.csv"
+PARTS_DIR = "parts"
+
+#: Columns of the profile table, in order.
+COLUMNS = [
+    "matrix", "index", "rows", "cols", "config",
+    "bits", "block", "scale_bits", "scale_block", "scale_dtype", "rank", "lowrank_bits",
+    "storage_bits", "bits_per_param", "error", "error_fisher", "weight_norm_sq",
+    "iterations", "seconds",
+]
+_DTYPES = {
+    "matrix": str, "index": "int64", "rows": "int64", "cols": "int64", "config": str,
+    "bits": "int64", "block": "int64", "scale_bits": "int64", "scale_block": "int64",
+    "scale_dtype": str, "rank": "int64", "lowrank_bits": "int64", "storage_bits": "int64",
+    "bits_per_param": "float64", "error": "float64", "error_fisher": "float64",
+    "weight_norm_sq": "float64", "iterations": "int64", "seconds": "float64",
+}
+
+
+class ProfileError(ValueError):
+    """A profile directory that cannot be used as asked (corrupt, foreign, incomplete)."""
+
+
+# ----- atomic writes ---------------------------------------------------------------------
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _csv_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.StringIO()
+    df[COLUMNS].to_csv(buf, index=False, float_format="%.17g")
+    return buf.getvalue().encode()
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype={"matrix": str, "config": str, "scale_dtype": str})
+    except Exception as exc:  # pandas raises several parser error types
+        raise ProfileError(f"{path} is not a readable profile table ({exc}); delete it and rerun") from exc
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ProfileError(f"{path} lacks profile columns {missing}; is it a bitalloc profile table?")
+    try:
+        return df[COLUMNS].astype(_DTYPES)
+    except (ValueError, TypeError) as exc:
+        raise ProfileError(f"{path} has malformed values ({exc}); delete it and rerun") from exc
+
+
+# ----- meta --------------------------------------------------------------------------------
+def read_meta(directory: Path) -> dict[str, Any]:
+    """Read and check ``meta.json`` of a profile directory."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise ProfileError(f"{directory} is not a bitalloc profile: {META_FILE} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path} is corrupt ({exc}); delete the profile directory and rerun") from exc
+    if not isinstance(meta, dict) or meta.get("format") != PROFILE_FORMAT:
+        raise ProfileError(f"{path} is not a bitalloc profile meta file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if int(meta.get("format_version", 0)) > PROFILE_VERSION:
+        raise ProfileError(
+            f"{path} has format version {meta.get('format_version')}, newer than this bitalloc "
+            f"reads ({PROFILE_VERSION}); upgrade bitalloc"
+        )
+    return meta
+
+
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """Atomically write ``meta.json``."""
+    atomic_write_json(Path(directory) / META_FILE, meta)
+
+
+# ----- parts and table ---------------------------------------------------------------------
+def part_path(directory: Path, index: int) -> Path:
+    """Where the rows of the matrix with this target index are kept."""
+    return Path(directory) / PARTS_DIR / f"{index:05d}.csv"
+
+
+def write_part(directory: Path, index: int, rows: pd.DataFrame) -> None:
+    """Atomically write the finished rows of one matrix."""
+    atomic_write_bytes(part_path(directory, index), _csv_bytes(rows))
+
+
+def done_indices(directory: Path) -> set[int]:
+    """Target indices whose part file exists (unreadable parts are removed and redone)."""
+    found: set[int] = set()
+    folder = Path(directory) / PARTS_DIR
+    if not folder.is_dir():
+        return found
+    for path in folder.glob("*.csv"):
+        try:
+            index = int(path.stem)
+            df = _read_csv(path)
+        except (ValueError, ProfileError) as exc:
+            log.warning("discarding unreadable part %s (%s); it will be profiled again", path, exc)
+            path.unlink(missing_ok=True)
+            continue
+        if len(df) == 0 or (df["index"] != index).any():
+            log.warning("discarding inconsistent part %s; it will be profiled again", path)
+            path.unlink(missing_ok=True)
+            continue
+        found.add(index)
+    return found
+
+
+def read_parts(directory: Path, indices: Iterable[int]) -> pd.DataFrame:
+    """Concatenate the parts of these target indices, in index order."""
+    frames = [_read_csv(part_path(directory, i)) for i in sorted(indices)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=_DTYPES[c] if _DTYPES[c] is not str else object) for c in COLUMNS})
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_table(directory: Path, df: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the final table atomically and record its row count and hash in meta."""
+    data = _csv_bytes(df)
+    atomic_write_bytes(Path(directory) / TABLE_FILE, data)
+    meta = dict(meta)
+    meta["table"] = {"file": TABLE_FILE, "rows": int(len(df)), "sha256": hashlib.sha256(data).hexdigest()}
+    meta["complete"] = True
+    write_meta(directory, meta)
+    return meta
+
+
+def load_profile(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a finished profile: ``(table as a DataFrame, meta dict)``.
+
+    The table has (at least) the columns ``matrix``, ``rows``, ``cols``, ``config``,
+    ``storage_bits``, ``bits_per_param``, ``error``, ``error_fisher`` (NaN without Fisher)
+    and ``seconds``. A truncated, edited or unfinished table is refused.
+    """
+    directory = Path(path)
+    if directory.is_file() and directory.name in (META_FILE, TABLE_FILE):
+        directory = directory.parent
+    if not directory.exists():
+        raise ProfileError(f"profile {directory} does not exist; run `bitalloc profile --out {directory}` first")
+    meta = read_meta(directory)
+    table = directory / TABLE_FILE
+    if not meta.get("complete") or not table.is_file():
+        raise ProfileError(
+            f"profile {directory} is not finished ({len(done_indices(directory))} of "
+            f"{len(meta.get('work', meta.get('targets', [])))} matrices done); rerun the same "
+            "`bitalloc profile` command to resume it"
+        )
+    data = table.read_bytes()
+    expect = meta.get("table", {})
+    if hashlib.sha256(data).hexdigest() != expect.get("sha256"):
+        raise ProfileError(
+            f"{table} does not match its meta.json (truncated or edited: expected "
+            f"{expect.get('rows')} rows with sha256 {str(expect.get('sha256'))[:12]}...); "
+            "rerun `bitalloc profile` (finished matrices are kept in parts/) or restore the file"
+        )
+    df = _read_csv(table)
+    return df, meta

@@ -1,0 +1,260 @@
+"""`bitalloc profile`: table contents, resume after a kill, shards and merge, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bitalloc.cli import main
+from bitalloc.configs import QuantConfig
+from bitalloc.profiles import ProfileError, ProfileRequest, load_profile, merge_profiles, profile
+
+SPACE = ["nf2-g16-s8x16-r0", "nf4-g16-s16-r0", "nf3-g32-s4x16-r4", "nf8-g16-s8x16-r8"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def space_file(tmp_path) -> Path:
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(SPACE))
+    return path
+
+
+def _request(model_dir, out, space_file, **kw) -> ProfileRequest:
+    kw.setdefault("fisher", False)
+    return ProfileRequest(model=str(model_dir), out=out, space=str(space_file), progress=False, **kw)
+
+
+def _without_timing(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=["seconds"]).reset_index(drop=True)
+
+
+def test_profile_table(tiny_llama_dir, tmp_path, space_file):
+    out = profile(_request(tiny_llama_dir, tmp_path / "p", space_file))
+    df, meta = load_profile(out)
+    n_targets = len(meta["targets"])
+    assert n_targets == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert len(df) == n_targets * len(SPACE)
+    for col in ["matrix", "rows", "cols", "config", "storage_bits", "bits_per_param", "error", "error_fisher", "seconds"]:
+        assert col in df.columns
+    assert df["error_fisher"].isna().all()
+    row = df.iloc[0]
+    cfg = QuantConfig.from_name(row["config"])
+    assert row["storage_bits"] == cfg.storage_bits(row["rows"], row["cols"])
+    assert (df["error"] >= 0).all() and (df["error"] < df["weight_norm_sq"]).all()
+    # More bits, less error (rank 0 configs of one matrix).
+    one = df[df["matrix"] == df["matrix"].iloc[0]].set_index("config")
+    assert one.loc["nf4-g16-s16-r0", "error"] < one.loc["nf2-g16-s8x16-r0", "error"]
+    assert meta["complete"] and meta["fisher"] is False
+
+
+def test_profile_is_deterministic(tiny_llama_dir, tmp_path, space_file):
+    a, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "a", space_file)))
+    b, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "b", space_file)))
+    pd.testing.assert_frame_equal(_without_timing(a), _without_timing(b))
+
+
+def test_interrupted_run_resumes_to_identical_table(tiny_llama_dir, tmp_path, space_file):
+    from bitalloc.lowrank import decompose_many
+
+    full, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "full", space_file)))
+
+    calls = {"n": 0}
+
+    def flaky(W, cfgs, fisher=None):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return decompose_many(W, cfgs, fisher=fisher)
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        profile(_request(tiny_llama_dir, out, space_file), decompose_fn=flaky)
+    assert len(list((out / "parts").glob("*.csv"))) == 5
+    with pytest.raises(ProfileError, match="not finished"):
+        load_profile(out)
+    resumed, meta = load_profile(profile(_request(tiny_llama_dir, out, space_file)))
+    pd.testing.assert_frame_equal(_without_timing(resumed), _without_timing(full))
+
+
+def test_killed_process_resumes(tiny_llama_dir, tmp_path, space_file):
+    """SIGKILL a real `bitalloc profile` process mid-run; the rerun completes identically."""
+    out = tmp_path / "killed"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        import bitalloc.lowrank as lr
+        real = lr.decompose_many
+        def slow(W, cfgs, fisher=None):
+            time.sleep(0.4)
+            return real(W, cfgs, fisher=fisher)
+        lr.decompose_many = slow
+        from bitalloc.cli import main
+        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher",
+                       "--space", {str(space_file)!r}, "--out", {str(out)!r}]))
+        """
+    )
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "parts").glob("*.csv"))) < 3:
+        time.sleep(0.05)
+        if proc.poll() is not None:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    parts = len(list((out / "parts").glob("*.csv")))
+    assert 3 <= parts < 14, "the process was not killed mid-run"
+    assert main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--space", str(space_file),
+                 "--out", str(out)]) == 0
+    resumed, _ = load_profile(out)
+    full, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "full", space_file)))
+    pd.testing.assert_frame_equal(_without_timing(resumed), _without_timing(full))
+
+
+def test_shards_merge_to_the_whole(tiny_llama_dir, tmp_path, space_file):
+    whole, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "whole", space_file)))
+    shards = [profile(_request(tiny_llama_dir, tmp_path / f"s{i}", space_file, shard=f"{i}/3")) for i in (1, 2, 3)]
+    df1, meta1 = load_profile(shards[0])
+    assert meta1["work"] == [0, 3, 6, 9, 12]
+    merged, meta = load_profile(merge_profiles(shards, tmp_path / "merged"))
+    pd.testing.assert_frame_equal(_without_timing(merged), _without_timing(whole))
+    assert meta["shard"] is None
+    with pytest.raises(ProfileError, match="missing"):
+        merge_profiles(shards[:2], tmp_path / "m2")
+    with pytest.raises(ProfileError, match="in both"):
+        merge_profiles([shards[0], shards[0], shards[1], shards[2]], tmp_path / "m3")
+
+
+def test_merge_refuses_foreign_shard(tiny_llama_dir, tiny_gpt2_dir, tmp_path, space_file):
+    a = profile(_request(tiny_llama_dir, tmp_path / "a", space_file, shard="1/2"))
+    b = profile(_request(tiny_gpt2_dir, tmp_path / "b", space_file, shard="2/2"))
+    with pytest.raises(ProfileError, match="does not belong"):
+        merge_profiles([a, b], tmp_path / "m")
+
+
+@pytest.mark.parametrize("spec", ["3/2", "0/2", "1/0", "a/b", "1", "-1/2"])
+def test_bad_shard(tiny_llama_dir, tmp_path, space_file, spec, capsys):
+    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--space", str(space_file),
+                 "--out", str(tmp_path / "x"), f"--shard={spec}"])
+    assert code == 2
+    assert "--shard" in capsys.readouterr().err
+
+
+def test_profile_dir_of_another_model_refused(tiny_llama_dir, tiny_gpt2_dir, tmp_path, space_file):
+    out = profile(_request(tiny_llama_dir, tmp_path / "p", space_file))
+    with pytest.raises(ProfileError, match="model"):
+        profile(_request(tiny_gpt2_dir, out, space_file))
+
+
+def test_profile_dir_of_another_space_refused(tiny_llama_dir, tmp_path, space_file):
+    out = profile(_request(tiny_llama_dir, tmp_path / "p", space_file))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(SPACE[:2]))
+    with pytest.raises(ProfileError, match="configs"):
+        profile(_request(tiny_llama_dir, out, other))
+
+
+def test_truncated_table_refused_and_rebuilt(tiny_llama_dir, tmp_path, space_file):
+    out = profile(_request(tiny_llama_dir, tmp_path / "p", space_file))
+    good, _ = load_profile(out)
+    table = out / "profile.csv"
+    table.write_bytes(table.read_bytes()[: len(table.read_bytes()) // 2])
+    with pytest.raises(ProfileError, match="truncated or edited"):
+        load_profile(out)
+    rebuilt, _ = load_profile(profile(_request(tiny_llama_dir, out, space_file)))
+    pd.testing.assert_frame_equal(rebuilt, good)
+
+
+def test_corrupt_part_is_redone(tiny_llama_dir, tmp_path, space_file):
+    out = profile(_request(tiny_llama_dir, tmp_path / "p", space_file))
+    good, _ = load_profile(out)
+    part = sorted((out / "parts").glob("*.csv"))[2]
+    part.write_text("matrix,index\ngarbage")
+    (out / "profile.csv").unlink()
+    redone, _ = load_profile(profile(_request(tiny_llama_dir, out, space_file)))
+    pd.testing.assert_frame_equal(_without_timing(redone), _without_timing(good))
+
+
+def test_not_a_profile(tmp_path):
+    with pytest.raises(ProfileError, match="does not exist"):
+        load_profile(tmp_path / "nope")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ProfileError, match="meta.json is missing"):
+        load_profile(tmp_path / "d")
+    (tmp_path / "d" / "meta.json").write_text("{broken")
+    with pytest.raises(ProfileError, match="corrupt"):
+        load_profile(tmp_path / "d")
+
+
+def test_output_dir_not_a_profile_refused(tiny_llama_dir, tmp_path, space_file):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ProfileError, match="not empty"):
+        profile(_request(tiny_llama_dir, out, space_file))
+    with pytest.raises(ProfileError, match="--resume"):
+        profile(_request(tiny_llama_dir, tmp_path / "fresh", space_file, resume=True))
+
+
+def test_nan_matrix_named(tiny_builders, tiny_tokenizer, tmp_path, space_file, monkeypatch):
+    import bitalloc.profiles.runner as runner
+
+    model = tiny_builders.llama(len(tiny_tokenizer))
+    name = "model.layers.1.mlp.up_proj"
+    model.get_submodule(name).weight.data[0, 0] = float("nan")
+    monkeypatch.setattr("bitalloc.models.load_model", lambda spec=None, **kw: (model, tiny_tokenizer))
+    with pytest.raises(ValueError, match=name):
+        profile(_request("whatever", tmp_path / "p", space_file))
+
+
+def test_empty_space_file(tiny_llama_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--space", str(empty),
+                 "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "no configs" in capsys.readouterr().err
+
+
+def test_fisher_profile_uses_cache(tiny_llama_dir, tiny_text_file, tmp_path, space_file, monkeypatch):
+    import bitalloc.models.fisher as fisher_mod
+
+    calls = {"n": 0}
+    real = fisher_mod.estimate_fisher
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fisher_mod, "estimate_fisher", counting)
+    kw = dict(fisher=True, calib=str(tiny_text_file), samples=4, seqlen=32)
+    df, meta = load_profile(profile(_request(tiny_llama_dir, tmp_path / "f1", space_file, **kw)))
+    assert calls["n"] == 1
+    assert df["error_fisher"].notna().all() and (df["error_fisher"] >= 0).all()
+    assert meta["calibration"]["source"] == str(tiny_text_file) and meta["calibration"]["samples"] == 4
+    df2, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "f2", space_file, **kw)))
+    assert calls["n"] == 1  # the second profile reused the cached Fisher
+    pd.testing.assert_frame_equal(_without_timing(df), _without_timing(df2))
+
+
+def test_fisher_default_calibration_is_self_text(tiny_llama_dir, tmp_path, space_file):
+    df, meta = load_profile(profile(_request(tiny_llama_dir, tmp_path / "p", space_file, fisher=True,
+                                             samples=2, seqlen=16)))
+    assert meta["calibration"]["source"] == "self:2"
+    assert df["error_fisher"].notna().all()

@@ -1,0 +1,107 @@
+"""The `bitalloc` command: info and eval on tiny local models, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bitalloc.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_info_json(tiny_llama_dir, capsys):
+    assert main(["-q", "info", str(tiny_llama_dir), "--json"]) == 0
+    info = _last_json(capsys.readouterr().out)
+    names = [t["name"] for t in info["targets"]]
+    assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
+    assert info["target_params"] == sum(t["rows"] * t["cols"] for t in info["targets"])
+
+
+def test_info_table(tiny_gpt2_dir, capsys):
+    assert main(["-q", "info", str(tiny_gpt2_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_attn" in out and "96x32" in out  # Conv1D shown as (out, in)
+
+
+def test_eval_json_and_kl(tiny_llama_dir, tiny_text_file, capsys):
+    code = main(["-q", "eval", str(tiny_llama_dir), "--data", str(tiny_text_file), "--seqlen", "32",
+                 "--windows", "3", "--kl-to", str(tiny_llama_dir), "--json"])
+    assert code == 0
+    result = _last_json(capsys.readouterr().out)
+    for key in ("perplexity", "tokens", "windows", "seqlen", "kl"):
+        assert key in result
+    assert result["windows"] == 3 and result["seqlen"] == 32 and result["tokens"] == 3 * 31
+    assert math.isfinite(result["perplexity"]) and result["perplexity"] > 1
+    assert abs(result["kl"]) < 1e-6  # a model against itself
+
+
+def test_eval_without_kl_is_null(tiny_llama_dir, tiny_text_file, capsys):
+    assert main(["-q", "eval", str(tiny_llama_dir), "--data", str(tiny_text_file), "--seqlen", "32",
+                 "--windows", "1", "--json"]) == 0
+    assert _last_json(capsys.readouterr().out)["kl"] is None
+
+
+def _error(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_model(capsys):
+    err = _error(["-q", "info", "no-such-org/no-such-model"], capsys)
+    assert "no-such-org/no-such-model" in err and "local" in err
+
+
+def test_missing_local_path(tmp_path, capsys):
+    err = _error(["-q", "info", str(tmp_path / "missing-dir")], capsys)
+    assert "missing-dir" in err
+
+
+def test_empty_text(tiny_llama_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    err = _error(["-q", "eval", str(tiny_llama_dir), "--data", str(empty), "--seqlen", "16"], capsys)
+    assert "empty" in err
+
+
+def test_seqlen_longer_than_text(tiny_llama_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    err = _error(["-q", "eval", str(tiny_llama_dir), "--data", str(short), "--seqlen", "2048"], capsys)
+    assert "--seqlen" in err
+
+
+def test_nan_weights(tiny_builders, tiny_tokenizer, tmp_path, capsys):
+    model = tiny_builders.llama(len(tiny_tokenizer))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    tiny_tokenizer.save_pretrained(tmp_path / "nan-model")
+    err = _error(["-q", "info", str(tmp_path / "nan-model")], capsys)
+    assert "model.layers.0.mlp.down_proj.weight" in err and "NaN" in err
+
+
+def test_bad_numbers_rejected_by_argparse(tiny_llama_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", str(tiny_llama_dir), "--seqlen", "0"])
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_invalid_config_name_in_space(tiny_llama_dir, tmp_path, capsys):
+    bad = tmp_path / "space.json"
+    bad.write_text(json.dumps(["nf4-g64-s8x256-r0", "nf5-g64"]))
+    err = _error(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--space", str(bad),
+                  "--out", str(tmp_path / "p")], capsys)
+    assert "invalid config name 'nf5-g64'" in err
