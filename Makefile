@@ -28,7 +28,10 @@ test-slow: setup
 
 demo: setup
 	mkdir -p $(DEMO_OUT)
-	$(BIN)/bitalloc info
+	$(BIN)/bitalloc info | tail -n 3
+	$(BIN)/bitalloc profile --include 'layers\.0\.' --no-fisher --space default --ranks 0,16 --out $(DEMO_OUT)/profile-layer0
+	$(BIN)/bitalloc sweep $(DEMO_OUT)/profile-layer0 --budgets 2.5:4.5:0.25 --out $(DEMO_OUT)/pareto.csv
+	$(BIN)/bitalloc solve $(DEMO_OUT)/profile-layer0 --budget 3.25 --out $(DEMO_OUT)/alloc-3.25.json
 	$(BIN)/bitalloc eval --data wikitext2 --seqlen 2048 --windows $(DEMO_WINDOWS) --json | tee $(DEMO_OUT)/eval-original.json
 
 bench: setup

@@ -102,12 +102,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         device=args.device, shard=args.shard, resume=args.resume, seed=args.seed,
         progress=not args.quiet,
     )
-    if args.executor == "ray":
-        from bitalloc.profiles.ray_executor import profile_with_ray
-
-        out = profile_with_ray(request, shards=args.ray_shards, address=args.ray_address)
-    else:
-        out = profile(request)
+    out = profile(request)
     print(f"profile written to {out}")
     return 0
 
@@ -248,9 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, help="i/n: profile every n-th matrix starting at the i-th (1 <= i <= n)")
     p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local", help="local (default) or ray: shards as Ray tasks")
-    p.add_argument("--ray-address", default="auto", help="Ray cluster address for --executor ray (default auto)")
-    p.add_argument("--ray-shards", type=_positive_int, default=None, help="number of shards for --executor ray (default: cluster GPUs or CPUs)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("merge", help="join shard profiles (from --shard i/n) into one profile")

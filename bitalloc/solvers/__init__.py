@@ -1,0 +1,52 @@
+"""Bit allocation solvers: choose one config per matrix under a bits-per-parameter budget.
+
+Minimize Σ_m error[m, c_m] subject to Σ_m storage_bits[m, c_m] ≤ budget · Σ_m numel_m,
+with optional ties (matrices that must share a config) and per-matrix bit floors/ceilings.
+Dominance pruning runs first (lossless). Exact backends (HiGHS through its array API, the
+default; PuLP with HiGHS or CBC) solve the MIP after exact Lagrangian reduced-cost fixing,
+seeded by a bounded dynamic-programming core search; ``lagrange`` gives the convex-hull
+allocation with its LP bound. Never imports torch.
+"""
+
+from __future__ import annotations
+
+from .bounds import apply_bit_bounds, parse_bounds
+from .budgets import parse_budgets
+from .errors import InfeasibleBudgetError, SolverUnavailableError
+from .lagrange import lagrange_hull
+from .pruning import prune_dominated
+from .solution import Solution
+from .solve import solve
+from .sweep import sweep
+from .table import (
+    ProfileArrays,
+    TableSweep,
+    allocation_dict,
+    profile_arrays,
+    solve_table,
+    sweep_table,
+)
+from .ties import FUSE_PRESET, tie_groups
+from .validation import BACKENDS
+
+__all__ = [
+    "BACKENDS",
+    "FUSE_PRESET",
+    "InfeasibleBudgetError",
+    "ProfileArrays",
+    "Solution",
+    "SolverUnavailableError",
+    "TableSweep",
+    "allocation_dict",
+    "apply_bit_bounds",
+    "lagrange_hull",
+    "parse_bounds",
+    "parse_budgets",
+    "profile_arrays",
+    "prune_dominated",
+    "solve",
+    "solve_table",
+    "sweep",
+    "sweep_table",
+    "tie_groups",
+]

@@ -1,0 +1,110 @@
+"""``sweep``: an exact solve per budget on one prepared model, warm-started in budget order."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import InfeasibleBudgetError
+from .problem import CandidateProblem, build_problem
+from .solution import Solution
+from .solve import solve_problem
+from .validation import check_arrays, check_backend, check_budget, check_options
+
+log = logging.getLogger(__name__)
+
+
+def sweep(
+    error: Any,
+    storage_bits: Any,
+    numel: Any,
+    budgets: Sequence[float] | str,
+    *,
+    ties: Sequence[Sequence[int]] | None = None,
+    backend: str = "highs",
+    warm_start: bool = True,
+    time_limit: float | None = None,
+    mip_gap: float = 0.0,
+    prune: bool = True,
+    core: bool = True,
+    matrix_names: Sequence[str] | None = None,
+) -> list[Solution]:
+    """Solve at every budget (a list or a :func:`parse_budgets` string); one Solution each, in input order.
+
+    Validation, pruning and the Lagrangian hull are built once; budgets are solved in
+    increasing order, each warm-started from the best of the previous allocation and the
+    Lagrangian one when ``warm_start``. A budget below the cheapest allocation gives
+    a Solution with status "infeasible" (choice all -1, the minimum budget in ``note``).
+    ``time_limit`` applies to each budget; ``prune``/``core`` as in :func:`solve`.
+    """
+    from .budgets import parse_budgets
+
+    if isinstance(budgets, str):
+        budgets = parse_budgets(budgets)
+    budgets = [check_budget(b) for b in budgets]
+    if not budgets:
+        raise ValueError("sweep needs at least one budget")
+    backend = check_backend(backend)
+    time_limit, mip_gap = check_options(time_limit, mip_gap)
+    inputs = check_arrays(error, storage_bits, numel, ties, matrix_names)
+    problem = build_problem(inputs, prune=prune)
+    return sweep_problem(
+        problem, budgets, backend=backend, warm_start=warm_start, time_limit=time_limit,
+        mip_gap=mip_gap, core=core,
+    )
+
+
+def sweep_problem(
+    problem: CandidateProblem,
+    budgets: Sequence[float],
+    *,
+    backend: str,
+    warm_start: bool,
+    time_limit: float | None,
+    mip_gap: float,
+    core: bool = True,
+) -> list[Solution]:
+    """Sweep a prepared problem (see :func:`sweep`)."""
+    previous: np.ndarray | None = None
+    results: list[Solution | None] = [None] * len(budgets)
+    for i in sorted(range(len(budgets)), key=lambda j: budgets[j]):
+        t0 = time.perf_counter()
+        budget = budgets[i]
+        try:
+            sol, pick = solve_problem(
+                problem, budget, backend=backend, time_limit=time_limit, mip_gap=mip_gap,
+                warm_start=warm_start, core=core, start=previous if warm_start else None,
+            )
+        except InfeasibleBudgetError as exc:
+            log.warning("sweep: %s", exc)
+            results[i] = _infeasible(problem, budget, backend, exc, time.perf_counter() - t0)
+            continue
+        sol.seconds = time.perf_counter() - t0
+        results[i] = sol
+        previous = pick
+    return [r for r in results if r is not None]
+
+
+def _infeasible(
+    problem: CandidateProblem, budget: float, backend: str, exc: InfeasibleBudgetError, seconds: float
+) -> Solution:
+    return Solution(
+        choice=np.full(problem.inputs.n_matrices, -1, dtype=np.int64),
+        objective=math.nan,
+        bits_per_param=math.nan,
+        status="infeasible",
+        gap=math.nan,
+        seconds=seconds,
+        backend=backend,
+        budget=budget,
+        total_params=problem.total_params,
+        n_matrices=problem.inputs.n_matrices,
+        n_groups=problem.n_groups,
+        n_candidates=problem.n_available,
+        n_candidates_after_pruning=problem.n_candidates,
+        note=str(exc),
+    )
