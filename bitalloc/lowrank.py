@@ -1,0 +1,618 @@
+"""The LQ-LoRA decomposition ``W ≈ Q + L1 @ L2`` (plain and Fisher-weighted).
+
+``Q`` is ``bitalloc.quant.quantize``'d with the config's NF codes and (double-quantized)
+block scales; ``L1`` (rows x r) and ``L2`` (r x cols) are a rank-r factorization stored as the
+config says (bf16, or NF8 with ``lowrank_bits == 8``). The two are found by alternating
+minimization, as in LQ-LoRA (Guo et al., ICLR 2024):
+
+    Q0 = 0;  repeat:  L1 @ L2 = best rank-r approximation of (W - Q);  Q = quantize(W - L1 @ L2)
+
+with these differences from LQ-LoRA's code (each measured in ``bench/profile_speed.py``):
+
+* the **best** iterate seen is returned (LQ-LoRA returns the last one, after the error rose);
+* ``Q`` is quantized against the factors *as stored* (bf16-rounded or NF8-decoded), so the
+  rounding of the factors is absorbed by ``Q`` and every reported error is that of what is
+  stored;
+* the rank-r step is a subspace iteration that reuses the previous iterate's right singular
+  subspace (one pass instead of a fresh random sketch with two power iterations), an exact SVD
+  where that is cheaper (small matrices, or a rank near the smaller side);
+* for 3-8 bit codes the step is over-relaxed with momentum: the rank-r approximation of
+  ``L + 1.5 (W - L - Q) + 0.3 (L - L_prev)`` (fewer iterations *and* lower errors than plain
+  alternation); a step that raises the error is undone and retried at half the length;
+* it stops when the best objective fell by less than ``tol`` (relative) over the last two
+  steps, or, before quantizing again, when the factors barely moved;
+* warm starts (``init=``) from a neighbouring config, and :func:`decompose_many`, which
+  profiles many configs of one matrix and shares work between them.
+
+With a Fisher estimate ``F`` (rows x cols, non-negative) the rank-r step runs on
+``D_r (W - Q) D_c`` with ``D_r = diag(sqrt(mean_cols F))`` and ``D_c = diag(sqrt(mean_rows F))``
+(LQ-LoRA's "two-sided" heuristic) and maps the factors back; the objective, and so the choice
+of the best iterate and the stopping rule, is then ``||sqrt(F) * (W - Q - L1 L2)||_F^2``.
+All work is in float32 on W's device; errors are summed in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from bitalloc.configs import LOWRANK_NF8, QuantConfig
+
+if TYPE_CHECKING:  # the quantizer is imported lazily: bitalloc.quant may load torch kernels
+    from bitalloc.quant import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Decomposition", "decompose", "decompose_many", "fisher_scalings"]
+
+#: Fisher row/column weights are floored at this fraction of their largest value.
+FISHER_EPS = 1e-6
+#: Default relative-improvement tolerance of the stopping rule (:func:`decompose`).
+DEFAULT_TOL = 1e-3
+#: The same for :func:`decompose_many` (looser: many configs, measured against LQ-LoRA).
+DEFAULT_MANY_TOL = 1e-2
+#: Default iteration cap (LQ-LoRA's is 100; with the subspace warm start ~10 is typical).
+DEFAULT_MAX_ITERS = 50
+#: Extra columns carried by the subspace iteration beyond the rank.
+DEFAULT_OVERSAMPLE = 8
+
+
+def _quantize(x: torch.Tensor, cfg: QuantConfig) -> "QuantizedTensor":
+    from bitalloc.quant import quantize
+
+    return quantize(x, cfg)
+
+
+@dataclass
+class Decomposition:
+    """``W ≈ Q + L1 @ L2`` for one config; ``l1``/``l2`` are float32 and equal the stored values.
+
+    ``error`` is ``||W - (Q + L1 L2)||_F^2``; ``error_fisher`` the ``sqrt(F)``-weighted one when a
+    Fisher estimate was given (else None). ``iterations`` counts rank-r steps taken (0 for rank
+    0 or an ``init`` that was kept as it was); ``history`` the objective after each iterate
+    (the warm start first, when there is one). ``l1_q``/``l2_q`` hold the NF8-quantized
+    factors (``L1`` transposed) when ``cfg.lowrank_bits == 8``.
+    """
+
+    cfg: QuantConfig
+    q: "QuantizedTensor"
+    l1: torch.Tensor
+    l2: torch.Tensor
+    error: float
+    error_fisher: float | None
+    iterations: int
+    history: list[float] = field(default_factory=list)
+    l1_q: "QuantizedTensor | None" = None
+    l2_q: "QuantizedTensor | None" = None
+    basis: torch.Tensor | None = field(default=None, repr=False)  # right subspace, for warm starts
+
+    @property
+    def rank(self) -> int:
+        """The rank r of the low-rank part."""
+        return int(self.l1.shape[1])
+
+    @property
+    def objective(self) -> float:
+        """The number the best iterate was chosen by: ``error_fisher`` if present, else ``error``."""
+        return self.error if self.error_fisher is None else self.error_fisher
+
+    def reconstruct(self) -> torch.Tensor:
+        """``Q + L1 @ L2`` as a float32 tensor on the device of W."""
+        out = self.q.dequantize().float()
+        if self.rank:
+            out = out + self.l1 @ self.l2
+        return out
+
+
+# ----- validation and shared per-matrix state ------------------------------------------------
+def _check_matrix(W: Any) -> torch.Tensor:
+    if not isinstance(W, torch.Tensor):
+        raise ValueError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    if W.ndim != 2:
+        raise ValueError(f"W must be a 2-D matrix, got shape {tuple(W.shape)}")
+    if W.numel() == 0:
+        raise ValueError(f"W must not be empty, got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise ValueError(f"W must be a floating-point tensor, got {W.dtype}")
+    if not bool(torch.isfinite(W).all()):
+        bad = int((~torch.isfinite(W)).sum())
+        raise ValueError(f"W contains {bad} NaN or infinite value(s)")
+    return W
+
+
+def _check_fisher(fisher: Any, W: torch.Tensor) -> torch.Tensor | None:
+    if fisher is None:
+        return None
+    if not isinstance(fisher, torch.Tensor):
+        raise ValueError(f"the Fisher estimate must be a torch.Tensor, got {type(fisher).__name__}")
+    if tuple(fisher.shape) != tuple(W.shape):
+        raise ValueError(
+            f"the Fisher estimate has shape {tuple(fisher.shape)} but W has shape {tuple(W.shape)}"
+        )
+    F = fisher.to(device=W.device, dtype=torch.float32)
+    if not bool(torch.isfinite(F).all()):
+        raise ValueError("the Fisher estimate contains NaN or infinite value(s)")
+    if bool((F < 0).any()):
+        raise ValueError(
+            f"the Fisher estimate must be non-negative; its minimum is {float(F.min()):.3g}"
+        )
+    return F
+
+
+def _check_rank(cfg: QuantConfig, W: torch.Tensor) -> None:
+    if not isinstance(cfg, QuantConfig):
+        raise ValueError(f"expected a QuantConfig, got {type(cfg).__name__}")
+    rows, cols = W.shape
+    if cfg.rank > min(rows, cols):
+        raise ValueError(
+            f"rank {cfg.rank} (config {cfg.name}) exceeds min(rows, cols) = {min(rows, cols)} "
+            f"of a {rows}x{cols} matrix"
+        )
+
+
+def fisher_scalings(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column weights ``(d_r, d_c)`` (shapes rows x 1, 1 x cols) of a Fisher estimate.
+
+    ``d_r = sqrt(mean of F over columns)``, ``d_c = sqrt(mean of F over rows)``, each floored at
+    ``FISHER_EPS`` times its maximum (all-zero F gives uniform weights).
+    """
+
+    def floor(m: torch.Tensor) -> torch.Tensor:
+        top = float(m.max())
+        if top <= 0:
+            return torch.ones_like(m)
+        return m.clamp_min(FISHER_EPS * top).sqrt()
+
+    return floor(F.mean(dim=1, keepdim=True)), floor(F.mean(dim=0, keepdim=True))
+
+
+class _Matrix:
+    """One validated matrix, in float32, with its Fisher weights (computed once per matrix)."""
+
+    def __init__(self, W: torch.Tensor, fisher: torch.Tensor | None, seed: int) -> None:
+        self.orig = _check_matrix(W)
+        self.W = W.detach().float()
+        self.F = _check_fisher(fisher, W)
+        if self.F is not None:
+            self.d_r, self.d_c = fisher_scalings(self.F)
+        else:
+            self.d_r = self.d_c = None
+        self.seed = seed
+
+    def generator(self) -> torch.Generator:
+        gen = torch.Generator(device=self.W.device)
+        gen.manual_seed(self.seed)
+        return gen
+
+    def errors(self, E: torch.Tensor) -> tuple[float, float | None]:
+        """Plain and Fisher-weighted squared Frobenius norms of a residual ``E``."""
+        E2 = E * E
+        plain = float(E2.sum(dtype=torch.float64))
+        if self.F is None:
+            return plain, None
+        return plain, float((self.F * E2).sum(dtype=torch.float64))
+
+
+# ----- the rank-r step -----------------------------------------------------------------------
+def _orth(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(x, mode="reduced")[0]
+
+
+def _use_exact_svd(rows: int, cols: int, k: int) -> bool:
+    """Exact SVD when the sketch would cover much of the smaller side, or the matrix is tiny."""
+    return 2 * k >= min(rows, cols) or rows * cols <= 128 * 128
+
+
+def _top_subspace(
+    R: torch.Tensor,
+    r: int,
+    basis: torch.Tensor | None,
+    *,
+    oversample: int,
+    power_iters: int,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Top-r SVD ``(U, S, V)`` of R, and the k right vectors to warm-start the next call with.
+
+    Cold (``basis is None``): a Gaussian sketch of k = r + oversample columns and
+    ``power_iters`` power iterations. Warm: one subspace-iteration pass from ``basis``
+    (R changes little between iterations, so its previous top subspace is a good start).
+    """
+    rows, cols = R.shape
+    k = min(r + oversample, rows, cols)
+    if _use_exact_svd(rows, cols, k):
+        U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r].T, None
+    if basis is None or basis.shape != (cols, k):
+        omega = torch.randn(cols, k, generator=gen, device=R.device, dtype=R.dtype)
+        if basis is not None:  # keep what a warm start knows, pad/trim to k columns
+            n = min(basis.shape[1], k)
+            omega[:, :n] = basis[:, :n]
+        basis, passes = omega, power_iters
+    else:
+        passes = 0
+    Y = _orth(R @ basis)
+    for _ in range(passes):
+        Y = _orth(R @ _orth(R.T @ Y))
+    Ub, S, Vh = torch.linalg.svd(Y.T @ R, full_matrices=False)
+    V = Vh.T
+    return Y @ Ub[:, :r], S[:r], V[:, :r], V
+
+
+def _factors(
+    m: _Matrix, R: torch.Tensor, r: int, basis: torch.Tensor | None, opts: "_Opts", gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Balanced factors ``L1 = U sqrt(S)``, ``L2 = sqrt(S) V^T`` of R's top-r part (weighted)."""
+    if m.d_r is not None:
+        R = m.d_r * R * m.d_c
+    U, S, V, basis = _top_subspace(
+        R, r, basis if opts.warm_subspace else None,
+        oversample=opts.oversample, power_iters=opts.power_iters, gen=gen,
+    )
+    s = S.clamp_min(0).sqrt()
+    L1 = U * s
+    L2 = (V * s).T
+    if m.d_r is not None:
+        L1 = L1 / m.d_r
+        L2 = L2 / m.d_c
+    return L1, L2.contiguous(), basis
+
+
+def _store(
+    L1: torch.Tensor, L2: torch.Tensor, cfg: QuantConfig
+) -> tuple[torch.Tensor, torch.Tensor, "QuantizedTensor | None", "QuantizedTensor | None"]:
+    """The factors as the config stores them (bf16-rounded or NF8-decoded), as float32."""
+    if cfg.lowrank_bits == 16:
+        return L1.bfloat16().float(), L2.bfloat16().float(), None, None
+    q1 = _quantize(L1.T.contiguous(), LOWRANK_NF8)
+    q2 = _quantize(L2.contiguous(), LOWRANK_NF8)
+    return q1.dequantize().float().T.contiguous(), q2.dequantize().float(), q1, q2
+
+
+# ----- the alternating loop ------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Opts:
+    max_iters: int = DEFAULT_MAX_ITERS
+    tol: float = DEFAULT_TOL
+    relax: float = 1.0
+    momentum: float = 0.0
+    warm_subspace: bool = True
+    cheap_stop: bool = True
+    backtrack: bool = True
+    oversample: int = DEFAULT_OVERSAMPLE
+    power_iters: int = 2
+    min_relax: float = 0.2
+    patience: int = 2
+
+
+def _step_opts(cfg: QuantConfig, relax: float | None, momentum: float | None) -> dict[str, float]:
+    """Over-relaxation and momentum of the rank-r step for a config (None = the default).
+
+    Defaults (measured, bench/profile_speed.py): ``L + 1.5 (W - L - Q)`` plus 0.3 of the last
+    change of L for 3-8 bit codes (fewer iterations, lower error); plain alternation for NF2,
+    whose rugged landscape does worse with longer steps.
+    """
+    plain = cfg.bits <= 2
+    return {
+        "relax": (1.0 if plain else 1.5) if relax is None else float(relax),
+        "momentum": (0.0 if plain else 0.3) if momentum is None else float(momentum),
+    }
+
+
+@dataclass
+class _Iterate:
+    q: Any
+    low: torch.Tensor  # the stored factors' product L1 @ L2
+    resid: torch.Tensor  # W - L1 @ L2 - Q
+    l1: torch.Tensor
+    l2: torch.Tensor
+    l1_q: Any
+    l2_q: Any
+    error: float
+    error_fisher: float | None
+    l1_raw: torch.Tensor  # the factors before storage rounding
+    l2_raw: torch.Tensor
+
+    @property
+    def objective(self) -> float:
+        return self.error if self.error_fisher is None else self.error_fisher
+
+    def result(self, cfg: QuantConfig, iters: int, history: list[float], basis: Any) -> Decomposition:
+        return Decomposition(
+            cfg, self.q, self.l1, self.l2, self.error, self.error_fisher, iters, history,
+            self.l1_q, self.l2_q, basis,
+        )
+
+
+def _objective(m: _Matrix, E: torch.Tensor) -> float:
+    plain, fisher = m.errors(E)
+    return plain if fisher is None else fisher
+
+
+def _step_size(m: _Matrix, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor) -> float:
+    """``||A B - C D||^2`` (Fisher-weighted when the matrix has F); plain via r x r Gram matrices."""
+    if m.F is not None:
+        return _objective(m, A @ B - C @ D)
+    A, B, C, D = A.double(), B.double(), C.double(), D.double()  # cancellation: keep float64
+    ab = float(((A.T @ A) * (B @ B.T)).sum())
+    cd = float(((C.T @ C) * (D @ D.T)).sum())
+    cross = float(((A.T @ C) * (B @ D.T)).sum())
+    return max(ab + cd - 2.0 * cross, 0.0)
+
+
+def _evaluate(m: _Matrix, cfg: QuantConfig, L1: torch.Tensor, L2: torch.Tensor) -> _Iterate:
+    """Store the factors, quantize the rest against them, and measure the error."""
+    s1, s2, q1, q2 = _store(L1, L2, cfg)
+    low = s1 @ s2
+    target = m.W - low
+    q = _quantize(target, cfg)
+    resid = target - q.dequantize().float()
+    err, errf = m.errors(resid)
+    return _Iterate(q, low, resid, s1, s2, q1, q2, err, errf, L1, L2)
+
+
+def _init_factors(init: Any, m: _Matrix, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(L1, L2, basis)`` of a warm start, trimmed to (or zero-padded up to) rank r."""
+    basis = None
+    if isinstance(init, Decomposition):
+        L1, L2, basis = init.l1, init.l2, init.basis
+    elif isinstance(init, (tuple, list)) and len(init) == 2:
+        L1, L2 = init
+    else:
+        raise ValueError(
+            f"init must be a Decomposition or a pair (L1, L2), got {type(init).__name__}"
+        )
+    rows, cols = m.W.shape
+    L1 = torch.as_tensor(L1).to(device=m.W.device, dtype=torch.float32)
+    L2 = torch.as_tensor(L2).to(device=m.W.device, dtype=torch.float32)
+    if L1.ndim != 2 or L2.ndim != 2 or L1.shape[0] != rows or L2.shape[1] != cols or L1.shape[1] != L2.shape[0]:
+        raise ValueError(
+            f"init factors of shapes {tuple(L1.shape)} and {tuple(L2.shape)} do not fit a "
+            f"{rows}x{cols} matrix"
+        )
+    k = L1.shape[1]
+    if k >= r:
+        L1, L2 = L1[:, :r], L2[:r]
+    else:
+        L1 = torch.cat([L1, L1.new_zeros(rows, r - k)], dim=1)
+        L2 = torch.cat([L2, L2.new_zeros(r - k, cols)], dim=0)
+    if basis is None and k > 0:
+        basis = _orth((L2.T if m.d_c is None else m.d_c.T * L2.T)[:, : min(k, r)])
+    return L1.contiguous(), L2.contiguous(), basis
+
+
+def _rank0(m: _Matrix, cfg: QuantConfig) -> Decomposition:
+    q = _quantize(m.orig, cfg)
+    err, errf = m.errors(m.W - q.dequantize().float())
+    rows, cols = m.W.shape
+    empty1 = m.W.new_zeros(rows, 0)
+    empty2 = m.W.new_zeros(0, cols)
+    return Decomposition(cfg, q, empty1, empty2, err, errf, 0, [errf if errf is not None else err])
+
+
+def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decomposition:
+    """The alternating loop for one config; returns the best iterate.
+
+    ``opts.max_iters == 0`` with an ``init`` just quantizes against the given factors.
+    """
+    _check_rank(cfg, m.W)
+    r = cfg.rank
+    if r == 0:
+        return _rank0(m, cfg)
+    gen = m.generator()
+    history: list[float] = []
+    best: _Iterate | None = None
+    cur: _Iterate | None = None
+    basis = None
+    if init is not None:
+        L1, L2, basis = _init_factors(init, m, r)
+        cur = best = _evaluate(m, cfg, L1, L2)
+        history.append(cur.objective)
+    iters = 0
+    eta = opts.relax
+    bests: list[float] = [] if best is None else [best.objective]
+    prev_low: torch.Tensor | None = None
+    for _ in range(opts.max_iters):
+        if cur is None:
+            target = m.W
+        else:
+            # the rank-r step on L + eta (W - L - Q) (+ momentum): eta = 1 is plain alternation
+            target = cur.low + eta * cur.resid
+            if opts.momentum and prev_low is not None:
+                target = target + opts.momentum * (cur.low - prev_low)
+        L1, L2, basis = _factors(m, target, r, basis, opts, gen)
+        if opts.cheap_stop and cur is not None:
+            # cheap check before quantizing again: if the factors barely move, Q will not either
+            if _step_size(m, L1, L2, cur.l1_raw, cur.l2_raw) <= 0.1 * opts.tol * cur.objective:
+                break
+        iters += 1
+        nxt = _evaluate(m, cfg, L1, L2)
+        history.append(nxt.objective)
+        prev_obj = math.inf if cur is None else cur.objective
+        if best is None or nxt.objective < best.objective:
+            best = nxt
+        bests.append(best.objective)
+        if len(bests) > opts.patience:
+            # stop when the best objective fell by less than tol over the last `patience` steps
+            then = bests[-1 - opts.patience]
+            if then - best.objective <= opts.tol * then:
+                break
+        if opts.backtrack and nxt.objective > prev_obj:
+            # the step made things worse: go back to the best iterate and take shorter steps
+            eta *= 0.5
+            if eta < opts.min_relax:
+                break
+            cur, prev_low = best, None
+            continue
+        prev_low = None if cur is None else cur.low
+        cur = nxt
+    if best is None:
+        raise ValueError("max_iters must be >= 1 without an init")
+    log.debug("%s: %d iterations, objective %.6g", cfg.name, iters, best.objective)
+    return best.result(cfg, iters, history, basis)
+
+
+# ----- public entry points -------------------------------------------------------------------
+@torch.no_grad()
+def decompose(
+    W: torch.Tensor,
+    cfg: QuantConfig,
+    fisher: torch.Tensor | None = None,
+    *,
+    max_iters: int = DEFAULT_MAX_ITERS,
+    tol: float = DEFAULT_TOL,
+    init: "Decomposition | tuple[torch.Tensor, torch.Tensor] | None" = None,
+    relax: float | None = None,
+    momentum: float | None = None,
+    warm_subspace: bool = True,
+    cheap_stop: bool = True,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    power_iters: int = 2,
+    seed: int = 0,
+) -> Decomposition:
+    """Decompose ``W ≈ Q + L1 @ L2`` for one config, on W's device; returns the best iterate.
+
+    ``init`` (a Decomposition of a neighbouring config, or factors ``(L1, L2)``, trimmed to
+    their first r components or zero-padded) starts from ``Q = quantize(W - L1 @ L2)`` instead
+    of ``Q = 0``, and its subspace seeds the rank-r step. Stops when the best objective fell by
+    less than ``tol`` (relative) over the last two steps, when a step would barely move the
+    factors, or after ``max_iters`` rank-r steps (with an ``init``, 0 just quantizes against
+    it). ``relax``/``momentum`` set the step (None: by bits,
+    see :func:`_step_opts`). Raises ValueError for a non-finite W, a Fisher estimate of
+    another shape or with negative entries, or a rank above ``min(rows, cols)``.
+    """
+    if max_iters < (0 if init is not None else 1):
+        raise ValueError(f"max_iters must be >= 1 (>= 0 with an init), got {max_iters}")
+    m = _Matrix(W, fisher, seed)
+    opts = _Opts(
+        max_iters, tol, warm_subspace=warm_subspace, cheap_stop=cheap_stop,
+        oversample=oversample, power_iters=power_iters, **_step_opts(cfg, relax, momentum),
+    )
+    return _solve(m, cfg, init, opts)
+
+
+def _scale_precision(cfg: QuantConfig) -> tuple[int, int, int]:
+    """Larger = more precise block scales (fp16 scales, then more scale bits, fp32, smaller groups)."""
+    dtype_bits = 32 if cfg.scale_dtype == "fp32" else 16
+    return (cfg.scale_bits, dtype_bits, -cfg.scale_block)
+
+
+def _is_twin(a: QuantConfig, b: QuantConfig) -> bool:
+    """Same config up to the dtype of the second-level scales (their Q are nearly identical)."""
+    return a.scale_bits != 16 and a != b and a.replace(scale_dtype=b.scale_dtype) == b
+
+
+def _warm_plan(
+    cfg: QuantConfig, parent: Decomposition | None, max_iters: int, twin_iters: int
+) -> tuple[Decomposition | None, int]:
+    """Whether (and for how many steps) ``cfg`` starts from ``parent``; None = a cold start.
+
+    Measured on SmolLM2 (bench/profile_speed.py): the fp16/fp32 twin of a 3-4 bit config with
+    3+ scale bits has all but the same Q, so its factors are reused as they are
+    (``twin_iters`` steps); other twins (NF8, whose error is so small that slightly different
+    scales matter; NF2; 2-bit scales) iterate from the twin's factors. Otherwise NF2 codes and
+    2-bit scales start cold: their landscape is rugged and another quantizer's optimum is a
+    poor start. The same quantizer at another rank or factor storage starts from the parent's
+    (trimmed) factors.
+    """
+    if parent is None:
+        return None, max_iters
+    if _same_quantizer(cfg, parent.cfg):
+        return parent, max_iters
+    if _is_twin(cfg, parent.cfg):
+        if 3 <= cfg.bits <= 4 and cfg.scale_bits >= 3:
+            return parent, twin_iters
+        return parent, max_iters
+    if cfg.bits <= 2 or cfg.scale_bits <= 2:
+        return None, max_iters
+    return parent, max_iters
+
+
+def _same_quantizer(a: QuantConfig, b: QuantConfig) -> bool:
+    """Same Q (codes, blocks, scales), maybe another rank or factor storage."""
+    return a.replace(rank=b.rank, lowrank_bits=b.lowrank_bits) == b
+
+
+def _parent_distance(c: QuantConfig, p: QuantConfig) -> tuple[float, ...]:
+    """How far a solved config ``p`` (same bits and block) is from ``c`` as a warm start."""
+    return (
+        0 if _same_quantizer(c, p) and p.rank >= c.rank else 1,
+        0 if _is_twin(c, p) else 1,
+        0 if p.rank >= c.rank else 1,
+        abs(p.rank - c.rank),
+        abs(math.log2(p.scale_bits) - math.log2(c.scale_bits)),
+        abs(math.log2(p.scale_block) - math.log2(c.scale_block)),
+        int(p.scale_dtype != c.scale_dtype),
+        int(p.lowrank_bits != c.lowrank_bits),
+    )
+
+
+@torch.no_grad()
+def decompose_many(
+    W: torch.Tensor,
+    cfgs: Sequence[QuantConfig],
+    fisher: torch.Tensor | None = None,
+    *,
+    share: bool = True,
+    max_iters: int = DEFAULT_MAX_ITERS,
+    tol: float = DEFAULT_MANY_TOL,
+    twin_iters: int = 0,
+    relax: float | None = None,
+    momentum: float | None = None,
+    warm_subspace: bool = True,
+    cheap_stop: bool = True,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    power_iters: int = 2,
+    seed: int = 0,
+) -> list[Decomposition]:
+    """Decompose one matrix for many configs, sharing work; results in the order of ``cfgs``.
+
+    Configs are grouped by their codes (bits, block). In each group the *leader* (highest rank,
+    bf16 factors, most precise block scales) runs the loop from a cold start; the others
+    follow in order of decreasing scale precision, each warm-started from the nearest config
+    solved before it: the same quantizer at a higher rank (factors trimmed: the rank-r part of
+    its SVD of W - Q), else its fp16/fp32 *twin* (same codes, scale bits and groups; for 3-4
+    bit codes ``twin_iters`` more steps, 0 = just quantize against the twin's factors), else
+    the config with the nearest scale bits and groups. NF2 codes and 2-bit scales start cold
+    instead of from a non-twin (its optimum is a poor start there), see :func:`_warm_plan`. ``tol`` defaults looser than
+    :func:`decompose`'s. With ``share=False`` every config is solved alone from a cold start,
+    exactly as :func:`decompose` does.
+    """
+    cfgs = list(cfgs)
+    m = _Matrix(W, fisher, seed)
+    for cfg in cfgs:
+        _check_rank(cfg, m.W)
+
+    def opts(cfg: QuantConfig, iters: int) -> _Opts:
+        return _Opts(
+            iters, tol, warm_subspace=warm_subspace, cheap_stop=cheap_stop, oversample=oversample,
+            power_iters=power_iters, **_step_opts(cfg, relax, momentum),
+        )
+
+    out: list[Decomposition | None] = [None] * len(cfgs)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        if cfg.rank == 0 or not share:
+            out[i] = _solve(m, cfg, None, opts(cfg, max_iters))
+        else:
+            groups.setdefault((cfg.bits, cfg.block), []).append(i)
+    for key in sorted(groups):
+        order = sorted(
+            groups[key],
+            key=lambda i: (cfgs[i].rank, cfgs[i].lowrank_bits, _scale_precision(cfgs[i])),
+            reverse=True,
+        )
+        solved: list[Decomposition] = []
+        for i in order:
+            cfg = cfgs[i]
+            parent = min(solved, key=lambda p: _parent_distance(cfg, p.cfg)) if solved else None
+            parent, iters = _warm_plan(cfg, parent, max_iters, twin_iters)
+            d = _solve(m, cfg, parent, opts(cfg, iters))
+            out[i] = d
+            solved.append(d)
+    log.debug("decompose_many: %d configs of a %dx%d matrix", len(cfgs), *m.W.shape)
+    return [d for d in out if d is not None]
