@@ -92,6 +92,17 @@ def _matrix_rows(index: int, name: str, W: torch.Tensor, configs: Sequence[Quant
     return pd.DataFrame.from_records(records)
 
 
+def _check_ranks_fit(targets, shapes, configs: Sequence[QuantConfig]) -> None:
+    """Every matrix needs at least one config whose rank fits its shape."""
+    lowest = min(c.rank for c in configs)
+    for (name, _), (rows, cols) in zip(targets, shapes):
+        if lowest > min(rows, cols):
+            raise ValueError(
+                f"matrix {name} ({rows}x{cols}) has no config with rank <= {min(rows, cols)} "
+                f"(lowest rank in the space: {lowest}); add a smaller rank to --ranks, e.g. 0"
+            )
+
+
 def _describe_meta_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     parts = []
     for key in RESUME_KEYS:
@@ -159,6 +170,7 @@ def profile(request: ProfileRequest,
     targets = find_targets(model, include=request.include, exclude=request.exclude)
     shapes = [tuple(target_weight(m).shape) for _, m in targets]
     work = shard_indices(len(targets), shard)
+    _check_ranks_fit(targets, shapes, configs)
     calibration = _calibration_settings(request, device) if request.fisher else None
     meta: dict[str, Any] = {
         "format": PROFILE_FORMAT, "format_version": PROFILE_VERSION,

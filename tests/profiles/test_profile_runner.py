@@ -258,3 +258,22 @@ def test_fisher_default_calibration_is_self_text(tiny_llama_dir, tmp_path, space
                                              samples=2, seqlen=16)))
     assert meta["calibration"]["source"] == "self:2"
     assert df["error_fisher"].notna().all()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--device", "tpu9"], "--device"), (["--ranks", "a,b"], "--ranks"), (["--ranks", "999"], "rank")],
+)
+def test_bad_profile_flags(tiny_llama_dir, tmp_path, space_file, flags, message, capsys):
+    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--out", str(tmp_path / "x")] + flags)
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_device_without_cuda(monkeypatch):
+    from bitalloc.profiles import resolve_device
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda:0")
+    assert str(resolve_device("auto")) == "cpu"
