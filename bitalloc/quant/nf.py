@@ -70,7 +70,7 @@ def nf_encode(y: torch.Tensor, bits: int) -> torch.Tensor:
     Exact zeros map to :func:`nf_zero_code`. ``y`` must be floating point and free of NaN.
     """
     _, midpoints = _cached(bits, y.device)
-    return torch.bucketize(y.to(torch.float32), midpoints, out_int32=True).to(torch.uint8)
+    return torch.bucketize(y.to(torch.float32).contiguous(), midpoints, out_int32=True).to(torch.uint8)
 
 
 def nf_decode(codes: torch.Tensor, bits: int) -> torch.Tensor:
