@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from bitalloc.profiles.store import atomic_write_json, load_profile
+from bitalloc.atomic import atomic_write_json
+from bitalloc.profiles.store import load_profile
 from bitalloc.solvers import TableSweep, allocation_dict, solve_table, sweep_table
 
 ALLOCATION_FORMAT = "bitalloc-allocation"

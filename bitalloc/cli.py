@@ -154,7 +154,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """`bitalloc sweep PROFILE --budgets A:B:STEP`: exact solves over budgets plus the Lagrangian hull."""
     from bitalloc.allocation import sweep
-    from bitalloc.profiles.store import atomic_write_bytes
+    from bitalloc.atomic import atomic_write_bytes
 
     pareto, allocations, _ = sweep(args.profile, args.budgets, **_solver_options(args))
     if args.out:

@@ -78,6 +78,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bitalloc.atomic import atomic_write_bytes
 from bitalloc.models.targets import find_targets, target_weight
 
 logger = logging.getLogger(__name__)
@@ -620,13 +621,7 @@ def save_fisher(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    tmp = _temp_path(path.parent, sidecar.stem)
-    try:
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-        _fsync(tmp)
-        os.replace(tmp, sidecar)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(sidecar, (json.dumps(info, indent=2, sort_keys=True, default=str) + "\n").encode())
     return sidecar
 
 
