@@ -90,8 +90,11 @@ def default_objective(df: pd.DataFrame) -> str:
 
 
 def _provenance(meta: dict[str, Any]) -> dict[str, Any]:
-    keys = ("model", "model_hash", "space", "ranks", "fisher", "calibration")
-    return {k: meta.get(k) for k in keys if k in meta}
+    keys = ("model", "model_hash", "space", "ranks", "fisher", "calibration", "seed")
+    out = {k: meta.get(k) for k in keys if k in meta}
+    if isinstance(meta.get("targets"), list):  # shapes let `apply` refuse a model they do not fit
+        out["shapes"] = {t["name"]: [int(t["rows"]), int(t["cols"])] for t in meta["targets"]}
+    return out
 
 
 def solve(
@@ -173,5 +176,8 @@ def sweep(
     pareto = pd.concat([ilp, hull], ignore_index=True, sort=False)
     pareto["objective_column"] = objective
     pareto["profile"] = profile_id
+    # provenance, so that `bitalloc report` can refuse a sweep made from another profile
+    pareto["model_hash"] = meta.get("model_hash")
+    pareto["profile_sha256"] = (meta.get("table") or {}).get("sha256")
     return pareto, allocations, raw
 

@@ -221,6 +221,10 @@ def _load_any(spec: str | os.PathLike | None, dtype: torch.dtype | str) -> tuple
         if not path.is_file():
             raise ModelNotFoundError(f"no GGUF file at {path}")
         return _load_gguf(path.resolve(), dtype)
+    if path.is_dir() and (path / "bitalloc.json").is_file():  # a `bitalloc apply` output: Q + L1 L2
+        from bitalloc.apply import load_applied
+
+        return load_applied(path, adapter=True, dtype=None if dtype == "auto" else dtype)
     if path.is_dir():
         return _load_directory(path, dtype)
     if path.exists():

@@ -232,19 +232,31 @@ def _fisher_for(model, tokenizer, targets, calibration, request, model_hash, dev
     """The Fisher estimate of the targets (cached by model, data, samples, seqlen, mode, seed)."""
     if calibration is None:
         return None
+    return calibration_fisher(model, tokenizer, targets, calibration, model_id=request.model or "smollm2-135m",
+                              model_hash=model_hash, seed=request.seed, device=device, progress=request.progress)
+
+
+def calibration_fisher(model: torch.nn.Module, tokenizer: Any, targets: Sequence[tuple[str, torch.nn.Module]],
+                       calibration: dict[str, Any], *, model_id: str, model_hash: str, seed: int,
+                       device: torch.device | str, progress: bool = True) -> dict[str, torch.Tensor]:
+    """The Fisher estimate a profile with ``calibration`` (its meta's dict) uses, from the cache when there.
+
+    ``bitalloc apply`` calls this with an allocation's provenance, so it reuses the profile's
+    cached estimate instead of recomputing it.
+    """
     from bitalloc.models import calibration_tokens
     from bitalloc.models.fisher import load_or_estimate_fisher
     from bitalloc.models.gguf_cache import cache_root
 
     def tokens() -> torch.Tensor:
         return calibration_tokens(calibration["source"], model, tokenizer, calibration["seqlen"],
-                                  calibration["samples"], seed=request.seed)
+                                  calibration["samples"], seed=seed)
 
     key_fields = {
-        "model_id": request.model or "smollm2-135m", "model_hash": model_hash,
+        "model_id": model_id, "model_hash": model_hash,
         "data": calibration["source"], "samples": calibration["samples"], "seqlen": calibration["seqlen"],
-        "mode": calibration["mode"], "seed": request.seed,
+        "mode": calibration["mode"], "seed": seed,
     }
     return load_or_estimate_fisher(model, tokens, targets, cache_dir=cache_root() / "fisher",
-                                   key_fields=key_fields, batch_size=calibration["batch_size"],
-                                   device=device, progress=request.progress)
+                                   key_fields=key_fields, batch_size=calibration.get("batch_size"),
+                                   device=device, progress=progress)

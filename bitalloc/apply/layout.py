@@ -1,0 +1,107 @@
+"""The applied-model directory: file names, tensor key names and ``bitalloc.json``.
+
+``bitalloc apply`` writes::
+
+    DIR/model.safetensors     packed Q of every target + every non-target tensor unchanged
+    DIR/bitalloc.json         format version, per-target configs, bits/param, provenance
+    DIR/config.json ...       the model's config (and generation config), tokenizer files
+    DIR/adapter/              a PEFT LoRA adapter with L1, L2 (scale 1), when any rank > 0
+    DIR/dequantized/          with --dequantized: a plain HF checkpoint (Q in bf16)
+
+In ``model.safetensors`` target ``T`` is stored as ``T.qweight`` (packed NF codes) and its
+scale arrays ``T.scales`` or ``T.scale_codes``/``T.scale2``/``T.offset``: exactly the buffers
+of :class:`bitalloc.apply.QuantizedLinear`, so the file is that model's state dict. NF8
+low-rank factors (``lowrank_bits == 8``) are stored packed too, under ``T.lowrank.l1t.*`` (L1
+transposed) and ``T.lowrank.l2.*``; bf16 factors live only in the adapter, whose bytes are
+counted. Tensors shared between modules (tied embeddings) are stored once; ``tied`` in
+``bitalloc.json`` maps each alias to the stored name.
+
+``bitalloc.json`` records every file's size; :func:`read_info` refuses a directory whose files
+are missing or of another size, so a half-written or damaged directory is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT = "bitalloc-model"
+FORMAT_VERSION = 1
+INFO_FILE = "bitalloc.json"
+MODEL_FILE = "model.safetensors"
+ADAPTER_DIR = "adapter"
+DEQUANTIZED_DIR = "dequantized"
+#: QuantizedLinear buffer name -> QuantizedTensor array name
+BUFFER_TO_ARRAY = {"qweight": "codes", "scales": "scales", "scale_codes": "scale_codes",
+                   "scale2": "scale2", "offset": "offset"}
+ARRAY_TO_BUFFER = {v: k for k, v in BUFFER_TO_ARRAY.items()}
+
+
+class AppliedModelError(ValueError):
+    """A directory is not a complete, readable ``bitalloc apply`` output."""
+
+
+def q_key(target: str, array: str) -> str:
+    """Key in ``model.safetensors`` of array ``array`` (a QuantizedTensor array name) of Q."""
+    return f"{target}.{ARRAY_TO_BUFFER[array]}"
+
+
+def factor_key(target: str, factor: str, array: str) -> str:
+    """Key of an NF8 low-rank factor array (``factor`` is ``l1t`` or ``l2``)."""
+    return f"{target}.lowrank.{factor}.{ARRAY_TO_BUFFER[array]}"
+
+
+def is_applied_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a directory holding a ``bitalloc.json``."""
+    return (Path(path) / INFO_FILE).is_file()
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Relative path -> size in bytes of every file under ``folder`` (sorted)."""
+    sizes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != INFO_FILE:
+            sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
+    return sizes
+
+
+def read_info(path: str | os.PathLike[str], *, check_files: bool = True) -> dict[str, Any]:
+    """The ``bitalloc.json`` of an applied directory, checked for format and completeness."""
+    folder = Path(path)
+    info_path = folder / INFO_FILE
+    if not folder.is_dir():
+        raise AppliedModelError(f"{folder} is not a directory; pass the DIR that `bitalloc apply --out DIR` wrote")
+    if not info_path.is_file():
+        raise AppliedModelError(
+            f"{folder} has no {INFO_FILE}: it is not a `bitalloc apply` output (or the write did not finish); "
+            "run `bitalloc apply ALLOC.json --out DIR` again"
+        )
+    try:
+        info = json.loads(info_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AppliedModelError(f"{info_path} is not valid JSON ({exc}); run `bitalloc apply` again") from exc
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise AppliedModelError(f"{info_path} is not a bitalloc model description (format {FORMAT!r} expected)")
+    version = info.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AppliedModelError(
+            f"{info_path} has format_version {version!r}; this bitalloc reads up to {FORMAT_VERSION}: upgrade bitalloc"
+        )
+    for key in ("targets", "target_details", "files"):
+        if not isinstance(info.get(key), dict):
+            raise AppliedModelError(f"{info_path} lacks {key!r}; run `bitalloc apply` again")
+    if check_files:
+        problems = []
+        for name, size in info["files"].items():
+            file = folder / name
+            if not file.is_file():
+                problems.append(f"{name} is missing")
+            elif file.stat().st_size != size:
+                problems.append(f"{name} has {file.stat().st_size} bytes, {size} expected")
+        if problems:
+            raise AppliedModelError(
+                f"{folder} is incomplete or damaged ({'; '.join(problems[:5])}); run `bitalloc apply` again"
+            )
+    return info

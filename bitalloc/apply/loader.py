@@ -1,0 +1,150 @@
+"""``bitalloc.load(DIR)``: rebuild an applied model with ``QuantizedLinear`` layers.
+
+The model class comes from ``DIR/config.json`` (the same Auto-class rule as
+:func:`bitalloc.models.load_model`); it is built without random initialization, every target
+is replaced by a :class:`QuantizedLinear` holding its packed arrays, and the rest of the
+state dict is read from ``model.safetensors``. With ``adapter=True`` the PEFT adapter in
+``DIR/adapter`` is attached, so the model computes ``Q + L1 L2``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from bitalloc.apply.layout import ADAPTER_DIR, ARRAY_TO_BUFFER, MODEL_FILE, AppliedModelError, read_info
+from bitalloc.apply.quantized_linear import QuantizedLinear
+from bitalloc.configs import QuantConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load", "load_applied"]
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _skeleton(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoConfig
+
+    from bitalloc.models.loading import auto_class_for
+
+    config = AutoConfig.from_pretrained(folder)
+    cls = auto_class_for(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with _no_init_weights():
+            model = cls.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def _resolve_dtype(dtype: Any, info: dict[str, Any]) -> torch.dtype:
+    from bitalloc.models.loading import resolve_dtype
+
+    if dtype is None or dtype == "auto":
+        dtype = info.get("dtype", "float32")
+    value = resolve_dtype(dtype)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}")
+    return value
+
+
+def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def load_applied(path: str | os.PathLike[str], adapter: bool = True, *, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` of an applied directory; see :func:`load`."""
+    from bitalloc.models.loading import load_tokenizer
+
+    model = load(path, adapter=adapter, device=device, dtype=dtype)
+    return model, load_tokenizer(Path(path))
+
+
+def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype | None = None) -> torch.nn.Module:
+    """The model that ``bitalloc apply`` wrote to ``path``, with ``QuantizedLinear`` targets.
+
+    ``adapter=True`` attaches the PEFT LoRA adapter (L1, L2; returns a ``PeftModel``), so the
+    model computes ``Q + L1 L2``; a directory whose targets all have rank 0 has none, and then
+    the plain model is returned with a warning. ``dtype`` is the compute dtype (default: the
+    source model's). The model is in eval mode on ``device``. Raises AppliedModelError (a
+    ValueError) for a directory that is not a complete ``bitalloc apply`` output.
+    """
+    from bitalloc.models.loading import resolve_device
+
+    folder = Path(path)
+    info = read_info(folder)
+    compute_dtype = _resolve_dtype(dtype, info)
+    target_device = resolve_device(device)
+    model = _skeleton(folder, compute_dtype)
+    modules = dict(model.named_modules())
+
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(folder / MODEL_FILE), framework="pt") as f:
+        keys = set(f.keys())
+        for name, config_name in info["targets"].items():
+            module = modules.get(name)
+            if module is None:
+                raise AppliedModelError(f"{folder}: target {name} is not a module of {type(model).__name__}")
+            cfg = QuantConfig.from_name(config_name)
+            detail = info["target_details"][name]
+            arrays = {}
+            for array, buffer in ARRAY_TO_BUFFER.items():
+                key = f"{name}.{buffer}"
+                if key in keys:
+                    arrays[array] = f.get_tensor(key)
+            bias = getattr(module, "bias", None)
+            qlinear = QuantizedLinear.from_arrays(arrays, (int(detail["rows"]), int(detail["cols"])), cfg,
+                                                  bias=None if bias is None else torch.zeros(bias.shape),
+                                                  compute_dtype=compute_dtype)
+            _set_submodule(model, name, qlinear)
+        wanted = set(model.state_dict())
+        for key in keys:
+            if ".lowrank." in key:
+                continue
+            if key not in wanted:
+                raise AppliedModelError(f"{folder}/{MODEL_FILE} holds {key!r}, which {type(model).__name__} lacks")
+            tensor = f.get_tensor(key)
+            state[key] = tensor
+    result = model.load_state_dict(state, strict=False)
+    tied = info.get("tied", {})
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing:
+        raise AppliedModelError(f"{folder}/{MODEL_FILE} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    own = model.state_dict()
+    for alias, stored in tied.items():  # a tie the model class does not make itself: copy the values
+        if alias in own and stored in own and own[alias].data_ptr() != own[stored].data_ptr():
+            with torch.no_grad():
+                own[alias].copy_(own[stored])
+    model.to(target_device)
+    model.eval()
+    if adapter:
+        adapter_dir = folder / ADAPTER_DIR
+        if not info.get("adapter") or not adapter_dir.is_dir():
+            log.warning("%s has no adapter (every target has rank 0); returning the model without one", folder)
+            return model
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model.to(target_device)
+        model.eval()
+    return model

@@ -1,0 +1,311 @@
+"""``bitalloc apply``: decompose every target with its chosen config and write the model directory.
+
+The directory is built in a temporary sibling (``.DIR.tmp-*``) and renamed into place only
+when every file is written, so an interrupted or failed run (disk full, Ctrl-C, a bad
+matrix) leaves no directory that :func:`bitalloc.load` accepts. Targets are processed one at a
+time on the device; each target's full-precision weight is released once it is quantized, so
+the model is never held twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from bitalloc import __version__
+from bitalloc.allocation import Allocation
+from bitalloc.atomic import atomic_write_json
+from bitalloc.configs import QuantConfig
+from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_VERSION, INFO_FILE, MODEL_FILE,
+                                   factor_key, file_sizes, q_key)
+from bitalloc.apply.peft_adapter import task_type_for, write_adapter
+
+log = logging.getLogger(__name__)
+
+__all__ = ["apply_allocation"]
+
+
+def _assignments(allocation: Any, uniform: str | None) -> tuple[dict[str, str] | None, dict[str, Any]]:
+    """(name -> config name or None for "every target", allocation header) from the inputs."""
+    if (allocation is None) == (uniform is None):
+        raise ValueError("give either an allocation (ALLOC.json) or --uniform CONFIG, not both and not neither")
+    if uniform is not None:
+        cfg = QuantConfig.from_name(uniform)
+        return None, {"uniform": cfg.name}
+    if isinstance(allocation, (str, os.PathLike)):
+        source = os.fspath(allocation)
+        allocation = Allocation.load(allocation)
+    else:
+        source = None
+    data = allocation.to_dict() if isinstance(allocation, Allocation) else dict(allocation)
+    if not isinstance(data.get("assignments"), dict) or not data["assignments"]:
+        raise ValueError("the allocation has no assignments (matrix -> config); make one with `bitalloc solve`")
+    for name, config in data["assignments"].items():
+        QuantConfig.from_name(config)  # clear error for a bad config name
+    header = {k: data.get(k) for k in ("budget", "bits_per_param", "objective", "objective_column", "status",
+                                       "gap", "backend", "profile", "exclude_lowrank_from_budget")}
+    header["provenance"] = data.get("provenance", {})
+    header["path"] = source
+    return dict(data["assignments"]), header
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"--out {out} exists and is not empty; choose another directory or pass --force "
+                              "to replace it")
+
+
+def _targets_for(model: torch.nn.Module, assignments: dict[str, str] | None, header: Mapping[str, Any],
+                 include: Any, exclude: Any) -> list[tuple[str, torch.nn.Module, QuantConfig]]:
+    from bitalloc.models import find_targets, target_weight
+    from bitalloc.models.targets import TARGET_TYPES
+
+    if assignments is None:
+        cfg = QuantConfig.from_name(header["uniform"])
+        return [(n, m, cfg) for n, m in find_targets(model, include=include, exclude=exclude)]
+    modules = dict(model.named_modules())
+    missing = [n for n in assignments if n not in modules or not isinstance(modules[n], TARGET_TYPES)]
+    if missing:
+        have = [n for n, m in modules.items() if isinstance(m, TARGET_TYPES)][:5]
+        raise ValueError(
+            f"the allocation names {len(missing)} matrices this model does not have as Linear/Conv1D layers "
+            f"(e.g. {missing[:3]}; the model has e.g. {have}): it was made for another model; "
+            "profile and solve this model, or pass the right --model"
+        )
+    shapes = header.get("provenance", {}).get("shapes") or {}
+    out = []
+    for name, config in assignments.items():
+        module = modules[name]
+        shape = list(target_weight(module).shape)
+        if name in shapes and list(shapes[name]) != shape:
+            raise ValueError(f"matrix {name} is {shape[0]}x{shape[1]} in this model but {shapes[name][0]}x"
+                             f"{shapes[name][1]} in the allocation's profile: the allocation is for another model")
+        out.append((name, module, QuantConfig.from_name(config)))
+    return out
+
+
+def _shared_parameter_ids(model: torch.nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, v in seen.items() if v > 1}
+
+
+def _non_target_tensors(model: torch.nn.Module, target_names: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every non-target tensor of the state dict, tied ones stored once; and alias -> stored name."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    first_by_storage: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, value in model.state_dict(keep_vars=False).items():
+        module, _, leaf = key.rpartition(".")
+        if leaf == "weight" and module in target_names:
+            continue
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if value.numel() and ident in first_by_storage:
+            tied[key] = first_by_storage[ident]
+            continue
+        first_by_storage[ident] = key
+        tensors[key] = value.detach().cpu().contiguous()
+    return tensors, tied
+
+
+def _fisher(model, tokenizer, targets, provenance: Mapping[str, Any], device, progress):
+    calibration = provenance.get("calibration")
+    if not provenance.get("fisher") or not calibration:
+        return None
+    from bitalloc.models.fisher import model_fingerprint
+    from bitalloc.profiles.runner import calibration_fisher
+
+    return calibration_fisher(model, tokenizer, [(n, m) for n, m, _ in targets], calibration,
+                              model_id=provenance.get("model") or "smollm2-135m",
+                              model_hash=provenance.get("model_hash") or model_fingerprint(model),
+                              seed=int(provenance.get("seed") or 0), device=device, progress=progress)
+
+
+def _rename_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def apply_allocation(
+    allocation: Allocation | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    *,
+    out: str | os.PathLike[str],
+    model: str | None = None,
+    uniform: str | None = None,
+    include: Any = None,
+    exclude: Any = None,
+    dequantized: bool = False,
+    device: str = "auto",
+    fisher: bool | None = None,
+    force: bool = False,
+    ignore_model_hash: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Quantize a model as an allocation (or ``uniform`` config name) says and write ``out``.
+
+    ``model`` defaults to the allocation's model. Each target is decomposed ``Q + L1 L2`` with
+    its config (Fisher-weighted when the allocation came from a Fisher profile and ``fisher``
+    is not False; the profile's cached estimate is reused). ``include``/``exclude`` filter the
+    targets of a ``uniform`` run. Returns the directory. Raises ValueError for an allocation
+    made for another model, FileExistsError for a non-empty ``out`` without ``force``.
+    """
+    from bitalloc.lowrank import decompose
+    from bitalloc.models import load_model, target_weight
+    from bitalloc.models.fisher import model_fingerprint
+    from bitalloc.profiles.runner import resolve_device
+
+    started = time.perf_counter()
+    assignments, header = _assignments(allocation, uniform)
+    out = Path(out)
+    _check_output(out, force)
+    provenance = header.get("provenance", {})
+    spec = model if model is not None else provenance.get("model")
+    dev = resolve_device(device)
+    net, tokenizer = load_model(spec, dtype="auto")
+    model_hash = model_fingerprint(net)
+    targets = _targets_for(net, assignments, header, include, exclude)
+    if assignments is not None and provenance.get("model_hash") and provenance["model_hash"] != model_hash \
+            and not ignore_model_hash:
+        raise ValueError(
+            f"the allocation was made for model {provenance.get('model')!r} (hash {provenance['model_hash']}), "
+            f"but {spec or 'the built-in model'!r} has hash {model_hash}: profile and solve this model, or pass "
+            "--ignore-model-hash if its weights differ on purpose (e.g. a fine-tuned copy)"
+        )
+    for name, module, cfg in targets:
+        if cfg.rank > min(target_weight(module).shape):
+            raise ValueError(f"{name}: rank {cfg.rank} of {cfg.name} exceeds the matrix's smaller side "
+                             f"{min(target_weight(module).shape)}")
+    use_fisher = bool(provenance.get("fisher")) if fisher is None else bool(fisher)
+    F = _fisher(net, tokenizer, targets, provenance, dev, progress) if use_fisher and assignments is not None else None
+    shared = _shared_parameter_ids(net)
+    compute_dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        arrays: dict[str, torch.Tensor] = {}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        dense: dict[str, torch.Tensor] = {}
+        details: dict[str, dict[str, Any]] = {}
+        index_of = {name: i for i, (name, _, _) in enumerate(targets)}
+        for name, module, cfg in tqdm(targets, desc="apply", unit="matrix", disable=not progress):
+            W = target_weight(module).detach().to(device=dev, dtype=torch.float32)
+            if not bool(torch.isfinite(W).all()):
+                raise ValueError(f"matrix {name} contains NaN/inf values; fix the checkpoint or exclude it")
+            t0 = time.perf_counter()
+            dec = decompose(W, cfg, None if F is None else F[name].to(dev),
+                            seed=seed * 100003 + index_of[name])
+            q_bytes = 0
+            for array, value in dec.q.arrays().items():
+                arrays[q_key(name, array)] = value.detach().cpu().contiguous()
+                q_bytes += value.numel() * value.element_size()
+            factor_bytes = 0
+            if cfg.rank:
+                if cfg.lowrank_bits == 8:
+                    for factor, qt in (("l1t", dec.l1_q), ("l2", dec.l2_q)):
+                        for array, value in qt.arrays().items():
+                            arrays[factor_key(name, factor, array)] = value.detach().cpu().contiguous()
+                            factor_bytes += value.numel() * value.element_size()
+                    factors[name] = (dec.l1.float().cpu(), dec.l2.float().cpu())
+                else:  # bf16 factors are stored in the adapter, exactly (decompose rounds them)
+                    factors[name] = (dec.l1.to(torch.bfloat16).cpu(), dec.l2.to(torch.bfloat16).cpu())
+                    factor_bytes = sum(t.numel() * 2 for t in factors[name])
+            if dequantized:
+                dense[name] = dec.q.dequantize().to(torch.bfloat16).cpu()
+            rows, cols = W.shape
+            details[name] = {
+                "config": cfg.name, "rows": rows, "cols": cols, "type": type(module).__name__,
+                "storage_bits": cfg.storage_bits(rows, cols), "bits_per_param": cfg.bits_per_param(rows, cols),
+                "bytes": q_bytes + factor_bytes, "error": dec.error, "error_fisher": dec.error_fisher,
+                "iterations": dec.iterations, "seconds": time.perf_counter() - t0,
+            }
+            if id(module.weight) not in shared:  # release the full-precision copy
+                module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+            del W, dec
+
+        target_names = {name for name, _, _ in targets}
+        tensors, tied = _non_target_tensors(net, target_names)
+        tensors.update(arrays)
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "bitalloc_format": FORMAT})
+        net.config.save_pretrained(tmp)
+        if getattr(net, "generation_config", None) is not None and task_type_for(net):
+            try:
+                net.generation_config.save_pretrained(tmp)
+            except (ValueError, OSError) as exc:  # an invalid generation config is not worth failing for
+                log.warning("not writing generation_config.json: %s", exc)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        base = spec or getattr(net.config, "_name_or_path", "") or "smollm2-135m"
+        if dequantized:
+            _write_dequantized(tmp / DEQUANTIZED_DIR, net, tensors, set(arrays), dense, targets, tokenizer)
+            base = str((out / DEQUANTIZED_DIR).resolve())
+        if factors:
+            write_adapter(tmp / ADAPTER_DIR, factors, base_model=str(base), task_type=task_type_for(net))
+
+        total_params = sum(d["rows"] * d["cols"] for d in details.values())
+        info = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "bitalloc_version": __version__,
+            "model": spec or "smollm2-135m",
+            "model_hash": model_hash,
+            "model_class": type(net).__name__,
+            "dtype": str(compute_dtype).removeprefix("torch."),
+            "bits_per_param": sum(d["storage_bits"] for d in details.values()) / total_params,
+            "bits_per_param_on_disk": 8 * sum(d["bytes"] for d in details.values()) / total_params,
+            "target_params": total_params,
+            "non_target_params": sum(t.numel() for k, t in tensors.items() if k not in arrays),
+            "non_target_bytes": sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in arrays),
+            "targets": {name: d["config"] for name, d in details.items()},
+            "target_details": details,
+            "tied": tied,
+            "fisher": F is not None,
+            "adapter": bool(factors),
+            "dequantized": bool(dequantized),
+            "allocation": header,
+            "seconds": time.perf_counter() - started,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        info["files"] = file_sizes(tmp)
+        atomic_write_json(tmp / INFO_FILE, info)
+        _rename_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("applied %d targets to %s: %.4f bits/param (%.1f s)", len(targets), out, info["bits_per_param"],
+             info["seconds"])
+    return out
+
+
+def _write_dequantized(folder: Path, net: torch.nn.Module, tensors: Mapping[str, torch.Tensor], packed: set[str],
+                       dense: Mapping[str, torch.Tensor], targets, tokenizer) -> None:
+    """A plain Hugging Face checkpoint: non-targets as they are, each Q dequantized to bf16."""
+    from transformers.pytorch_utils import Conv1D
+
+    folder.mkdir(parents=True)
+    plain = {k: v for k, v in tensors.items() if k not in packed}
+    for name, module, _ in targets:
+        weight = dense[name]
+        plain[f"{name}.weight"] = weight.t().contiguous() if isinstance(module, Conv1D) else weight
+    save_file(plain, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    net.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

@@ -1,0 +1,57 @@
+"""`bitalloc apply` and `bitalloc eval DIR` from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bitalloc.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_apply_uniform_then_eval_dir(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "nf4"
+    assert main(["-q", "apply", "--uniform", "nf4-g16-s16-r4", "--model", str(tiny_llama_dir),
+                 "--out", str(out), "--json"]) == 0
+    summary = _last_json(capsys)
+    assert summary["targets"] == 14 and summary["adapter"] is True
+    assert summary["bits_per_param"] == pytest.approx(summary["bits_per_param_on_disk"], abs=0.01)
+
+    evals = tmp_path / "evals.jsonl"
+    argv = ["-q", "eval", str(out), "--data", str(tiny_text_file), "--seqlen", "32", "--windows", "2",
+            "--json", "--append", str(evals)]
+    assert main(argv) == 0
+    result = _last_json(capsys)
+    assert result["kind"] == "uniform" and result["baseline"] is True
+    assert result["bits_per_param"] == pytest.approx(summary["bits_per_param"])
+    assert result["kl"] is not None and result["kl"] > 0  # KL to the source model by default
+    assert result["kl_to"] == str(tiny_llama_dir)
+    assert main(["-q", "eval", str(tiny_llama_dir), "--data", str(tiny_text_file), "--seqlen", "32",
+                 "--windows", "2", "--append", str(evals)]) == 0
+    lines = [json.loads(line) for line in evals.read_text().splitlines()]
+    assert [line["kind"] for line in lines] == ["uniform", "original"]
+    assert lines[1]["bits_per_param"] is None and lines[1]["perplexity"] < lines[0]["perplexity"] * 1.5
+
+
+def test_apply_errors_are_clear(tiny_llama_dir, tmp_path, capsys):
+    assert main(["apply", "--out", str(tmp_path / "x")]) == 2
+    assert "--uniform" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("keep me")
+    assert main(["apply", "--uniform", "nf4-g16-s16-r0", "--model", str(tiny_llama_dir),
+                 "--out", str(tmp_path / "busy")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "file").read_text() == "keep me"
+    assert main(["apply", str(tmp_path / "missing.json"), "--out", str(tmp_path / "y")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "busy"), "--seqlen", "32"]) == 2

@@ -1,0 +1,289 @@
+"""`bitalloc apply` + `bitalloc.load`: end to end on tiny models, accounting, PEFT, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import bitalloc
+from bitalloc.apply import AppliedModelError, QuantizedLinear, apply_allocation, load, read_info
+from bitalloc.apply.layout import ADAPTER_DIR, MODEL_FILE
+from bitalloc.configs import QuantConfig
+from bitalloc.lowrank import decompose
+from bitalloc.models import find_targets, load_model, target_weight
+from bitalloc.profiles import ProfileRequest, profile
+
+SPACE = ["nf2-g16-s8x16-r0", "nf3-g16-s8x16-r0", "nf4-g16-s16-r0", "nf3-g32-s4x16-r4", "nf2-g16-s8x16-r4-lr8"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _profile(model_dir: Path, out: Path, tmp_path: Path, fisher: bool = False, space=SPACE) -> Path:
+    space_file = tmp_path / "space.json"
+    space_file.write_text(json.dumps(space))
+    return profile(ProfileRequest(model=str(model_dir), out=out, space=str(space_file), fisher=fisher,
+                                  samples=4, seqlen=32, progress=False))
+
+
+def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (2, 24), generator=g)
+
+
+@pytest.fixture(scope="module")
+def applied(tiny_llama_dir, tmp_path_factory):
+    """A tiny Llama profiled, solved at a budget that mixes ranks 0 and 4, and applied (shared: read only)."""
+    tmp_path = tmp_path_factory.mktemp("applied")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+        prof = _profile(tiny_llama_dir, tmp_path / "profile", tmp_path)
+        alloc = bitalloc.solve(prof, 6.0)
+        alloc_path = alloc.save(tmp_path / "alloc.json")
+        out = apply_allocation(alloc_path, out=tmp_path / "q", progress=False)
+    return out, alloc, tiny_llama_dir
+
+
+def _reference_model(model_dir: Path, info: dict, with_lowrank: bool) -> torch.nn.Module:
+    """The source model with each target's weight replaced by Q (+ L1 L2) recomputed independently."""
+    model, _ = load_model(str(model_dir))
+    modules = dict(model.named_modules())
+    names = list(info["targets"])
+    for i, name in enumerate(names):
+        cfg = QuantConfig.from_name(info["targets"][name])
+        W = target_weight(modules[name]).detach().float()
+        dec = decompose(W, cfg, seed=i)
+        new = dec.reconstruct() if with_lowrank else dec.q.dequantize().float()
+        with torch.no_grad():
+            target_weight(modules[name]).copy_(new)
+    return model
+
+
+def test_end_to_end_profile_solve_apply_load_eval(applied, tiny_text_file):
+    out, alloc, model_dir = applied
+    info = read_info(out)
+    assert info["format_version"] == 1
+    assert info["targets"] == alloc.assignments
+    ranks = {QuantConfig.from_name(c).rank for c in info["targets"].values()}
+    assert ranks == {0, 4}, "the fixture should mix ranks so both adapter paths are exercised"
+    assert info["bits_per_param"] == pytest.approx(alloc.bits_per_param, rel=1e-12)
+
+    model = load(out)
+    assert all(isinstance(m, QuantizedLinear) for n, m in model.named_modules() if n in info["targets"])
+    full = load(out, adapter=True)
+    ids = _ids(model.config.vocab_size)
+    ref_q = _reference_model(model_dir, info, with_lowrank=False)
+    ref_full = _reference_model(model_dir, info, with_lowrank=True)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref_q(ids).logits, atol=1e-5)
+        assert torch.allclose(full(ids).logits, ref_full(ids).logits, atol=1e-5)
+        assert not torch.allclose(model(ids).logits, full(ids).logits, atol=1e-4)
+
+    from bitalloc.models import evaluate
+
+    model_full, tok = load_model(str(out))
+    result = evaluate(model_full, tok, data=str(tiny_text_file), seqlen=32, windows=2, kl_to=str(model_dir),
+                      progress=False)
+    assert result["perplexity"] > 1 and result["kl"] > 0
+
+
+def test_bits_agree_with_bytes_on_disk(applied):
+    out, alloc, _ = applied
+    info = read_info(out)
+    storage = 0
+    disk_bits = 0
+    arrays = 0
+    with safe_open(str(out / MODEL_FILE), framework="pt") as f:
+        keys = list(f.keys())
+        for name, config in info["targets"].items():
+            cfg = QuantConfig.from_name(config)
+            storage += cfg.storage_bits(info["target_details"][name]["rows"], info["target_details"][name]["cols"])
+            mine = [k for k in keys if k.startswith(name + ".") and not k.endswith(".bias")]
+            for k in mine:
+                t = f.get_tensor(k)
+                disk_bits += 8 * t.numel() * t.element_size()
+            arrays += len(mine)
+    with safe_open(str(out / ADAPTER_DIR / "adapter_model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            module = k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            if QuantConfig.from_name(info["targets"][module]).lowrank_bits == 16:
+                t = f.get_tensor(k)
+                assert t.dtype == torch.bfloat16
+                disk_bits += 8 * t.numel() * t.element_size()
+                arrays += 1
+    params = info["target_params"]
+    assert 0 <= disk_bits - storage < 8 * arrays
+    assert info["bits_per_param_on_disk"] * params == pytest.approx(disk_bits)
+    assert info["bits_per_param"] * params == pytest.approx(storage)
+    assert info["bits_per_param"] == pytest.approx(alloc.bits_per_param)
+
+
+def test_peft_round_trip_and_training_step(applied):
+    from peft import PeftModel
+
+    out, _, _ = applied
+    ids = _ids(load(out).config.vocab_size, seed=1)
+    attached = load(out, adapter=True)
+    by_hand = PeftModel.from_pretrained(load(out), str(out / ADAPTER_DIR), is_trainable=True)
+    with torch.no_grad():
+        assert torch.allclose(by_hand(ids).logits, attached(ids).logits, atol=1e-6)
+
+    config = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
+    for key, r in config["rank_pattern"].items():
+        assert config["alpha_pattern"][key] == r  # scale alpha / r == 1
+    info = read_info(out)
+    assert sorted(config["target_modules"]) == sorted(
+        n for n, c in info["targets"].items() if QuantConfig.from_name(c).rank > 0)
+
+    by_hand.train()
+    before = {n: b.clone() for n, b in by_hand.named_buffers()}
+    frozen = {n: p.clone() for n, p in by_hand.named_parameters() if not p.requires_grad}
+    trainable = {n: p.clone() for n, p in by_hand.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.SGD([p for p in by_hand.parameters() if p.requires_grad], lr=1e-2)
+    loss = by_hand(ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    after = dict(by_hand.named_parameters())
+    assert any(not torch.equal(after[n], v) for n, v in trainable.items())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
+    assert all(torch.equal(b, before[n]) for n, b in by_hand.named_buffers())
+
+
+def test_dequantized_checkpoint_loads_without_bitalloc(tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = apply_allocation(None, uniform="nf3-g16-s8x16-r4", model=str(tiny_llama_dir), out=tmp_path / "q",
+                           dequantized=True, progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(out / "dequantized")
+    assert all(type(m) is torch.nn.Linear for n, m in plain.named_modules() if n in read_info(out)["targets"])
+    vanilla = PeftModel.from_pretrained(plain, str(out / ADAPTER_DIR)).eval()
+    ours = load(out, adapter=True)
+    ids = _ids(plain.config.vocab_size, seed=2)
+    with torch.no_grad():
+        a, b = vanilla(ids).logits, ours(ids).logits
+    assert torch.allclose(a, b, atol=5e-3), float((a - b).abs().max())  # Q rounded to bf16 in the checkpoint
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_bert_dir"])
+def test_other_architectures(fixture, request, tmp_path):
+    model_dir = request.getfixturevalue(fixture)
+    out = apply_allocation(None, uniform="nf4-g16-s16-r4", model=str(model_dir), out=tmp_path / "q", progress=False)
+    info = read_info(out)
+    source, _ = load_model(str(model_dir))
+    assert set(info["targets"]) == {n for n, _ in find_targets(source)}
+    model = load(out, adapter=True)
+    ids = _ids(source.config.vocab_size, seed=3)[:, :16]
+    with torch.no_grad():
+        got = model(ids).logits
+        want = source(ids).logits
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().mean() < 0.1 * want.abs().mean() + 1e-3  # 4-bit + rank 4: close to the source
+
+
+def test_rank_zero_everywhere_writes_no_adapter(tiny_llama_dir, tmp_path, caplog):
+    out = apply_allocation(None, uniform="nf4-g16-s16-r0", model=str(tiny_llama_dir), out=tmp_path / "q",
+                           progress=False)
+    assert not (out / ADAPTER_DIR).exists() and not read_info(out)["adapter"]
+    with caplog.at_level(logging.WARNING):
+        model = load(out, adapter=True)
+    assert "no adapter" in caplog.text
+    assert isinstance(model, torch.nn.Module) and not hasattr(model, "peft_config")
+
+
+def test_fisher_allocation_reuses_the_cached_estimate(tiny_llama_dir, tmp_path, monkeypatch):
+    prof = _profile(tiny_llama_dir, tmp_path / "profile", tmp_path, fisher=True)
+    alloc = bitalloc.solve(prof, 5.0)
+
+    def no_estimate(*args, **kwargs):
+        raise AssertionError("apply recomputed the Fisher estimate instead of reading the profile's cache")
+
+    monkeypatch.setattr("bitalloc.models.fisher.estimate_fisher", no_estimate)
+    out = apply_allocation(alloc, out=tmp_path / "q", progress=False)
+    info = read_info(out)
+    assert info["fisher"] is True
+    assert all(d["error_fisher"] is not None for d in info["target_details"].values())
+    plain = apply_allocation(alloc, out=tmp_path / "q-plain", fisher=False, progress=False)
+    assert read_info(plain)["fisher"] is False
+
+
+# ----- bad input ---------------------------------------------------------------------------
+def test_allocation_for_another_model_is_refused(applied, tiny_gpt2_dir, tiny_builders, tiny_tokenizer, tmp_path):
+    out, alloc, model_dir = applied
+    with pytest.raises(ValueError, match="another model"):
+        apply_allocation(alloc, model=str(tiny_gpt2_dir), out=tmp_path / "x", progress=False)
+
+    other = tmp_path / "other-llama"  # same names and shapes, other weights
+    tiny_builders.llama(len(tiny_tokenizer), seed=7).save_pretrained(other)
+    with pytest.raises(ValueError, match="hash"):
+        apply_allocation(alloc, model=str(other), out=tmp_path / "y", progress=False)
+    apply_allocation(alloc, model=str(other), out=tmp_path / "y", ignore_model_hash=True, progress=False)
+
+    data = alloc.to_dict()
+    name = next(iter(data["assignments"]))
+    data["provenance"] = dict(data["provenance"], shapes=dict(data["provenance"]["shapes"], **{name: [3, 5]}))
+    with pytest.raises(ValueError, match="3x5"):
+        apply_allocation(data, out=tmp_path / "z", progress=False)
+    for p in ("x", "z"):
+        assert not (tmp_path / p).exists()
+
+
+def test_output_dir_not_empty_needs_force(applied, tmp_path):
+    out, alloc, _ = applied
+    out = Path(shutil.copytree(out, tmp_path / "copy"))
+    with pytest.raises(FileExistsError, match="--force"):
+        apply_allocation(alloc, out=out, progress=False)
+    (tmp_path / "empty").mkdir()
+    apply_allocation(alloc, out=tmp_path / "empty", progress=False)  # an empty dir is fine
+    old = read_info(out)["created"]
+    apply_allocation(alloc, out=out, force=True, progress=False)
+    assert read_info(out)["files"] and load(out) is not None
+    assert read_info(out)["created"] >= old
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failed_write_leaves_nothing_loadable(tiny_llama_dir, tmp_path, monkeypatch, error):
+    import bitalloc.apply.writer as writer
+
+    def failing_save(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(writer, "save_file", failing_save)
+    with pytest.raises(type(error)):
+        apply_allocation(None, uniform="nf4-g16-s16-r0", model=str(tiny_llama_dir), out=tmp_path / "q",
+                         progress=False)
+    assert not (tmp_path / "q").exists()
+    assert list(tmp_path.glob(".q.tmp-*")) == []
+
+
+def test_damaged_directory_is_refused(applied, tmp_path):
+    out, _, _ = applied
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    data = (broken / MODEL_FILE).read_bytes()
+    (broken / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(AppliedModelError, match="incomplete or damaged"):
+        load(broken)
+    (broken / "bitalloc.json").unlink()
+    with pytest.raises(AppliedModelError, match="bitalloc apply"):
+        load(broken)
+
+
+def test_bad_uniform_config_and_missing_inputs(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError):
+        apply_allocation(None, uniform="nf5-g16", model=str(tiny_llama_dir), out=tmp_path / "q", progress=False)
+    with pytest.raises(ValueError, match="either"):
+        apply_allocation(None, out=tmp_path / "q", progress=False)
+    with pytest.raises(ValueError, match="rank"):
+        apply_allocation(None, uniform="nf4-g16-s16-r100", model=str(tiny_llama_dir), out=tmp_path / "q",
+                         progress=False)
