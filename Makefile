@@ -9,7 +9,7 @@ STAMP := $(VENV)/.bitalloc-installed
 DEMO_OUT ?= demo-out
 DEMO_WINDOWS ?= 8
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow demo bench report-index clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,14 @@ demo: setup
 	$(BIN)/bitalloc solve $(DEMO_OUT)/profile-layer0 --budget 3.25 --out $(DEMO_OUT)/alloc-3.25.json
 	$(BIN)/bitalloc eval --data wikitext2 --seqlen 2048 --windows $(DEMO_WINDOWS) --json | tee $(DEMO_OUT)/eval-original.json
 
+# Every bench/*.py except helpers (bench/_*.py) writes reports/<benchmark>/; then the index page.
 bench: setup
-	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	for f in bench/[!_]*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	$(BIN)/python -m bitalloc.reports.index reports
+
+# Regenerate reports/README.md from the committed reports/*/results.md, without rerunning anything.
+report-index: setup
+	$(BIN)/python -m bitalloc.reports.index reports
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -28,6 +28,10 @@ _EXPORTS = {
     "solve": "bitalloc.allocation",
     "sweep": "bitalloc.allocation",
     "Allocation": "bitalloc.allocation",
+    "report": "bitalloc.reports",
+    "apply_allocation": "bitalloc.apply",
+    "load": "bitalloc.apply",
+    "QuantizedLinear": "bitalloc.apply",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

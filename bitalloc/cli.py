@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 from pathlib import Path
@@ -63,28 +64,67 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_labels(spec: str | None) -> dict[str, Any]:
+    """What an evals.jsonl line says about the model evaluated (an applied dir or a plain model)."""
+    from bitalloc.apply import is_applied_dir, read_info
+
+    if spec is None or not is_applied_dir(spec):
+        return {"label": spec or "smollm2-135m", "kind": "original", "baseline": True, "bits_per_param": None,
+                "budget": None, "objective": None, "source_model": None}
+    info = read_info(spec)
+    header = info.get("allocation") or {}
+    uniform = header.get("uniform")
+    return {
+        "label": os.path.basename(os.path.normpath(spec)),
+        "kind": "uniform" if uniform else "bitalloc",
+        "baseline": bool(uniform),
+        "bits_per_param": info["bits_per_param"],
+        "budget": header.get("budget"),
+        "objective": None if uniform else header.get("objective_column"),
+        "config": uniform,
+        "source_model": info.get("model"),
+    }
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    """`bitalloc eval [MODEL] --data SRC ...`: perplexity (GPTQ convention) and KL to a reference."""
+    """`bitalloc eval [MODEL|DIR] --data SRC ...`: perplexity (GPTQ convention) and KL to a reference.
+
+    An applied directory (from `bitalloc apply`) is evaluated as Q + L1 L2, and its KL is taken
+    to the model it was made from unless --kl-to names another or --no-kl is given.
+    """
     from bitalloc.models import evaluate, load_model
 
+    labels = _eval_labels(args.model)
     model, tokenizer = load_model(args.model, device=args.device)
+    kl_to = args.kl_to
+    if kl_to is None and labels["source_model"] and not args.no_kl:
+        kl_to = labels["source_model"]
     reference = None
-    if args.kl_to is not None:
-        reference, _ = load_model(args.kl_to, device=args.device)
+    if kl_to is not None and not args.no_kl:
+        reference, _ = load_model(None if kl_to == "smollm2-135m" else kl_to, device=args.device)
     result = evaluate(
         model, tokenizer, data=args.data, seqlen=args.seqlen, windows=args.windows, kl_to=reference
     )
     result["model"] = args.model or "smollm2-135m"
-    result["kl_to"] = args.kl_to
+    result["kl_to"] = kl_to if reference is not None else None
+    result.update({k: v for k, v in labels.items() if k != "source_model"})
+    if args.label:
+        result["label"] = args.label
+    if args.append:
+        from pathlib import Path
+
+        with open(Path(args.append), "a", encoding="utf-8") as f:
+            f.write(json.dumps(result, default=_json_default) + "\n")
     if args.json:
         _print_json(result)
         return 0
     kl = "-" if result["kl"] is None else f"{result['kl']:.5f}"
+    bits = "-" if result["bits_per_param"] is None else f"{result['bits_per_param']:.4f}"
     print(
         _table(
-            [(result["model"], result["data"], result["windows"], result["seqlen"], result["tokens"],
+            [(result["label"], bits, result["data"], result["windows"], result["seqlen"], result["tokens"],
               f"{result['perplexity']:.4f}", kl, f"{result['seconds']:.1f}")],
-            ["model", "data", "windows", "seqlen", "tokens", "perplexity", "kl", "seconds"],
+            ["model", "bits/param", "data", "windows", "seqlen", "tokens", "perplexity", "kl", "seconds"],
         )
     )
     return 0
@@ -102,7 +142,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         device=args.device, shard=args.shard, resume=args.resume, seed=args.seed,
         progress=not args.quiet,
     )
-    out = profile(request)
+    if args.executor == "ray":
+        from bitalloc.profiles.ray_executor import profile_with_ray
+
+        out = profile_with_ray(request, address=args.ray_address, shards=args.shards)
+    elif args.ray_address is not None or args.shards is not None:
+        raise ValueError("--ray-address and --shards need --executor ray (one shard of a local run: --shard i/n)")
+    else:
+        out = profile(request)
     print(f"profile written to {out}")
     return 0
 
@@ -113,6 +160,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     out = merge_profiles(args.dirs, args.out)
     print(f"merged {len(args.dirs)} shards into {out}")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """`bitalloc apply ALLOC.json --out DIR` (or `--uniform CONFIG`): write the quantized model directory."""
+    from bitalloc.apply import apply_allocation, read_info
+
+    if args.allocation is None and args.uniform is None:
+        raise ValueError("give an allocation JSON (from `bitalloc solve --out`) or --uniform CONFIG")
+    out = apply_allocation(
+        args.allocation, out=args.out, model=args.model, uniform=args.uniform, include=args.include,
+        exclude=args.exclude, dequantized=args.dequantized, device=args.device,
+        fisher=False if args.no_fisher else None, force=args.force, ignore_model_hash=args.ignore_model_hash,
+        seed=args.seed, progress=not args.quiet,
+    )
+    info = read_info(out)
+    summary = {k: info[k] for k in ("model", "bits_per_param", "bits_per_param_on_disk", "target_params",
+                                   "non_target_params", "fisher", "adapter", "dequantized", "seconds")}
+    summary["out"] = str(out)
+    summary["targets"] = len(info["targets"])
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"wrote {out}: {summary['targets']} targets at {info['bits_per_param']:.4f} bits/param "
+          f"({info['bits_per_param_on_disk']:.4f} on disk), adapter: {'yes' if info['adapter'] else 'no'}, "
+          f"{info['seconds']:.1f} s")
     return 0
 
 
@@ -178,6 +251,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """`bitalloc report PROFILE [--sweep CSV] [--evals JSONL] [--alloc JSON ...] --out DIR`: figures + report.md."""
+    from bitalloc.reports import report
+
+    path = report(args.profile, sweep=args.sweep, evals=args.evals, allocs=args.alloc or [], out=args.out,
+                  objectives=args.objectives, budgets=args.budgets)
+    figures = sorted(p.name for p in path.parent.glob("*.png"))
+    print(f"report written to {path} ({len(figures)} figures: {', '.join(figures)})")
+    return 0
+
+
 # ----- parser ----------------------------------------------------------------------------
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help=BUILTIN_HELP)
@@ -222,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text source: wikitext2 (shared data when present), c4, a text file, or self:N (default: wikitext2)")
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--windows", type=_positive_int, default=None, help="evaluate the first N windows (default: all)")
-    p.add_argument("--kl-to", default=None, metavar="MODEL", help="reference model for the mean per-token KL divergence")
+    p.add_argument("--kl-to", default=None, metavar="MODEL",
+                   help="reference model for the mean per-token KL divergence (default for an applied DIR: its source model)")
+    p.add_argument("--no-kl", action="store_true", help="perplexity only, no KL")
+    p.add_argument("--label", default=None, help="name of this model in the output (default: the DIR's name)")
+    p.add_argument("--append", default=None, metavar="JSONL",
+                   help="append the result as one JSON line to this file (the evals file `bitalloc report --evals` reads)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_eval)
@@ -243,7 +332,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, help="i/n: profile every n-th matrix starting at the i-th (1 <= i <= n)")
     p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: shards as Ray tasks on a Ray cluster, one GPU each "
+                        "where the cluster has GPUs, merged into --out (needs pip install 'bitalloc[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster for --executor ray, as ray.init(address=ADDR) takes it (default: $RAY_ADDRESS, "
+                        "else a cluster started with `ray start` on this machine, else a new local Ray instance; "
+                        "'auto' refuses to start one)")
+    p.add_argument("--shards", type=_positive_int, default=None, metavar="N",
+                   help="with --executor ray: split into N shards, kept in OUT.shards/ for resuming (default: the "
+                        "cluster's GPUs, else its CPUs, at most one per target matrix)")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("apply", help="quantize a model as an allocation says: packed Q + a PEFT adapter with L1, L2")
+    p.add_argument("allocation", nargs="?", default=None, help="allocation JSON (from `bitalloc solve --out`)")
+    p.add_argument("--uniform", default=None, metavar="CONFIG",
+                   help="instead of an allocation: one config for every target, e.g. nf4-g64-s8x256-r0 (a baseline)")
+    p.add_argument("--model", default=None, help="model to quantize (default: the allocation's model; " + BUILTIN_HELP + ")")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty unless --force)")
+    p.add_argument("--dequantized", action="store_true",
+                   help="also write DIR/dequantized: a plain Hugging Face checkpoint with Q in bf16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--no-fisher", action="store_true",
+                   help="plain decomposition even when the allocation came from a Fisher profile")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--ignore-model-hash", action="store_true",
+                   help="apply an allocation to a model whose weights differ from the profiled one (same names, shapes)")
+    _add_target_filters(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print bitalloc.json's summary as one JSON object")
+    p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("merge", help="join shard profiles (from --shard i/n) into one profile")
     p.add_argument("dirs", nargs="+", help="shard profile directories")
@@ -275,6 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--time-limit", type=float, default=None, metavar="S", help="stop after S seconds with the best allocation found")
         p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default 0: exact)")
         p.set_defaults(func=cmd_solve if name == "solve" else cmd_sweep)
+
+    p = sub.add_parser("report", help="figures (Pareto front, allocation maps, sensitivity) and a markdown report")
+    p.add_argument("profile", help="profile directory (from `bitalloc profile`)")
+    p.add_argument("--sweep", default=None, metavar="CSV", help="Pareto table of this profile (`bitalloc sweep --out`); "
+                   "objectives it lacks are solved by the report")
+    p.add_argument("--evals", default=None, metavar="JSONL", help="evaluated models, one JSON object per line "
+                   "(label, bits_per_param, perplexity, kl, baseline, ...)")
+    p.add_argument("--alloc", action="extend", nargs="+", metavar="JSON", help="allocation JSON(s) of this profile, one map each")
+    p.add_argument("--objectives", default=None, help="plain,fisher (default: those the profile has)")
+    p.add_argument("--budgets", default=None, help="A:B:STEP or a list: budgets solved when no sweep has the objective "
+                   "(default: 9 across the profile's range)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and its PNG/SVG figures")
+    p.set_defaults(func=cmd_report)
 
     return parser
 

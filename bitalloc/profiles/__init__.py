@@ -1,5 +1,6 @@
 """The profiler: per-matrix errors of every config, checkpointed per matrix, shardable."""
 
+from bitalloc.profiles.ray_executor import profile_with_ray
 from bitalloc.profiles.runner import ProfileRequest, profile, resolve_device
 from bitalloc.profiles.shards import merge_profiles, parse_shard, shard_indices
 from bitalloc.profiles.store import ProfileError, load_profile
@@ -11,6 +12,7 @@ __all__ = [
     "merge_profiles",
     "parse_shard",
     "profile",
+    "profile_with_ray",
     "resolve_device",
     "shard_indices",
 ]
