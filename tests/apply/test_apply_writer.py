@@ -49,7 +49,8 @@ def applied(tiny_llama_dir, tmp_path_factory):
         prof = _profile(tiny_llama_dir, tmp_path / "profile", tmp_path)
         alloc = bitalloc.solve(prof, 6.0)
         alloc_path = alloc.save(tmp_path / "alloc.json")
-        out = apply_allocation(alloc_path, out=tmp_path / "q", progress=False)
+        # cpu: the reference below decomposes on the cpu too (cuda rounds differently)
+        out = apply_allocation(alloc_path, out=tmp_path / "q", device="cpu", progress=False)
     return out, alloc, tiny_llama_dir
 
 
@@ -215,6 +216,23 @@ def test_fisher_allocation_reuses_the_cached_estimate(tiny_llama_dir, tmp_path, 
     assert all(d["error_fisher"] is not None for d in info["target_details"].values())
     plain = apply_allocation(alloc, out=tmp_path / "q-plain", fisher=False, progress=False)
     assert read_info(plain)["fisher"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_apply_and_load_on_cuda(applied, tmp_path):
+    out, alloc, _ = applied
+    gpu_out = apply_allocation(alloc, out=tmp_path / "gpu", device="cuda", progress=False)
+    assert read_info(gpu_out)["targets"] == read_info(out)["targets"]
+    cpu_model = load(out, adapter=True)
+    gpu_model = load(gpu_out, adapter=True, device="cuda")
+    assert next(gpu_model.buffers()).device.type == "cuda"
+    ids = _ids(cpu_model.config.vocab_size, seed=4)
+    with torch.no_grad():
+        a = cpu_model(ids).logits
+        b = gpu_model(ids.cuda()).logits.cpu()
+    # the same configs decomposed on another device: rounding differs, the model must not
+    assert (a - b).abs().mean() < 0.05 * a.abs().mean()
 
 
 # ----- bad input ---------------------------------------------------------------------------
