@@ -69,22 +69,28 @@ def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -
 
 
 def load_applied(path: str | os.PathLike[str], adapter: bool = True, *, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
-    """``(model, tokenizer)`` of an applied directory; see :func:`load`."""
+                 dtype: str | torch.dtype | None = None, cache_weights: bool = True) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` of an applied directory, for inference; see :func:`load`.
+
+    ``cache_weights`` (default here) keeps each dequantized weight after its first use, so
+    evaluation runs at dense speed at the memory cost of a dense model.
+    """
     from bitalloc.models.loading import load_tokenizer
 
-    model = load(path, adapter=adapter, device=device, dtype=dtype)
+    model = load(path, adapter=adapter, device=device, dtype=dtype, cache_weights=cache_weights)
     return model, load_tokenizer(Path(path))
 
 
 def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None) -> torch.nn.Module:
+         dtype: str | torch.dtype | None = None, cache_weights: bool = False) -> torch.nn.Module:
     """The model that ``bitalloc apply`` wrote to ``path``, with ``QuantizedLinear`` targets.
 
     ``adapter=True`` attaches the PEFT LoRA adapter (L1, L2; returns a ``PeftModel``), so the
     model computes ``Q + L1 L2``; a directory whose targets all have rank 0 has none, and then
     the plain model is returned with a warning. ``dtype`` is the compute dtype (default: the
-    source model's). The model is in eval mode on ``device``. Raises AppliedModelError (a
+    source model's). ``cache_weights`` keeps each dequantized weight after its first forward
+    (dense speed, dense memory; set ``QuantizedLinear.cache_weight`` per layer to change it).
+    The model is in eval mode on ``device``. Raises AppliedModelError (a
     ValueError) for a directory that is not a complete ``bitalloc apply`` output.
     """
     from bitalloc.models.loading import resolve_device
@@ -114,6 +120,7 @@ def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | t
             qlinear = QuantizedLinear.from_arrays(arrays, (int(detail["rows"]), int(detail["cols"])), cfg,
                                                   bias=None if bias is None else torch.zeros(bias.shape),
                                                   compute_dtype=compute_dtype)
+            qlinear.cache_weight = cache_weights
             _set_submodule(model, name, qlinear)
         wanted = set(model.state_dict())
         for key in keys:

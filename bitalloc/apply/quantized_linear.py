@@ -33,6 +33,10 @@ class QuantizedLinear(torch.nn.Linear):
         self.out_features, self.in_features = quantized.shape
         self.config: QuantConfig = quantized.config
         self.compute_dtype = compute_dtype
+        #: keep the dequantized weight after the first forward (faster inference, the memory of a
+        #: dense layer); off by default, `bitalloc eval` turns it on
+        self.cache_weight = False
+        self._cached_weight: torch.Tensor | None = None
         self.register_parameter("weight", None)
         for buffer, array in _BUFFERS.items():
             value = quantized.arrays().get(array)
@@ -60,7 +64,17 @@ class QuantizedLinear(torch.nn.Linear):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``Q`` as a dense (out_features, in_features) tensor on this layer's device."""
-        return self.quantized().dequantize().to(dtype or self.compute_dtype)
+        dtype = dtype or self.compute_dtype
+        cached = self._cached_weight
+        if cached is not None and cached.dtype == dtype and cached.device == self.qweight.device:
+            return cached
+        weight = self.quantized().dequantize().to(dtype)
+        self._cached_weight = weight if self.cache_weight else None
+        return weight
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cached_weight = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantized_weight(x.dtype if x.is_floating_point() else None)
@@ -71,6 +85,7 @@ class QuantizedLinear(torch.nn.Linear):
         # ``model.to(dtype)``/``.half()`` must not cast the packed codes or the scales: buffers
         # only follow device moves, and a float dtype asked for becomes the compute dtype.
         probe = fn(torch.zeros((), dtype=self.compute_dtype))
+        self._cached_weight = None
         buffers = dict(self._buffers)
         self._buffers.clear()
         try:

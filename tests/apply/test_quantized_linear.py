@@ -77,3 +77,19 @@ def test_cuda_forward_matches_cpu():
     assert torch.allclose(got, want, atol=1e-4)
     layer.to(torch.float16)
     assert layer(x.cuda().half()).dtype == torch.float16
+
+
+def test_weight_cache_is_opt_in_and_invalidated():
+    layer, _ = _layer("nf4-g16-s16-r0")
+    x = torch.randn(2, 40)
+    layer(x)
+    assert layer._cached_weight is None
+    layer.cache_weight = True
+    first = layer(x)
+    assert layer._cached_weight is not None
+    assert torch.equal(layer(x), first)
+    other, _ = _layer("nf4-g16-s16-r0", seed=5)
+    layer.load_state_dict(other.state_dict())  # new codes: the cache must not survive
+    assert torch.allclose(layer(x), other(x), atol=1e-6)
+    layer.to(torch.float64)
+    assert layer._cached_weight is None or layer._cached_weight.dtype == torch.float64
