@@ -12,7 +12,10 @@ of every other matrix and config:
       top r; ``L1 = U sqrt(S)``, ``L2 = sqrt(S) V^T``. With a Fisher matrix ``F`` the SVD runs
       on ``d_r * (W - Q) * d_c`` with ``d_r = sqrt(mean_cols F)``, ``d_c = sqrt(mean_rows F)``
       ("two-sided" heuristic) and the factors are divided back;
-   b. ``Q = quantize(W - L1 @ L2)``;
+   b. ``Q = quantize(W - L1 @ L2)`` (through ``bitalloc.quant.quantize_dequantize``, which is
+      bit for bit ``quantize(...).dequantize()`` without packing: the loop needs only the
+      values, and so the reference gets the same fast quantizer as bitalloc, input check
+      skipped as in bitalloc's loop);
    c. ``error = ||W - (L1 @ L2 + Q)||_F`` (``||sqrt(F) * (...)||_F`` with F);
    d. if ``error > last_error``: stop; else ``last_error = error``;
 3. return the **last** ``(L1, L2, Q)``: the iterate whose error went up (LQ-LoRA's code notes
@@ -76,7 +79,7 @@ def lqlora_reference(
     seed: int = 0,
 ) -> ReferenceResult:
     """Run LQ-LoRA's loop (cold start, randomized SVD, stop at the first rise, keep the last)."""
-    from bitalloc.quant import quantize
+    from bitalloc.quant import quantize, quantize_dequantize
 
     torch.manual_seed(seed)
     A = W.float()
@@ -106,7 +109,7 @@ def lqlora_reference(
         if fisher is not None:
             L1 = L1 / d_r
             L2 = L2 / d_c
-        Q = quantize(A - L1 @ L2, cfg).dequantize().float()
+        Q = quantize_dequantize(A - L1 @ L2, cfg, check=False).float()
         E = A - L1 @ L2 - Q
         error = (_sq(F.sqrt() * E) if fisher is not None else _sq(E)) ** 0.5
         if error < best[0]:

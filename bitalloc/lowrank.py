@@ -14,15 +14,24 @@ with these differences from LQ-LoRA's code (each measured in ``bench/profile_spe
   rounding of the factors is absorbed by ``Q`` and every reported error is that of what is
   stored;
 * the rank-r step is a subspace iteration that reuses the previous iterate's right singular
-  subspace (one pass instead of a fresh random sketch with two power iterations), an exact SVD
-  where that is cheaper (small matrices, or a rank near the smaller side);
+  subspace (one pass instead of a fresh random sketch with two power iterations; the small
+  SVD through the float64 eigendecomposition of a k x k Gram matrix), an exact SVD where that
+  is cheaper (small matrices, or a rank near the smaller side);
 * for 3-8 bit codes the step is over-relaxed with momentum: the rank-r approximation of
   ``L + 1.5 (W - L - Q) + 0.3 (L - L_prev)`` (fewer iterations *and* lower errors than plain
-  alternation); a step that raises the error is undone and retried at half the length;
-* it stops when the best objective fell by less than ``tol`` (relative) over the last two
-  steps, or, before quantizing again, when the factors barely moved;
+  alternation); an over-relaxed step that raises the error is undone and retried shorter,
+  never shorter than plain alternation; plain steps that raise it go on from there (the
+  landscape of NF2 codes and coarse scales is noisy), the best iterate being kept;
+* it stops when the best objective fell by less than ``tol`` x :data:`TOL_FACTOR` [bits]
+  (relative) over the last two steps (three for NF8), or, with ``cheap_stop``, before
+  quantizing again when the factors barely moved;
+* inside the loop ``Q`` is computed with :func:`bitalloc.quant.quantize_dequantize` (bit for
+  bit the same values, no bit packing); ``Decomposition.q`` is packed on first access;
 * warm starts (``init=``) from a neighbouring config, and :func:`decompose_many`, which
   profiles many configs of one matrix and shares work between them.
+
+On CPU, glibc is asked once per process to keep freed memory (:func:`_keep_freed_memory`):
+the loop's matrix-sized temporaries otherwise page-fault in on every step.
 
 With a Fisher estimate ``F`` (rows x cols, non-negative) the rank-r step runs on
 ``D_r (W - Q) D_c`` with ``D_r = diag(sqrt(mean_cols F))`` and ``D_c = diag(sqrt(mean_rows F))``
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -65,6 +75,67 @@ def _quantize(x: torch.Tensor, cfg: QuantConfig) -> "QuantizedTensor":
     from bitalloc.quant import quantize
 
     return quantize(x, cfg)
+
+
+def _fake_quantize(x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """``quantize(x, cfg).dequantize()`` bit for bit, without packing (x is already checked)."""
+    from bitalloc.quant import quantize_dequantize
+
+    return quantize_dequantize(x, cfg, check=False)
+
+
+class _DeferredQ:
+    """``quantize(W - L1 @ L2, cfg)``, computed on first access of ``Decomposition.q``.
+
+    Profiling needs only the errors; packing Q for each of hundreds of configs would cost as
+    much as a step of the loop. The product is recomputed from the very tensors the loop used,
+    with the same operations, so Q equals the one that was evaluated.
+    """
+
+    __slots__ = ("W", "l1", "l2", "cfg")
+
+    def __init__(self, W: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, cfg: QuantConfig) -> None:
+        self.W, self.l1, self.l2, self.cfg = W, l1, l2, cfg
+
+    def __call__(self) -> "QuantizedTensor":
+        return _quantize(self.W - self.l1 @ self.l2, self.cfg)
+
+
+_MALLOC_TUNED = False
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse (once per process; CPU work only).
+
+    Each step of the loop allocates and frees several matrix-sized temporaries. With glibc's
+    defaults a freed block of a few MB goes back to the OS (trim of the heap top, or munmap)
+    and the next allocation page-faults it in again: the quantizer of a 1536x576 matrix ran
+    about 2x slower that way (bench/profile_speed.py, micro-benchmark). This raises the trim threshold
+    to 1 GiB and fixes the mmap threshold at 32 MiB. No-op off glibc, or when the environment
+    variable ``BITALLOC_MALLOC_DEFAULTS`` is set.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    if os.environ.get("BITALLOC_MALLOC_DEFAULTS"):  # opt out (and the A/B in the benchmark)
+        return
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        if not name:
+            return
+        libc = ctypes.CDLL(name)
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is None:
+            return
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    except (OSError, AttributeError):  # not glibc, or no libc found: keep the defaults
+        pass
 
 
 @dataclass
@@ -106,6 +177,21 @@ class Decomposition:
         if self.rank:
             out = out + self.l1 @ self.l2
         return out
+
+
+def _get_q(self: Decomposition) -> "QuantizedTensor":
+    q = self.__dict__["_q"]
+    if isinstance(q, _DeferredQ):
+        q = self.__dict__["_q"] = q()
+    return q
+
+
+def _set_q(self: Decomposition, value: Any) -> None:
+    self.__dict__["_q"] = value
+
+
+# ``q`` is quantized lazily (see _DeferredQ); to its readers it is a plain field.
+Decomposition.q = property(_get_q, _set_q, doc="Q, the quantized part (a QuantizedTensor).")  # type: ignore[assignment]
 
 
 # ----- validation and shared per-matrix state ------------------------------------------------
@@ -176,6 +262,8 @@ class _Matrix:
     def __init__(self, W: torch.Tensor, fisher: torch.Tensor | None, seed: int) -> None:
         self.orig = _check_matrix(W)
         self.W = W.detach().float()
+        if self.W.device.type == "cpu":
+            _keep_freed_memory()
         self.F = _check_fisher(fisher, W)
         if self.F is not None:
             self.d_r, self.d_c = fisher_scalings(self.F)
@@ -238,9 +326,25 @@ def _top_subspace(
     Y = _orth(R @ basis)
     for _ in range(passes):
         Y = _orth(R @ _orth(R.T @ Y))
-    Ub, S, Vh = torch.linalg.svd(Y.T @ R, full_matrices=False)
-    V = Vh.T
+    Ub, S, V = _small_svd(Y.T @ R)
     return Y @ Ub[:, :r], S[:r], V[:, :r], V
+
+
+def _small_svd(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, V)`` of a wide k x n matrix from the eigenvectors of its k x k Gram matrix.
+
+    In float64, so the squared singular values keep their precision; several times faster
+    than a full SVD of B on CPU. Directions with a singular value below 1e-7 of the largest
+    get a zero column in V (they are dropped from the factors anyway by their zero weight).
+    """
+    B64 = B.double()
+    evals, evecs = torch.linalg.eigh(B64 @ B64.T)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    S = evals.clamp_min(0).sqrt()
+    keep = S > 1e-7 * S[0].clamp_min(torch.finfo(torch.float64).tiny)
+    V = (B64.T @ evecs) / torch.where(keep, S, 1.0)
+    V = V * keep
+    return evecs.to(B.dtype), S.to(B.dtype), V.to(B.dtype)
 
 
 def _factors(
@@ -281,12 +385,13 @@ class _Opts:
     relax: float = 1.0
     momentum: float = 0.0
     warm_subspace: bool = True
-    cheap_stop: bool = True
+    cheap_stop: bool = False
     backtrack: bool = True
     oversample: int = DEFAULT_OVERSAMPLE
     power_iters: int = 2
     min_relax: float = 0.2
     patience: int = 2
+    plain_floor: bool = False
 
 
 def _step_opts(cfg: QuantConfig, relax: float | None, momentum: float | None) -> dict[str, float]:
@@ -301,6 +406,26 @@ def _step_opts(cfg: QuantConfig, relax: float | None, momentum: float | None) ->
         "relax": (1.0 if plain else 1.5) if relax is None else float(relax),
         "momentum": (0.0 if plain else 0.3) if momentum is None else float(momentum),
     }
+
+
+#: Stopping tolerance by code bits, as a multiple of the ``tol`` passed in (measured,
+#: bench/profile_speed.py): NF3/NF4 converge smoothly and end well below LQ-LoRA's error,
+#: NF8 descends slowly and noisily over many steps (LQ-LoRA's loop runs 30-50 there).
+TOL_FACTOR = {2: 1.0, 3: 2.0, 4: 2.0, 8: 0.3}
+
+
+def _stop_opts(cfg: QuantConfig, tol: float) -> dict[str, Any]:
+    """Stopping rule by config (measured, bench/profile_speed.py).
+
+    A rise after an over-relaxed step retreats to plain alternation, never below it; plain
+    steps that rise go on from the new iterate (the landscape of NF2 codes and coarse scales
+    is noisy, and under-relaxed steps crawl), and the best-iterate rule stops the loop. The
+    tolerance is scaled by :data:`TOL_FACTOR`; NF8 also gets 3 steps of patience.
+    """
+    out: dict[str, Any] = {"plain_floor": True, "tol": tol * TOL_FACTOR.get(cfg.bits, 1.0)}
+    if cfg.bits == 8:
+        out["patience"] = 3
+    return out
 
 
 @dataclass
@@ -349,8 +474,8 @@ def _evaluate(m: _Matrix, cfg: QuantConfig, L1: torch.Tensor, L2: torch.Tensor) 
     s1, s2, q1, q2 = _store(L1, L2, cfg)
     low = s1 @ s2
     target = m.W - low
-    q = _quantize(target, cfg)
-    resid = target - q.dequantize().float()
+    q = _DeferredQ(m.W, s1, s2, cfg)
+    resid = target - _fake_quantize(target, cfg)
     err, errf = m.errors(resid)
     return _Iterate(q, low, resid, s1, s2, q1, q2, err, errf, L1, L2)
 
@@ -442,13 +567,22 @@ def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decompositio
             if then - best.objective <= opts.tol * then:
                 break
         if opts.backtrack and nxt.objective > prev_obj:
-            # the step made things worse: go back to the best iterate and take shorter steps
-            eta *= 0.5
-            if eta < opts.min_relax:
-                break
-            cur, prev_low = best, None
-            continue
-        prev_low = None if cur is None else cur.low
+            if opts.plain_floor and eta > 1.0:
+                # an over-relaxed step made things worse: back to the best iterate, shorter steps
+                # but never below plain alternation (under-relaxed steps crawl)
+                eta = max(1.0, eta * 0.5)
+                cur, prev_low = best, None
+                continue
+            if not opts.plain_floor:
+                # the step made things worse: go back to the best iterate and take shorter steps
+                eta *= 0.5
+                if eta < opts.min_relax:
+                    break
+                cur, prev_low = best, None
+                continue
+            # plain steps rose: the landscape is noisy; go on from the new iterate (as LQ-LoRA
+            # does) and let the stopping rule on the best iterate decide
+        prev_low = None if cur is None or (opts.plain_floor and eta <= 1.0) else cur.low
         cur = nxt
     if best is None:
         raise ValueError("max_iters must be >= 1 without an init")
@@ -469,7 +603,7 @@ def decompose(
     relax: float | None = None,
     momentum: float | None = None,
     warm_subspace: bool = True,
-    cheap_stop: bool = True,
+    cheap_stop: bool = False,
     oversample: int = DEFAULT_OVERSAMPLE,
     power_iters: int = 2,
     seed: int = 0,
@@ -479,9 +613,9 @@ def decompose(
     ``init`` (a Decomposition of a neighbouring config, or factors ``(L1, L2)``, trimmed to
     their first r components or zero-padded) starts from ``Q = quantize(W - L1 @ L2)`` instead
     of ``Q = 0``, and its subspace seeds the rank-r step. Stops when the best objective fell by
-    less than ``tol`` (relative) over the last two steps, when a step would barely move the
-    factors, or after ``max_iters`` rank-r steps (with an ``init``, 0 just quantizes against
-    it). ``relax``/``momentum`` set the step (None: by bits,
+    less than ``tol`` x ``TOL_FACTOR[bits]`` (relative) over the last two steps (three for
+    NF8), with ``cheap_stop`` also when a step would barely move the factors, or after
+    ``max_iters`` rank-r steps (with an ``init``, 0 just quantizes against it). ``relax``/``momentum`` set the step (None: by bits,
     see :func:`_step_opts`). Raises ValueError for a non-finite W, a Fisher estimate of
     another shape or with negative entries, or a rank above ``min(rows, cols)``.
     """
@@ -489,8 +623,9 @@ def decompose(
         raise ValueError(f"max_iters must be >= 1 (>= 0 with an init), got {max_iters}")
     m = _Matrix(W, fisher, seed)
     opts = _Opts(
-        max_iters, tol, warm_subspace=warm_subspace, cheap_stop=cheap_stop,
+        max_iters, warm_subspace=warm_subspace, cheap_stop=cheap_stop,
         oversample=oversample, power_iters=power_iters, **_step_opts(cfg, relax, momentum),
+        **_stop_opts(cfg, tol),
     )
     return _solve(m, cfg, init, opts)
 
@@ -512,9 +647,10 @@ def _warm_plan(
     """Whether (and for how many steps) ``cfg`` starts from ``parent``; None = a cold start.
 
     Measured on SmolLM2 (bench/profile_speed.py): the fp16/fp32 twin of a 3-4 bit config with
-    3+ scale bits has all but the same Q, so its factors are reused as they are
-    (``twin_iters`` steps); other twins (NF8, whose error is so small that slightly different
-    scales matter; NF2; 2-bit scales) iterate from the twin's factors. Otherwise NF2 codes and
+    3+ scale bits, or of an NF8 config with 4+ scale bits, has all but the same Q, so its
+    factors are reused as they are (``twin_iters`` steps); other twins (NF8 with 2-3 scale
+    bits, whose error is so small that slightly different scales matter; NF2; 2-bit scales)
+    iterate from the twin's factors. Otherwise NF2 codes and
     2-bit scales start cold: their landscape is rugged and another quantizer's optimum is a
     poor start. The same quantizer at another rank or factor storage starts from the parent's
     (trimmed) factors.
@@ -524,7 +660,7 @@ def _warm_plan(
     if _same_quantizer(cfg, parent.cfg):
         return parent, max_iters
     if _is_twin(cfg, parent.cfg):
-        if 3 <= cfg.bits <= 4 and cfg.scale_bits >= 3:
+        if (3 <= cfg.bits <= 4 and cfg.scale_bits >= 3) or (cfg.bits == 8 and cfg.scale_bits >= 4):
             return parent, twin_iters
         return parent, max_iters
     if cfg.bits <= 2 or cfg.scale_bits <= 2:
@@ -564,7 +700,7 @@ def decompose_many(
     relax: float | None = None,
     momentum: float | None = None,
     warm_subspace: bool = True,
-    cheap_stop: bool = True,
+    cheap_stop: bool = False,
     oversample: int = DEFAULT_OVERSAMPLE,
     power_iters: int = 2,
     seed: int = 0,
@@ -576,10 +712,11 @@ def decompose_many(
     follow in order of decreasing scale precision, each warm-started from the nearest config
     solved before it: the same quantizer at a higher rank (factors trimmed: the rank-r part of
     its SVD of W - Q), else its fp16/fp32 *twin* (same codes, scale bits and groups; for 3-4
-    bit codes ``twin_iters`` more steps, 0 = just quantize against the twin's factors), else
+    bit codes with 3+ scale bits and NF8 codes with 4+ scale bits ``twin_iters`` more steps,
+    0 = just quantize against the twin's factors; other twins iterate), else
     the config with the nearest scale bits and groups. NF2 codes and 2-bit scales start cold
-    instead of from a non-twin (its optimum is a poor start there), see :func:`_warm_plan`. ``tol`` defaults looser than
-    :func:`decompose`'s. With ``share=False`` every config is solved alone from a cold start,
+    instead of from a non-twin (its optimum is a poor start there), see :func:`_warm_plan`.
+    ``tol`` defaults looser than :func:`decompose`'s. With ``share=False`` every config is solved alone from a cold start,
     exactly as :func:`decompose` does.
     """
     cfgs = list(cfgs)
@@ -589,8 +726,8 @@ def decompose_many(
 
     def opts(cfg: QuantConfig, iters: int) -> _Opts:
         return _Opts(
-            iters, tol, warm_subspace=warm_subspace, cheap_stop=cheap_stop, oversample=oversample,
-            power_iters=power_iters, **_step_opts(cfg, relax, momentum),
+            iters, warm_subspace=warm_subspace, cheap_stop=cheap_stop, oversample=oversample,
+            power_iters=power_iters, **_step_opts(cfg, relax, momentum), **_stop_opts(cfg, tol),
         )
 
     out: list[Decomposition | None] = [None] * len(cfgs)

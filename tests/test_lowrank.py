@@ -287,3 +287,64 @@ def test_runs_on_cuda():
     assert d.l1.device.type == "cuda"
     cpu = decompose(W.cpu(), cfg("nf4-g64-s8x256-r8"))
     assert d.error == pytest.approx(cpu.error, rel=0.05)
+
+
+# ----- fast paths of the loop -----------------------------------------------------------------
+def test_q_is_packed_lazily_and_equals_the_evaluated_one():
+    from bitalloc.lowrank import _DeferredQ
+
+    W = weight(seed=21)
+    c = cfg("nf3-g32-s4x16-fp32-r8")
+    d = decompose(W, c)
+    assert isinstance(d.__dict__["_q"], _DeferredQ)  # nothing packed yet
+    q = d.q
+    assert q is d.q and not isinstance(d.__dict__["_q"], _DeferredQ)  # packed once, cached
+    assert torch.equal(q.dequantize(), quantize(W - d.l1 @ d.l2, c).dequantize())
+    assert d.error == pytest.approx(sq(W - q.dequantize() - d.l1 @ d.l2), rel=1e-6)
+    # a Decomposition built by hand keeps a plain QuantizedTensor
+    plain = Decomposition(c, q, d.l1, d.l2, d.error, None, 0)
+    assert plain.q is q
+
+
+def test_loop_quantizer_is_the_packing_one_bit_for_bit():
+    from bitalloc.lowrank import _fake_quantize
+
+    W = weight(seed=22)
+    for name in ("nf2-g16-s2x16-r8", "nf4-g64-s8x256-fp32-r8", "nf8-g32-s3x64-r8", "nf3-g16-s16-r8"):
+        c = cfg(name)
+        assert torch.equal(_fake_quantize(W, c), quantize(W, c).dequantize())
+
+
+@pytest.mark.parametrize("shape", [(72, 576), (20, 300), (5, 7)])
+def test_small_svd_matches_torch_svd(shape):
+    from bitalloc.lowrank import _small_svd
+
+    g = torch.Generator().manual_seed(23)
+    B = torch.randn(*shape, generator=g) * torch.logspace(0, -3, shape[0]).unsqueeze(1)
+    U, S, V = _small_svd(B)
+    S_ref = torch.linalg.svdvals(B)
+    assert torch.allclose(S, S_ref, rtol=1e-4, atol=1e-6 * float(S_ref[0]))
+    assert torch.allclose((U * S) @ V.T, B, atol=1e-5 * float(S_ref[0]))
+    assert torch.allclose(U.T @ U, torch.eye(shape[0]), atol=1e-5)
+
+
+def test_keep_freed_memory_is_idempotent_and_can_be_switched_off(monkeypatch):
+    import bitalloc.lowrank as lr
+
+    lr._keep_freed_memory()
+    lr._keep_freed_memory()  # once per process; a second call is a no-op
+    monkeypatch.setattr(lr, "_MALLOC_TUNED", False)
+    monkeypatch.setenv("BITALLOC_MALLOC_DEFAULTS", "1")
+    lr._keep_freed_memory()
+    assert lr._MALLOC_TUNED
+
+
+def test_plain_steps_do_not_stop_at_the_first_rise():
+    # NF2 takes plain steps; a rise no longer ends the loop (the best-iterate rule does): it
+    # goes on from the risen iterate, and the best iterate is no worse than any seen
+    W = weight(96, 160, rank=8, seed=24)
+    d = decompose(W, cfg("nf2-g16-s2x64-r8"), tol=0.0, max_iters=12)
+    h = d.history
+    rises = [i for i in range(1, len(h)) if h[i] > h[i - 1]]
+    assert rises and len(h) > rises[0] + 1
+    assert d.objective == min(h)

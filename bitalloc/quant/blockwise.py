@@ -7,6 +7,11 @@ of ``w / scale``. Codes, padded positions included, are packed densely in the sa
 
 Work is done in float32 on ``W``'s device, a slab of rows at a time, so that no more than
 a few float32 copies of a slab exist at once.
+
+:func:`quantize_dequantize` is the fast path for code that only needs the reconstructed
+matrix (the decomposition loop): it returns exactly ``quantize(W, cfg).dequantize()``, bit
+for bit, without packing codes or scales (packing and unpacking are a third of a
+quantize-dequantize round trip on CPU).
 """
 
 from __future__ import annotations
@@ -18,9 +23,15 @@ from typing import Iterator
 import torch
 
 from bitalloc.configs import QuantConfig
-from bitalloc.quant.nf import nf_decode, nf_encode
+from bitalloc.quant.nf import _cached as _nf_tables
+from bitalloc.quant.nf import nf_decode, nf_encode_index
 from bitalloc.quant.packing import pack_bits, packed_nbytes, unpack_bits
-from bitalloc.quant.scales import decode_block_scales, encode_block_scales, scale_array_specs
+from bitalloc.quant.scales import (
+    decode_block_scales,
+    encode_block_scales,
+    roundtrip_block_scales,
+    scale_array_specs,
+)
 
 #: Target elements per slab of rows (16 Mi float32 = 64 MiB per temporary).
 _SLAB_ELEMENTS = 1 << 24
@@ -179,6 +190,24 @@ class QuantizedTensor:
         return out
 
 
+def _absmax(W: torch.Tensor, block: int) -> torch.Tensor:
+    rows, cols = W.shape
+    blocks_per_row = -(-cols // block)
+    absmax = torch.empty(rows, blocks_per_row, dtype=torch.float32, device=W.device)
+    for start, stop in _slabs(rows, blocks_per_row * block):
+        absmax[start:stop] = _blocks(W, start, stop, block).abs().amax(dim=-1)
+    return absmax
+
+
+def _scaled(W: torch.Tensor, start: int, stop: int, block: int, s: torch.Tensor) -> torch.Tensor:
+    """Blocks of rows ``start:stop`` divided by their scales ``s`` (zero scale: all zeros)."""
+    positive = s > 0
+    y = _blocks(W, start, stop, block) / torch.where(positive, s, 1.0)
+    if not bool(positive.all()):
+        y.masked_fill_(~positive, 0.0)  # a zero scale codes level 0 for its whole block
+    return y
+
+
 def quantize(W: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
     """Quantize a 2-D floating-point matrix with NF codes and block scales as ``cfg`` says.
 
@@ -191,9 +220,7 @@ def quantize(W: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
     blocks_per_row = -(-cols // block)
     row_len = blocks_per_row * block
 
-    absmax = torch.empty(rows, blocks_per_row, dtype=torch.float32, device=W.device)
-    for start, stop in _slabs(rows, row_len):
-        absmax[start:stop] = _blocks(W, start, stop, block).abs().amax(dim=-1)
+    absmax = _absmax(W, block)
     scale_arrays = encode_block_scales(absmax.view(-1), cfg)
     del absmax
     scales = decode_block_scales(scale_arrays, rows * blocks_per_row, cfg)
@@ -201,12 +228,33 @@ def quantize(W: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
 
     codes = torch.empty(rows * row_len, dtype=torch.uint8, device=W.device)
     for start, stop in _slabs(rows, row_len):
-        s = scales[start:stop]
-        positive = s > 0
-        y = _blocks(W, start, stop, block) / torch.where(positive, s, 1.0)
-        y.masked_fill_(~positive, 0.0)  # a zero scale codes level 0 for its whole block
-        codes[start * row_len : stop * row_len] = nf_encode(y, bits).view(-1)
+        y = _scaled(W, start, stop, block, scales[start:stop])
+        codes[start * row_len : stop * row_len] = nf_encode_index(y, bits).view(-1)
     packed = pack_bits(codes, bits)
     return QuantizedTensor(
         codes=packed, shape=(rows, cols), dtype=W.dtype, config=cfg, **scale_arrays
     )
+
+
+def quantize_dequantize(W: torch.Tensor, cfg: QuantConfig, *, check: bool = True) -> torch.Tensor:
+    """``quantize(W, cfg).dequantize()``, bit-identical, without packing anything (fast path).
+
+    ``check=False`` skips the input validation (2-D, non-empty, float, finite) for callers
+    that have validated ``W`` already; the result for invalid input is then undefined.
+    """
+    if check:
+        _check_matrix(W)
+    rows, cols = W.shape
+    bits, block = cfg.bits, cfg.block
+    blocks_per_row = -(-cols // block)
+    row_len = blocks_per_row * block
+    scales = roundtrip_block_scales(_absmax(W, block), cfg).view(rows, blocks_per_row, 1)
+    levels, _ = _nf_tables(bits, W.device)
+    out = torch.empty((rows, cols), dtype=W.dtype, device=W.device)
+    for start, stop in _slabs(rows, row_len):
+        s = scales[start:stop]
+        codes = nf_encode_index(_scaled(W, start, stop, block, s), bits)
+        values = levels.index_select(0, codes.view(-1)).view(codes.shape)
+        values *= s
+        out[start:stop] = values.view(stop - start, row_len)[:, :cols]
+    return out

@@ -4,6 +4,12 @@ QLoRA's NF4 construction generalized to ``b`` bits: with ``n = 2**b`` levels, ``
 positive levels and ``n/2 - 1`` negative levels are standard-normal quantiles at evenly
 spaced probabilities between ``offset`` and 1/2, plus an exact zero; everything is divided
 by the largest level so the codebook spans exactly [-1, 1].
+
+Encoding (nearest level = the number of midpoints below ``y``, ``torch.bucketize``'s rule)
+uses a lookup table instead of a binary search per element, which is slow on CPU: [-1, 1] is
+cut into ``_LUT_BINS`` equal bins (edges exactly representable), each holding at most one
+midpoint, so ``code = base[bin] + (y > midpoint_in[bin])``. The result equals the binary
+search bit for bit (see :func:`_build_lut` for why float rounding of the bin cannot change it).
 """
 
 from __future__ import annotations
@@ -13,6 +19,11 @@ import torch
 from bitalloc.configs import NF_BITS
 
 _CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_LUT_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor] | None] = {}
+#: Bins of the encoding lookup table over [-1, 1] (a power of two: bin edges are exact floats).
+_LUT_BINS = 4096
+#: A midpoint must lie this far below the next bin edge (or exactly on an edge); see _build_lut.
+_LUT_MARGIN = 1e-6
 
 
 def _check_bits(bits: int) -> None:
@@ -64,16 +75,71 @@ def nf_zero_code(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def _build_lut(midpoints: torch.Tensor, n: int = _LUT_BINS) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(base, threshold)`` tables for encoding, or None when the grid does not fit.
+
+    Bin ``j`` covers ``[e_j, e_{j+1})`` with ``e_j = j / (n/2) - 1``; ``base[j]`` counts the
+    midpoints ``< e_j`` and ``threshold[j]`` is the one midpoint in the bin (+inf if none).
+    The bin of ``y`` is computed as ``floor(fl(y + 1) * n/2)``: ``fl`` is monotone and the
+    edges are exact, so ``y >= e`` always lands at or above e's bin, and the only possible
+    slip is a ``y`` a rounding error (< 1e-7) below an edge landing in the bin above, where
+    the code is still right unless a midpoint lies in between. So the table is used only if
+    every midpoint is exactly on an edge or more than ``_LUT_MARGIN`` below the next one.
+    """
+    half = n // 2
+    m = midpoints.to(torch.float64)
+    pos = (m + 1) * half
+    bins = torch.floor(pos).long()
+    if int(torch.bincount(bins, minlength=n).max()) > 1:
+        return None
+    gap = (bins + 1 - pos) / half  # distance to the next edge above
+    on_edge = pos == torch.floor(pos)
+    if not bool((on_edge | (gap > _LUT_MARGIN)).all()):
+        return None
+    edges = (torch.arange(n, dtype=torch.float64) / half - 1).to(torch.float32)
+    base = torch.searchsorted(midpoints.cpu(), edges, right=False)  # midpoints < edge
+    threshold = torch.full((n,), float("inf"), dtype=torch.float32)
+    threshold[bins] = midpoints.cpu()
+    return base.to(torch.int64), threshold
+
+
+def _lut(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    key = (bits, device)
+    if key not in _LUT_CACHE:
+        _, midpoints = _cached(bits, "cpu")
+        lut = _build_lut(midpoints)
+        _LUT_CACHE[key] = None if lut is None else (lut[0].to(device), lut[1].to(device))
+    return _LUT_CACHE[key]
+
+
+def nf_encode_index(y: torch.Tensor, bits: int) -> torch.Tensor:
+    """Like :func:`nf_encode` but int64 codes (ready to index with); ``y`` float32."""
+    _check_bits(bits)
+    y = y.to(torch.float32)
+    lut = _lut(bits, y.device)
+    if lut is None:  # never for the built-in codebooks; kept as the definition
+        _, midpoints = _cached(bits, y.device)
+        return torch.bucketize(y.contiguous(), midpoints)
+    base, threshold = lut
+    flat = y.reshape(-1)
+    pos = flat.clamp(-1.0, 1.0).add_(1.0).mul_(_LUT_BINS // 2)
+    idx = pos.to(torch.int64).clamp_(max=_LUT_BINS - 1)
+    del pos
+    codes = base.index_select(0, idx)
+    codes += flat > threshold.index_select(0, idx)
+    return codes.view(y.shape)
+
+
 def nf_encode(y: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes (uint8, same shape) of the NF levels nearest to ``y``; beyond ±1 clamps to the ends.
 
     Exact zeros map to :func:`nf_zero_code`. ``y`` must be floating point and free of NaN.
+    Equal to ``torch.bucketize(y, midpoints)`` (ties go to the lower level).
     """
-    _, midpoints = _cached(bits, y.device)
-    return torch.bucketize(y.to(torch.float32).contiguous(), midpoints, out_int32=True).to(torch.uint8)
+    return nf_encode_index(y, bits).to(torch.uint8)
 
 
 def nf_decode(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """The float32 NF levels of ``codes`` (any integer dtype, same shape)."""
     levels, _ = _cached(bits, codes.device)
-    return levels[codes.long()]
+    return levels.index_select(0, codes.reshape(-1).long()).view(codes.shape)

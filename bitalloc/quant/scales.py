@@ -11,6 +11,8 @@ With ``cfg.scale_bits == 16`` the scales are one fp16 array ``scales``. Otherwis
 A block's decoded scale is ``code / (2**scale_bits - 1) * scale2[group] + offset``.
 :func:`decode_block_scales` is the one definition of that, used when quantizing too, so
 the codes are chosen against exactly the scales a reader will see.
+:func:`roundtrip_block_scales` gives the same decoded scales without packing (the fast path
+of :func:`bitalloc.quant.quantize_dequantize`).
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ def _to_storage_dtype(values: torch.Tensor, dtype: torch.dtype, what: str) -> to
     return values.to(dtype)
 
 
-def encode_block_scales(absmax: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
-    """The stored arrays for block scales ``absmax`` (1-D, >= 0, finite), as ``cfg`` says."""
-    s = absmax.reshape(-1).to(torch.float32)
-    if cfg.scale_bits == 16:
-        return {"scales": _to_storage_dtype(s, torch.float16, "block scales")}
+def _double_quantize(s: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale2, offset)`` of block scales ``s`` (1-D float32) for ``scale_bits < 16``.
+
+    ``codes`` are float32 holding the integer codes, shaped (groups, scale_block) with the
+    padding of the last group included (callers trim to ``s.numel()``).
+    """
     n_blocks = s.numel()
     top_code = 2**cfg.scale_bits - 1
     offset = s.min().reshape(1)
@@ -66,12 +69,35 @@ def encode_block_scales(absmax: torch.Tensor, cfg: QuantConfig) -> dict[str, tor
     g = scale2.to(torch.float32).unsqueeze(1)
     ratio = grouped / torch.where(g > 0, g, torch.ones_like(g))
     codes = torch.where(g > 0, torch.round(ratio * top_code), torch.zeros_like(ratio))
-    codes = codes.clamp_(0, top_code).to(torch.uint8).reshape(-1)[:n_blocks]
+    return codes.clamp_(0, top_code), scale2, offset
+
+
+def encode_block_scales(absmax: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """The stored arrays for block scales ``absmax`` (1-D, >= 0, finite), as ``cfg`` says."""
+    s = absmax.reshape(-1).to(torch.float32)
+    if cfg.scale_bits == 16:
+        return {"scales": _to_storage_dtype(s, torch.float16, "block scales")}
+    codes, scale2, offset = _double_quantize(s, cfg)
+    codes = codes.to(torch.uint8).reshape(-1)[: s.numel()]
     return {
         "scale_codes": pack_bits(codes, cfg.scale_bits),
         "scale2": scale2,
         "offset": offset,
     }
+
+
+def roundtrip_block_scales(absmax: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """``decode_block_scales(encode_block_scales(absmax, cfg), ...)`` without packing anything.
+
+    The same float32 operations in the same order, so the result is bit-identical (tested).
+    """
+    s = absmax.reshape(-1).to(torch.float32)
+    if cfg.scale_bits == 16:
+        return _to_storage_dtype(s, torch.float16, "block scales").to(torch.float32)
+    top_code = 2**cfg.scale_bits - 1
+    codes, scale2, offset = _double_quantize(s, cfg)
+    g = scale2.to(torch.float32).unsqueeze(1)
+    return (codes / top_code * g + offset).reshape(-1)[: s.numel()]
 
 
 def decode_block_scales(
