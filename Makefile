@@ -26,13 +26,29 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -ra -m slow
 
+# The main job on the built-in model: profile (default space, Fisher) -> sweep -> solve and apply at
+# three budgets -> evaluate each against the original -> report. WikiText-2 from ../shared/data when
+# present, else text sampled from the model itself. DEMO_RANKS=0,8 also lets the solver choose a
+# low-rank part (much slower on a CPU: every rank > 0 config is an iterative decomposition).
+DEMO_RANKS ?= 0
+DEMO_BUDGETS ?= 2.75 3.25 4.25
+DEMO_TEXT := $(if $(wildcard ../shared/data/wikitext2-valid.tokens),wikitext2,self:16)
 demo: setup
 	mkdir -p $(DEMO_OUT)
 	$(BIN)/bitalloc info | tail -n 3
-	$(BIN)/bitalloc profile --include 'layers\.0\.' --no-fisher --space default --ranks 0,16 --out $(DEMO_OUT)/profile-layer0
-	$(BIN)/bitalloc sweep $(DEMO_OUT)/profile-layer0 --budgets 2.5:4.5:0.25 --out $(DEMO_OUT)/pareto.csv
-	$(BIN)/bitalloc solve $(DEMO_OUT)/profile-layer0 --budget 3.25 --out $(DEMO_OUT)/alloc-3.25.json
-	$(BIN)/bitalloc eval --data wikitext2 --seqlen 2048 --windows $(DEMO_WINDOWS) --json | tee $(DEMO_OUT)/eval-original.json
+	$(BIN)/bitalloc profile --space default --ranks $(DEMO_RANKS) --calib $(DEMO_TEXT) --out $(DEMO_OUT)/profile
+	$(BIN)/bitalloc sweep $(DEMO_OUT)/profile --budgets 2.25:4.5:0.125 --out $(DEMO_OUT)/pareto.csv
+	rm -f $(DEMO_OUT)/evals.jsonl
+	$(BIN)/bitalloc eval --data $(DEMO_TEXT) --seqlen 2048 --windows $(DEMO_WINDOWS) --label original --append $(DEMO_OUT)/evals.jsonl
+	for b in $(DEMO_BUDGETS); do \
+	  $(BIN)/bitalloc solve $(DEMO_OUT)/profile --budget $$b --out $(DEMO_OUT)/alloc-$$b.json && \
+	  $(BIN)/bitalloc apply $(DEMO_OUT)/alloc-$$b.json --out $(DEMO_OUT)/model-$$b --force && \
+	  $(BIN)/bitalloc eval $(DEMO_OUT)/model-$$b --data $(DEMO_TEXT) --seqlen 2048 --windows $(DEMO_WINDOWS) \
+	    --label alloc-$$b --append $(DEMO_OUT)/evals.jsonl || exit 1; \
+	done
+	$(BIN)/bitalloc report $(DEMO_OUT)/profile --sweep $(DEMO_OUT)/pareto.csv --evals $(DEMO_OUT)/evals.jsonl \
+	  $(foreach b,$(DEMO_BUDGETS),--alloc $(DEMO_OUT)/alloc-$(b).json) --out $(DEMO_OUT)/report
+	@echo "demo done: $(DEMO_OUT)/report/report.md"
 
 # Every bench/*.py except helpers (bench/_*.py) writes reports/<benchmark>/; then the index page.
 bench: setup

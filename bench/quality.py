@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -215,6 +216,8 @@ def evaluate_all(args: argparse.Namespace, entries: list[dict[str, Any]], work: 
         if e.get("infeasible"):
             rows.append(dict(e, bits_per_param=None, perplexity=None, kl=None))
             continue
+        if args.only and not re.search(args.only, e["label"]) and e["label"] not in done:
+            continue
         if e["label"] in done:
             rows.append(dict(e, **{k: v for k, v in done[e["label"]].items() if k not in e}))
             continue
@@ -374,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "reports" / "quality"))
     p.add_argument("--keep-models", action="store_true")
     p.add_argument("--no-kl", action="store_true", help="perplexity only (KL doubles the evaluation time)")
+    p.add_argument("--only", default=None, metavar="REGEX",
+                   help="evaluate only models whose label matches (others are reported when already measured)")
     p.add_argument("--quick", action="store_true", help="smoke run: layers 0-1, 2 windows of 256, 3 budgets")
     args = p.parse_args(argv)
     if args.quick:
