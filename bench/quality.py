@@ -217,6 +217,7 @@ def evaluate_all(args: argparse.Namespace, entries: list[dict[str, Any]], work: 
             rows.append(dict(e, bits_per_param=None, perplexity=None, kl=None))
             continue
         if args.only and not re.search(args.only, e["label"]) and e["label"] not in done:
+            rows.append(dict(e, bits_per_param=None, perplexity=None, kl=None, not_evaluated=True))
             continue
         if e["label"] in done:
             rows.append(dict(e, **{k: v for k, v in done[e["label"]].items() if k not in e}))
@@ -262,7 +263,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in ours:
         if r.get("perplexity") is None:
-            lines.append(f"- budget {r['budget']:.2f}: infeasible ({r.get('infeasible', '')[:80]})")
+            why = "not evaluated yet" if r.get("not_evaluated") else f"infeasible ({r.get('infeasible', '')[:80]})"
+            lines.append(f"- budget {r['budget']:.2f}: {why}")
             continue
         loss = r["perplexity"] - orig
         richer = [u for u in uniform if u["bits_per_param"] >= r["bits_per_param"] - 1e-9]
@@ -311,7 +313,9 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], out: Path
         f"- evaluation: `{args.data}`, {orig.get('windows')} windows x {args.seqlen} tokens "
         f"({orig.get('tokens')} predicted tokens), GPTQ convention; KL is the mean per-token KL(original || model)",
         "- bits/param: everything stored for the targets (codes, scales, second-level scales, low-rank factors)",
-        f"- wall time of the whole benchmark: {env['seconds']:.0f} s", "",
+        f"- wall time of this run: {env['seconds']:.0f} s (the benchmark resumes where it stopped; each model's "
+        "apply and eval seconds are in the table)",
+        "- KL: " + ("not measured (`--no-kl`)" if args.no_kl else "measured"), "",
         "![perplexity against bits per parameter](quality.png)", "",
         "## Goals", "", *verdicts(rows), "",
         "## All models", "",
@@ -347,6 +351,12 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
             ax.scatter([r["bits_per_param"]], [r["perplexity"]], marker="s", s=50, zorder=3,
                        label=f"uniform {r['config']}")
     ax.set_yscale("log")
+    cap = 20 * orig  # a destroyed model (NF2 everywhere) must not flatten the rest: list it instead
+    off = [r for r in rows if r.get("perplexity") is not None and r["perplexity"] > cap]
+    if off:
+        ax.set_ylim(top=cap)
+        ax.text(0.02, 0.98, "off scale: " + ", ".join(f"{r['label']} ({r['perplexity']:.3g})" for r in off),
+                transform=ax.transAxes, va="top", fontsize=8, color="#aa0000")
     ax.set_xlabel("bits per parameter (targets, everything stored)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title("Perplexity against bits/param: bitalloc vs uniform")

@@ -11,7 +11,7 @@ import pandas as pd
 from .data import ERROR_LABELS, Curve, ProfileInfo
 from .plotting import BASELINE_COLOR, OBJECTIVE_COLORS, new_figure, save_figure
 
-MAX_POINT_LABELS = 16
+MAX_POINT_LABELS = 8
 
 
 def pareto_figure(
@@ -86,6 +86,10 @@ def _clip_x_to_data(ax, curves: Sequence[Curve], uniform: pd.DataFrame) -> None:
         ax.set_xlim(lo - pad, hi + pad)
 
 
+#: measured perplexities above this multiple of the lowest are drawn off scale (and listed)
+OFF_SCALE_FACTOR = 20.0
+
+
 def _measured_panel(ax, evals: pd.DataFrame, column: str, ylabel: str, title: str,
                     empty_xlim: tuple[float, float]) -> None:
     rows = evals[evals[column].notna()]
@@ -113,6 +117,14 @@ def _measured_panel(ax, evals: pd.DataFrame, column: str, ylabel: str, title: st
     if len(positive) and (column == "kl" or positive.max() / positive.min() > 10):
         ax.set_yscale("log")
         ylabel += "  [log]"
+    if column == "perplexity" and len(positive):  # a destroyed model must not flatten everything else
+        cap = OFF_SCALE_FACTOR * float(positive.min())
+        off = rows[rows[column] > cap]
+        if len(off):
+            ax.set_ylim(top=cap)
+            note = ", ".join(f"{r.label} ({getattr(r, column):.3g})" for r in off.itertuples())
+            ax.text(0.02, 0.98, f"off scale (above {cap:.3g}): {note}", transform=ax.transAxes, va="top",
+                    fontsize=7, color="#aa0000", wrap=True)
     ax.set_xlabel("bits per parameter (everything stored counted)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

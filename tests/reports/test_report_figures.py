@@ -128,3 +128,22 @@ def test_sweep_with_lowrank_outside_the_budget_draws_the_hull_in_stored_bits(rep
     hull_x, hull_y = curve.hull["bits_per_param"].to_numpy(), curve.hull["objective"].to_numpy()
     for r in curve.ilp.itertuples():  # every exact point on or above the stored-bits hull
         assert r.objective >= np.interp(r.bits_per_param, hull_x, hull_y) * (1 - 1e-9)
+
+
+def test_a_destroyed_model_is_listed_off_scale_not_plotted_to_the_top():
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from bitalloc.reports.pareto import OFF_SCALE_FACTOR, _measured_panel
+
+    evals = pd.DataFrame([
+        {"label": "original", "bits_per_param": None, "perplexity": 16.0, "baseline": True, "objective": None},
+        {"label": "nf4", "bits_per_param": 4.1, "perplexity": 19.0, "baseline": True, "objective": None},
+        {"label": "ours-3", "bits_per_param": 3.0, "perplexity": 37.0, "baseline": False, "objective": "fisher"},
+        {"label": "ours-2.5", "bits_per_param": 2.5, "perplexity": 2e9, "baseline": False, "objective": "fisher"},
+    ])
+    ax = Figure().add_subplot()
+    _measured_panel(ax, evals, "perplexity", "perplexity", "measured", (2.0, 5.0))
+    assert ax.get_ylim()[1] == pytest.approx(OFF_SCALE_FACTOR * 16.0)
+    notes = [t.get_text() for t in ax.texts if "off scale" in t.get_text()]
+    assert len(notes) == 1 and "ours-2.5" in notes[0] and "ours-3" not in notes[0]
