@@ -100,11 +100,16 @@ def _measured_panel(ax, evals: pd.DataFrame, column: str, ylabel: str, title: st
     if len(base):
         ax.plot(base["bits_per_param"], base[column], "s", color=BASELINE_COLOR, mfc="none", ms=7, mew=1.5,
                 label="baseline (uniform)")
-    for objective, group in ours.groupby("objective", sort=True):
+    has_mode = "rank_mode" in ours.columns and ours["rank_mode"].notna().any()
+    keys = ["objective", "rank_mode"] if has_mode else ["objective"]
+    styles = iter(("o-", "^--", "s:", "d-."))
+    for key, group in ours.fillna({k: "" for k in keys}).groupby(keys, sort=True):
+        objective, mode = (key if has_mode else (key[0] if isinstance(key, tuple) else key, ""))
         color = OBJECTIVE_COLORS.get(str(objective), "#2ca02c")
         name = f"bitalloc ({objective})" if objective else "bitalloc"
+        name += f", rank {mode}" if mode else ""
         g = group.sort_values("bits_per_param")
-        ax.plot(g["bits_per_param"], g[column], "o-", color=color, ms=6, lw=1, label=name)
+        ax.plot(g["bits_per_param"], g[column], next(styles, "o-"), color=color, ms=6, lw=1, label=name)
     for r in original.itertuples():
         name = "original (unquantized)" if r.label == "original" else f"original: {r.label}"
         ax.axhline(getattr(r, column), color="black", ls="--", lw=1, label=name)
@@ -123,8 +128,8 @@ def _measured_panel(ax, evals: pd.DataFrame, column: str, ylabel: str, title: st
         if len(off):
             ax.set_ylim(top=cap)
             note = ", ".join(f"{r.label} ({getattr(r, column):.3g})" for r in off.itertuples())
-            ax.text(0.02, 0.98, f"off scale (above {cap:.3g}): {note}", transform=ax.transAxes, va="top",
-                    fontsize=7, color="#aa0000", wrap=True)
+            ax.text(0.02, 0.02, f"off scale (above {cap:.3g}):\n" + note.replace(", ", "\n"),
+                    transform=ax.transAxes, va="bottom", fontsize=6, color="#aa0000")
     ax.set_xlabel("bits per parameter (everything stored counted)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
