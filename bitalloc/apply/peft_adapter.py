@@ -55,18 +55,15 @@ def adapter_config(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, 
 
 
 def write_adapter(folder: Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
-                  base_model: str, task_type: str | None) -> dict[str, int]:
-    """Write the adapter into ``folder``; returns ``{module: bytes of L1 and L2 as stored}``."""
+                  base_model: str, task_type: str | None) -> None:
+    """Write the adapter (``adapter_config.json`` and ``adapter_model.safetensors``) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    nbytes = {}
     for name, (l1, l2) in factors.items():
         tensors[peft_key(name, "lora_A")] = l2.detach().cpu().contiguous()
         tensors[peft_key(name, "lora_B")] = l1.detach().cpu().contiguous()
-        nbytes[name] = sum(t.numel() * t.element_size() for t in (l1, l2))
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     atomic_write_json(folder / ADAPTER_CONFIG, adapter_config(factors, base_model=base_model, task_type=task_type))
-    return nbytes
 
 
 def task_type_for(model: torch.nn.Module) -> str | None:

@@ -120,16 +120,16 @@ def _non_target_tensors(model: torch.nn.Module, target_names: set[str]) -> tuple
     return tensors, tied
 
 
-def _fisher(model, tokenizer, targets, provenance: Mapping[str, Any], device, progress):
+def _fisher(model, tokenizer, targets, provenance: Mapping[str, Any], model_hash: str, device, progress):
+    """The profile's Fisher estimate (its cache key is the profile's: provenance model and hash)."""
     calibration = provenance.get("calibration")
     if not provenance.get("fisher") or not calibration:
         return None
-    from bitalloc.models.fisher import model_fingerprint
     from bitalloc.profiles.runner import calibration_fisher
 
     return calibration_fisher(model, tokenizer, [(n, m) for n, m, _ in targets], calibration,
                               model_id=provenance.get("model") or "smollm2-135m",
-                              model_hash=provenance.get("model_hash") or model_fingerprint(model),
+                              model_hash=provenance.get("model_hash") or model_hash,
                               seed=int(provenance.get("seed") or 0), device=device, progress=progress)
 
 
@@ -169,6 +169,7 @@ def apply_allocation(
     """
     from bitalloc.lowrank import decompose
     from bitalloc.models import load_model, target_weight
+    from bitalloc.models.targets import float_target_weight
     from bitalloc.models.fisher import model_fingerprint
     from bitalloc.profiles.runner import resolve_device
 
@@ -194,7 +195,7 @@ def apply_allocation(
             raise ValueError(f"{name}: rank {cfg.rank} of {cfg.name} exceeds the matrix's smaller side "
                              f"{min(target_weight(module).shape)}")
     use_fisher = bool(provenance.get("fisher")) if fisher is None else bool(fisher)
-    F = _fisher(net, tokenizer, targets, provenance, dev, progress) if use_fisher and assignments is not None else None
+    F = _fisher(net, tokenizer, targets, provenance, model_hash, dev, progress) if use_fisher and assignments is not None else None
     shared = _shared_parameter_ids(net)
     compute_dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
 
@@ -207,27 +208,24 @@ def apply_allocation(
         details: dict[str, dict[str, Any]] = {}
         index_of = {name: i for i, (name, _, _) in enumerate(targets)}
         for name, module, cfg in tqdm(targets, desc="apply", unit="matrix", disable=not progress):
-            W = target_weight(module).detach().to(device=dev, dtype=torch.float32)
-            if not bool(torch.isfinite(W).all()):
-                raise ValueError(f"matrix {name} contains NaN/inf values; fix the checkpoint or exclude it")
+            W = float_target_weight(name, module, dev)
             t0 = time.perf_counter()
             dec = decompose(W, cfg, None if F is None else F[name].to(dev),
                             seed=seed * 100003 + index_of[name])
-            q_bytes = 0
             for array, value in dec.q.arrays().items():
                 arrays[q_key(name, array)] = value.detach().cpu().contiguous()
-                q_bytes += value.numel() * value.element_size()
+            q_bytes = dec.q.nbytes
             factor_bytes = 0
             if cfg.rank:
                 if cfg.lowrank_bits == 8:
                     for factor, qt in (("l1t", dec.l1_q), ("l2", dec.l2_q)):
                         for array, value in qt.arrays().items():
                             arrays[factor_key(name, factor, array)] = value.detach().cpu().contiguous()
-                            factor_bytes += value.numel() * value.element_size()
+                    factor_bytes = dec.l1_q.nbytes + dec.l2_q.nbytes
                     factors[name] = (dec.l1.float().cpu(), dec.l2.float().cpu())
                 else:  # bf16 factors are stored in the adapter, exactly (decompose rounds them)
                     factors[name] = (dec.l1.to(torch.bfloat16).cpu(), dec.l2.to(torch.bfloat16).cpu())
-                    factor_bytes = sum(t.numel() * 2 for t in factors[name])
+                    factor_bytes = sum(t.numel() * t.element_size() for t in factors[name])
             if dequantized:
                 dense[name] = dec.q.dequantize().to(torch.bfloat16).cpu()
             rows, cols = W.shape

@@ -109,6 +109,15 @@ def target_weight(module: torch.nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(module).__name__} is not a target type (Linear or Conv1D)")
 
 
+def float_target_weight(name: str, module: torch.nn.Module, device: torch.device | str) -> torch.Tensor:
+    """A target's (out, in) weight as float32 on ``device``; ValueError naming it when not finite."""
+    W = target_weight(module).detach().to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(W).all()):
+        bad = int((~torch.isfinite(W)).sum())
+        raise ValueError(f"matrix {name} contains {bad} NaN/inf values; fix the checkpoint or --exclude it")
+    return W
+
+
 def set_target_weight(module: torch.nn.Module, weight: torch.Tensor) -> None:
     """Write an (out_features, in_features) matrix into a target, in place, in its dtype and device."""
     current = target_weight(module)

@@ -157,6 +157,7 @@ def profile(request: ProfileRequest,
     """
     from bitalloc.lowrank import decompose_many
     from bitalloc.models import find_targets, load_model, target_weight
+    from bitalloc.models.targets import float_target_weight
     from bitalloc.models.fisher import model_fingerprint
 
     decompose_fn = decompose_fn or decompose_many
@@ -192,10 +193,7 @@ def profile(request: ProfileRequest,
     try:
         for index in todo:
             name, module = targets[index]
-            W = target_weight(module).detach().to(device=device, dtype=torch.float32)
-            if not torch.isfinite(W).all():
-                bad = int((~torch.isfinite(W)).sum())
-                raise ValueError(f"matrix {name} contains {bad} NaN/inf values; fix the checkpoint or --exclude it")
+            W = float_target_weight(name, module, device)
             F = None if fisher is None else fisher[name].to(device=device, dtype=torch.float32)
             usable = [c for c in configs if c.rank <= min(W.shape)]
             torch.manual_seed(request.seed * 100003 + index)
