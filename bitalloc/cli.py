@@ -95,6 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitalloc.models import evaluate, load_model
 
     labels = _eval_labels(args.model)
+    if args.append:  # fail before the (long) evaluation, not after it
+        open(args.append, "a", encoding="utf-8").close()
     model, tokenizer = load_model(args.model, device=args.device)
     kl_to = args.kl_to
     if kl_to is None and labels["source_model"] and not args.no_kl:
@@ -111,9 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.label:
         result["label"] = args.label
     if args.append:
-        from pathlib import Path
-
-        with open(Path(args.append), "a", encoding="utf-8") as f:
+        with open(args.append, "a", encoding="utf-8") as f:
             f.write(json.dumps(result, default=_json_default) + "\n")
     if args.json:
         _print_json(result)

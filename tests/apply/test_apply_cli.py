@@ -55,3 +55,14 @@ def test_apply_errors_are_clear(tiny_llama_dir, tmp_path, capsys):
     assert main(["apply", str(tmp_path / "missing.json"), "--out", str(tmp_path / "y")]) == 2
     assert "missing.json" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "busy"), "--seqlen", "32"]) == 2
+
+
+def test_eval_append_to_an_unwritable_path_fails_before_evaluating(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated although the --append file cannot be written")
+
+    monkeypatch.setattr("bitalloc.models.evaluate", no_evaluation)
+    folder = tmp_path / "a-directory"
+    folder.mkdir()
+    assert main(["eval", str(tiny_llama_dir), "--seqlen", "32", "--append", str(folder)]) == 2
+    assert "a-directory" in capsys.readouterr().err
