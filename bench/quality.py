@@ -100,21 +100,14 @@ def make_profile(args: argparse.Namespace, work: Path) -> Path:
 
 
 def _precompute_fisher(args: argparse.Namespace) -> None:
-    from bitalloc.models import find_targets, load_model
-    from bitalloc.models.fisher import model_fingerprint
     from bitalloc.profiles import ProfileRequest
-    from bitalloc.profiles.runner import _calibration_settings, calibration_fisher, resolve_device
+    from bitalloc.profiles.runner import prepare_fisher
 
+    # samples and seqlen are explicit, so the cache key is the CPU shards' one whatever --device is
     request = ProfileRequest(model=args.model, calib=args.calib, samples=args.samples, seqlen=args.calib_seqlen,
-                             include=args.include, device="cpu")
-    calibration = _calibration_settings(request, torch.device("cpu"))  # the shards' settings (cpu)
-    model, tokenizer = load_model(args.model)
-    targets = find_targets(model, include=args.include)
-    device = resolve_device(args.device)
-    t0 = time.perf_counter()
-    calibration_fisher(model, tokenizer, targets, calibration, model_id=args.model or "smollm2-135m",
-                       model_hash=model_fingerprint(model), seed=0, device=device, progress=False)
-    log.info("Fisher estimate ready (%.1f s on %s)", time.perf_counter() - t0, device)
+                             include=args.include, device=args.device, progress=False)
+    done = prepare_fisher(request)
+    log.info("Fisher estimate ready (%.1f s): %s", done["seconds"], done["files"][0])
 
 
 # ----- stage 2: what to evaluate ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bitalloc.models.causal import check_seqlen, eval_mode, require_causal_lm
+from bitalloc.models.self_text import is_self_source
 from bitalloc.models.text import load_text, token_windows
 
 logger = logging.getLogger(__name__)
@@ -166,31 +167,36 @@ def evaluate(
     batch_size: int = 1,
     device: str | torch.device | None = None,
     progress: bool = True,
+    text_model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Perplexity (and KL to a reference) on the first ``windows`` windows of a text source.
 
-    ``data`` is a text source (see :func:`bitalloc.models.text.load_text`) or ready windows
-    (``LongTensor[n, seqlen]``); ``windows`` None means all. ``kl_to`` is a reference model or
+    ``data`` is a text source (see :func:`bitalloc.models.text.load_text`), ``self:N`` (N
+    windows sampled from ``text_model``, else the KL reference, else ``model``; cached, see
+    :mod:`bitalloc.models.self_text`) or ready windows (``LongTensor[n, seqlen]``);
+    ``windows`` None means all. ``kl_to`` is a reference model or
     a model specification for :func:`bitalloc.models.load_model`. Returns a dict with
     ``perplexity``, ``nll``, ``tokens``, ``windows``, ``seqlen``, ``kl`` (None without a
     reference), ``seconds`` (wall time of the whole call) and ``data``.
     """
     started = time.perf_counter()
+    if not isinstance(kl_to, (torch.nn.Module, type(None))):
+        from bitalloc.models.loading import load_model
+
+        kl_to, _ = load_model(kl_to, device=next(model.parameters()).device)
     if isinstance(data, torch.Tensor):
         ids = _check_windows(data)[: windows or None]
         data_name = "tensor"
+    elif is_self_source(data):
+        ids = _self_ids(data, windows, seqlen, text_model or kl_to or model, tokenizer, progress)
+        data_name = os.fspath(data)
     else:
         ids = token_windows(tokenizer, load_text(data), seqlen, windows)
         data_name = os.fspath(data)
     result = perplexity(model, ids, batch_size=batch_size, device=device, progress=progress)
     kl = None
     if kl_to is not None:
-        reference = kl_to
-        if not isinstance(reference, torch.nn.Module):
-            from bitalloc.models.loading import load_model
-
-            reference, _ = load_model(reference, device=next(model.parameters()).device)
-        kl = kl_divergence(model, reference, ids, batch_size=batch_size, device=device, progress=progress)
+        kl = kl_divergence(model, kl_to, ids, batch_size=batch_size, device=device, progress=progress)
     result.update(kl=kl, seconds=time.perf_counter() - started, data=data_name)
     logger.info(
         "perplexity %.3f on %d windows of %d tokens (%s)",
@@ -200,3 +206,18 @@ def evaluate(
         data_name,
     )
     return result
+
+
+def _self_ids(data: Any, windows: int | None, seqlen: int, sampler: torch.nn.Module, tokenizer: Any,
+              progress: bool) -> torch.LongTensor:
+    """The windows of a ``self:N`` source: N (else ``windows``) sequences sampled from ``sampler``."""
+    from bitalloc.models.self_text import self_windows
+    from bitalloc.models.text import parse_self_source
+
+    _, count = parse_self_source(os.fspath(data).strip().lower())
+    n = count or windows
+    if not n:
+        raise ValueError(f"{os.fspath(data)!r}: say how many windows to sample (self:N or --windows N)")
+    if count and windows and windows < count:
+        n = windows
+    return self_windows(sampler, tokenizer, n, seqlen, progress=progress)

@@ -11,7 +11,8 @@ Text sources (``src``):
 - ``c4``: the first 1100 documents of C4's first English validation shard, joined with spaces
   (GPTQ's evaluation convention); needs the hub or the datasets cache.
 - a path to a UTF-8 text file.
-- ``self`` or ``self:N`` (calibration only): sequences sampled from the model itself.
+- ``self`` or ``self:N``: sequences sampled from the model itself (for calibration; for evaluation
+  :func:`bitalloc.models.evaluate` samples them from the original model and caches them).
 
 The names ``wikitext2``, ``c4`` and ``self`` are reserved: they win over files of that name.
 """
@@ -43,7 +44,7 @@ TEXT_SOURCE_FORMS = (
     "'wikitext2' (WikiText-2 validation; local file or the hub)",
     "'c4' (C4 validation shard; needs the hub)",
     "a path to a UTF-8 text file",
-    "'self' or 'self:N' (calibration only: N sequences sampled from the model itself)",
+    "'self' or 'self:N' (N sequences sampled from the model itself; evaluation samples from the original model)",
 )
 
 
@@ -144,8 +145,8 @@ def load_text(src: str | os.PathLike) -> str:
         text = _load_c4()
     elif parse_self_source(key)[0]:
         raise TextSourceError(
-            f"{name!r} is sampled from the model, not read: it works for calibration "
-            "(calibration_tokens), not as a text to evaluate on"
+            f"{name!r} is sampled from the model, not read: use calibration_tokens() or "
+            "evaluate(), which sample it"
         )
     else:
         path = Path(name).expanduser()

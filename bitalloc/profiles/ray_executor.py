@@ -177,15 +177,17 @@ def _prepare_task(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, by
 def _prepare(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, bytes]]:
     from bitalloc.configs import config_space
     from bitalloc.models import find_targets, load_model, target_weight
-    from bitalloc.models.fisher import fisher_cache_key, fisher_cache_paths, model_fingerprint
-    from bitalloc.profiles.runner import _calibration_settings, _check_ranks_fit, _fisher_for, resolve_device
+    from bitalloc.models.fisher import model_fingerprint
+    from bitalloc.profiles.runner import (
+        _fisher_for, calibration_settings, check_ranks_fit, fisher_cache_files, resolve_device,
+    )
 
     device = resolve_device(request.device)
     configs = config_space(request.space, ranks=tuple(request.ranks))
     model, tokenizer = load_model(request.model)
     targets = find_targets(model, include=request.include, exclude=request.exclude)
     shapes = [tuple(target_weight(m).shape) for _, m in targets]
-    _check_ranks_fit(targets, shapes, configs)
+    check_ranks_fit(targets, shapes, configs)
     model_hash = model_fingerprint(model)
     info: dict[str, Any] = {
         "host": socket.gethostname(), "device": str(device), "model_hash": model_hash,
@@ -194,18 +196,13 @@ def _prepare(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, bytes]]
     }
     files: dict[str, bytes] = {}
     if request.fisher:
-        calibration = _calibration_settings(request, device)
+        calibration = calibration_settings(request, device)
         info["calibration"] = calibration
         started = time.perf_counter()
         _fisher_for(model, tokenizer, targets, calibration, request, model_hash, device)
         info["fisher_seconds"] = time.perf_counter() - started
-        # The same key the runner's _fisher_for builds (bitalloc.profiles.runner).
-        key = fisher_cache_key(
-            model_id=request.model or "smollm2-135m", model_hash=model_hash, data=calibration["source"],
-            samples=calibration["samples"], seqlen=calibration["seqlen"], mode=calibration["mode"],
-            seed=request.seed, batch_size=calibration.get("batch_size"),
-        )
-        tensors, sidecar = fisher_cache_paths(_fisher_dir(), key)
+        tensors, sidecar = fisher_cache_files(calibration, model_id=request.model or "smollm2-135m",
+                                              model_hash=model_hash, seed=request.seed)
         if tensors.is_file() and sidecar.is_file():
             files = {tensors.name: tensors.read_bytes(), sidecar.name: sidecar.read_bytes()}
             info["fisher_files"] = {name: _sha256(blob) for name, blob in files.items()}
@@ -289,7 +286,7 @@ def _expected_meta(request: ProfileRequest, info: Mapping[str, Any], i: int, n: 
 
 def _shard_state(folder: Path, expected: dict[str, Any]) -> tuple[bool, dict[str, bytes]]:
     """``(finished, files to resume from)`` of the driver's copy of one shard."""
-    from bitalloc.profiles.runner import _describe_meta_difference
+    from bitalloc.profiles.runner import describe_meta_difference
 
     if not folder.exists():
         return False, {}
@@ -297,7 +294,7 @@ def _shard_state(folder: Path, expected: dict[str, Any]) -> tuple[bool, dict[str
         if any(folder.iterdir()):
             raise ProfileError(f"{folder} is not a bitalloc shard profile (no {META_FILE}); delete it and rerun")
         return False, {}
-    differ = _describe_meta_difference(read_meta(folder), expected)
+    differ = describe_meta_difference(read_meta(folder), expected)
     if differ:
         raise ProfileError(
             f"{folder} holds a shard made differently, so it cannot be resumed: {differ}. "

@@ -92,7 +92,7 @@ def _matrix_rows(index: int, name: str, W: torch.Tensor, configs: Sequence[Quant
     return pd.DataFrame.from_records(records)
 
 
-def _check_ranks_fit(targets, shapes, configs: Sequence[QuantConfig]) -> None:
+def check_ranks_fit(targets, shapes, configs: Sequence[QuantConfig]) -> None:
     """Every matrix needs at least one config whose rank fits its shape."""
     lowest = min(c.rank for c in configs)
     for (name, _), (rows, cols) in zip(targets, shapes):
@@ -103,7 +103,7 @@ def _check_ranks_fit(targets, shapes, configs: Sequence[QuantConfig]) -> None:
             )
 
 
-def _describe_meta_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+def describe_meta_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     parts = []
     for key in RESUME_KEYS:
         if old.get(key) != new.get(key):
@@ -122,7 +122,7 @@ def _prepare_directory(out: Path, meta: dict[str, Any], resume: bool) -> set[int
     """Check or create the output directory; return the target indices already done."""
     if (out / "meta.json").exists():
         old = read_meta(out)
-        differ = _describe_meta_difference(old, meta)
+        differ = describe_meta_difference(old, meta)
         if differ:
             raise ProfileError(
                 f"{out} holds a profile made differently, so it cannot be resumed: {differ}. "
@@ -171,8 +171,8 @@ def profile(request: ProfileRequest,
     targets = find_targets(model, include=request.include, exclude=request.exclude)
     shapes = [tuple(target_weight(m).shape) for _, m in targets]
     work = shard_indices(len(targets), shard)
-    _check_ranks_fit(targets, shapes, configs)
-    calibration = _calibration_settings(request, device) if request.fisher else None
+    check_ranks_fit(targets, shapes, configs)
+    calibration = calibration_settings(request, device) if request.fisher else None
     meta: dict[str, Any] = {
         "format": PROFILE_FORMAT, "format_version": PROFILE_VERSION,
         "model": request.model or "smollm2-135m", "model_hash": model_fingerprint(model),
@@ -212,7 +212,7 @@ def profile(request: ProfileRequest,
     return out
 
 
-def _calibration_settings(request: ProfileRequest, device: torch.device) -> dict[str, Any]:
+def calibration_settings(request: ProfileRequest, device: torch.device) -> dict[str, Any]:
     from bitalloc.models.fisher import default_fisher_settings
 
     defaults = default_fisher_settings(device)
@@ -234,6 +234,50 @@ def _fisher_for(model, tokenizer, targets, calibration, request, model_hash, dev
                               model_hash=model_hash, seed=request.seed, device=device, progress=request.progress)
 
 
+def fisher_key_fields(calibration: dict[str, Any], *, model_id: str, model_hash: str, seed: int) -> dict[str, Any]:
+    """The Fisher cache key fields of a profile with ``calibration`` (its meta's dict)."""
+    return {
+        "model_id": model_id, "model_hash": model_hash,
+        "data": calibration["source"], "samples": calibration["samples"], "seqlen": calibration["seqlen"],
+        "mode": calibration["mode"], "seed": seed,
+    }
+
+
+def fisher_cache_files(calibration: dict[str, Any], *, model_id: str, model_hash: str, seed: int) -> tuple[Path, Path]:
+    """``(tensors, sidecar)``: where the Fisher estimate of a profile with ``calibration`` is cached."""
+    from bitalloc.models.fisher import fisher_cache_key, fisher_cache_paths
+    from bitalloc.models.gguf_cache import cache_root
+
+    fields = fisher_key_fields(calibration, model_id=model_id, model_hash=model_hash, seed=seed)
+    key = fisher_cache_key(**fields, batch_size=calibration.get("batch_size"))
+    return fisher_cache_paths(cache_root() / "fisher", key)
+
+
+def prepare_fisher(request: ProfileRequest) -> dict[str, Any] | None:
+    """Estimate (or find cached) the Fisher estimate a profile run with ``request`` will use.
+
+    Run it once before starting ``--shard i/n`` processes so that they all read the cache
+    instead of each estimating it. Returns ``{"calibration", "model_hash", "files",
+    "seconds"}`` (``files``: the cache's tensor and sidecar paths), or None with ``--no-fisher``.
+    """
+    from bitalloc.models import find_targets, load_model
+    from bitalloc.models.fisher import model_fingerprint
+
+    if not request.fisher:
+        return None
+    device = resolve_device(request.device)
+    model, tokenizer = load_model(request.model)
+    targets = find_targets(model, include=request.include, exclude=request.exclude)
+    calibration = calibration_settings(request, device)
+    model_hash = model_fingerprint(model)
+    started = time.perf_counter()
+    _fisher_for(model, tokenizer, targets, calibration, request, model_hash, device)
+    files = fisher_cache_files(calibration, model_id=request.model or "smollm2-135m", model_hash=model_hash,
+                               seed=request.seed)
+    return {"calibration": calibration, "model_hash": model_hash, "files": files,
+            "seconds": time.perf_counter() - started}
+
+
 def calibration_fisher(model: torch.nn.Module, tokenizer: Any, targets: Sequence[tuple[str, torch.nn.Module]],
                        calibration: dict[str, Any], *, model_id: str, model_hash: str, seed: int,
                        device: torch.device | str, progress: bool = True) -> dict[str, torch.Tensor]:
@@ -250,11 +294,7 @@ def calibration_fisher(model: torch.nn.Module, tokenizer: Any, targets: Sequence
         return calibration_tokens(calibration["source"], model, tokenizer, calibration["seqlen"],
                                   calibration["samples"], seed=seed)
 
-    key_fields = {
-        "model_id": model_id, "model_hash": model_hash,
-        "data": calibration["source"], "samples": calibration["samples"], "seqlen": calibration["seqlen"],
-        "mode": calibration["mode"], "seed": seed,
-    }
+    key_fields = fisher_key_fields(calibration, model_id=model_id, model_hash=model_hash, seed=seed)
     return load_or_estimate_fisher(model, tokens, targets, cache_dir=cache_root() / "fisher",
                                    key_fields=key_fields, batch_size=calibration.get("batch_size"),
                                    device=device, progress=progress)

@@ -105,3 +105,51 @@ def test_seqlen_beyond_the_model_positions(tiny_gpt2):
     too_long = torch.zeros(1, model.config.max_position_embeddings + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="smaller --seqlen"):
         perplexity(model, too_long, progress=False)
+
+
+def test_self_text_is_sampled_once_from_the_text_model_and_cached(tiny_llama, tmp_path, monkeypatch):
+    from bitalloc.models import sampling
+
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = tiny_llama
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)
+    calls = []
+    real = sampling.sample_sequences
+
+    def counting(m, *a, **kw):
+        calls.append(m)
+        return real(m, *a, **kw)
+
+    monkeypatch.setattr(sampling, "sample_sequences", counting)
+    first = evaluate(other, tokenizer, "self:3", seqlen=16, windows=None, text_model=model, progress=False)
+    again = evaluate(other, tokenizer, "self:3", seqlen=16, windows=None, kl_to=model, progress=False)
+    assert calls == [model]  # sampled once, from the text model (then the KL reference), then cached
+    assert first["windows"] == 3 and first["data"] == "self:3"
+    assert again["perplexity"] == pytest.approx(first["perplexity"], rel=1e-6)
+    assert again["kl"] > 0
+    from bitalloc.models.self_text import self_windows
+
+    ids = self_windows(model, tokenizer, 3, 16, progress=False)
+    assert ids.shape == (3, 16) and len(calls) == 1
+    own = evaluate(model, tokenizer, "self:3", seqlen=16, windows=None, progress=False)
+    assert own["tokens"] == 3 * 15 and len(calls) == 1  # the model's own samples: the same cache entry
+
+
+def test_self_text_cache_damage_is_resampled(tiny_llama, tmp_path, monkeypatch):
+    from bitalloc.models.self_text import _cache_file, self_windows
+    from bitalloc.models.fisher import model_fingerprint
+
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = tiny_llama
+    ids = self_windows(model, tokenizer, 2, 12, progress=False)
+    path = _cache_file(model_fingerprint(model), 2, 12, 0)
+    path.write_bytes(b"not a tensor")
+    assert torch.equal(self_windows(model, tokenizer, 2, 12, progress=False), ids)
+
+
+def test_self_text_needs_a_count(tiny_llama):
+    model, tokenizer = tiny_llama
+    with pytest.raises(ValueError, match="how many windows"):
+        evaluate(model, tokenizer, "self", seqlen=16, windows=None, progress=False)

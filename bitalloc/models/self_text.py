@@ -1,0 +1,73 @@
+"""Evaluation windows sampled from a model itself (``--data self:N``), cached on disk.
+
+Without any text (no WikiText-2, no hub), ``bitalloc eval --data self:N`` evaluates on N
+sequences sampled from the *original* model: for an applied directory that is the model it
+was made from, so every quantized variant is scored on the same tokens. Sampling a few
+thousand tokens on a CPU takes minutes, so the windows are cached under
+``$BITALLOC_CACHE/text`` keyed by the sampling model's fingerprint, N, seqlen and seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+def _cache_file(model_hash: str, n: int, seqlen: int, seed: int) -> Path:
+    from bitalloc.models.gguf_cache import cache_root
+
+    payload = json.dumps({"format": CACHE_FORMAT, "model_hash": model_hash, "n": n, "seqlen": seqlen,
+                          "seed": seed}, sort_keys=True)
+    key = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return cache_root() / "text" / f"self-{key}.pt"
+
+
+def self_windows(
+    model: torch.nn.Module, tokenizer: Any, n: int, seqlen: int, *, seed: int = 0, progress: bool = True
+) -> torch.LongTensor:
+    """``LongTensor[n, seqlen]`` sampled from ``model`` (see :func:`sample_sequences`), cached.
+
+    A cache entry that cannot be read or has the wrong shape is resampled with a warning; a
+    cache that cannot be written gives a warning, not an error.
+    """
+    from bitalloc.atomic import atomic_write_bytes
+    from bitalloc.models.fisher import model_fingerprint
+    from bitalloc.models.sampling import sample_sequences
+
+    path = _cache_file(model_fingerprint(model), n, seqlen, seed)
+    if path.is_file():
+        try:
+            ids = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(ids, torch.Tensor) and tuple(ids.shape) == (n, seqlen) and ids.dtype == torch.long:
+                logger.info("self-sampled windows from cache %s", path)
+                return ids
+            raise ValueError(f"unexpected content {type(ids).__name__} {getattr(ids, 'shape', '')}")
+        except Exception as exc:  # noqa: BLE001 - a damaged cache entry is resampled
+            logger.warning("ignoring the cached windows %s and resampling: %s", path, exc)
+    ids = sample_sequences(model, tokenizer, n, seqlen, seed=seed, progress=progress)
+    try:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(ids.contiguous(), buf)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as exc:
+        logger.warning("could not cache the sampled windows at %s: %s", path, exc)
+    return ids
+
+
+def is_self_source(data: Any) -> bool:
+    from bitalloc.models.text import parse_self_source
+
+    return isinstance(data, (str, os.PathLike)) and parse_self_source(os.fspath(data).strip().lower())[0]
