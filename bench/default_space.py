@@ -197,11 +197,11 @@ def greedy_select(pool: Pool, tolerance: float, max_size: int) -> tuple[list[str
 
 
 # ----- evaluation --------------------------------------------------------------------------------
-def sweep_space(df: pd.DataFrame, names: set[str], objective: str) -> pd.DataFrame:
+def sweep_space(df: pd.DataFrame, names: set[str], objective: str, budgets: str = BUDGETS) -> pd.DataFrame:
     from bitalloc.solvers.table import sweep_table
 
     sub = df[df["config"].isin(names)]
-    raw = sweep_table(sub, BUDGETS, objective=objective)
+    raw = sweep_table(sub, budgets, objective=objective)
     frame = raw.frame()
     hull = raw.hull.sort_values("bits_per_param")
     return frame[["budget", "bits_per_param", "objective", "status"]].assign(
@@ -210,10 +210,22 @@ def sweep_space(df: pd.DataFrame, names: set[str], objective: str) -> pd.DataFra
     )
 
 
-def extra_bits(hull_bits: np.ndarray, hull_obj: np.ndarray, target: float) -> float:
-    """Bits/param on a (decreasing) hull where it reaches ``target`` error (linear between vertices)."""
+def _hull(hull_bits: np.ndarray, hull_obj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(hull_bits)
-    b, e = hull_bits[order], hull_obj[order]
+    return np.asarray(hull_bits)[order], np.asarray(hull_obj)[order]
+
+
+def hull_error(hull_bits: np.ndarray, hull_obj: np.ndarray, budget: float) -> float:
+    """The hull's (Lagrangian lower bound's) error at ``budget`` bits/param."""
+    b, e = _hull(hull_bits, hull_obj)
+    if budget < b[0]:
+        return float("inf")
+    return float(np.interp(budget, b, e))
+
+
+def bits_to_reach(hull_bits: np.ndarray, hull_obj: np.ndarray, target: float) -> float:
+    """Bits/param on a (decreasing) hull where it reaches ``target`` error (linear between vertices)."""
+    b, e = _hull(hull_bits, hull_obj)
     if target >= e[0]:
         return float(b[0])
     if target < e[-1]:
@@ -234,9 +246,10 @@ def compare(df: pd.DataFrame, spaces: dict[str, set[str]], objectives: list[str]
             for name, sw in sweeps.items():
                 o = float(sw["objective"].iloc[i])
                 row[f"{name}/lqlora"] = o / row["lqlora_objective"] if np.isfinite(o) else None
-                # bits/param this space needs (on its hull) to reach lqlora's exact optimum at this budget
-                row[f"{name}_bits_to_match"] = extra_bits(sw["hull_bits"].iloc[0], sw["hull_obj"].iloc[0],
-                                                          row["lqlora_objective"]) - float(budget)
+                # extra bits/param this space's hull needs to reach lqlora's hull at this budget
+                target = hull_error(ref["hull_bits"].iloc[0], ref["hull_obj"].iloc[0], float(budget))
+                row[f"{name}_bits_to_match"] = bits_to_reach(sw["hull_bits"].iloc[0], sw["hull_obj"].iloc[0],
+                                                             target) - float(budget)
             rows.append(row)
         out[obj] = rows
     return out
@@ -247,31 +260,62 @@ def space_seconds(pool: Pool, names: set[str]) -> float:
     return float(pool.seconds[:, cols].sum())
 
 
-def rank_profile_timing(args: argparse.Namespace, work: Path, chosen_file: Path) -> list[dict[str, Any]]:
-    """``bitalloc profile --no-fisher --ranks 64`` of ``--rank-layers`` for lqlora and the chosen set."""
+R64_BUDGETS = "5.0:7.0:0.125"  # rank-64 bf16 factors alone cost 2.2-4.5 bits/param on these shapes
+
+
+def rank_profile_timing(args: argparse.Namespace, work: Path, chosen: list[str]) -> list[dict[str, Any]]:
+    """``bitalloc profile --no-fisher --ranks 64`` of ``--rank-layers`` for lqlora and the chosen set.
+
+    A finished run (its profile and ``timing.json``) is reused, so a rerun of the bench only
+    redoes what changed.
+    """
+    from bitalloc.profiles import load_profile
+
     include = r"\.layers\.(" + "|".join(args.rank_layers.split(",")) + r")\."
+    chosen_file = work / "chosen-r64.json"
+    chosen_file.write_text(json.dumps([QuantConfig.from_name(c).replace(rank=64).name for c in chosen]))
     rows = []
     for label, space in (("chosen", str(chosen_file)), ("lqlora", "lqlora")):
         out = work / f"r64-{label}"
+        timing = out.with_name(out.name + "-timing.json")
         cmd = _cli("-q", "profile", "--no-fisher", "--space", space, "--ranks", "64", "--device", "cpu",
                    "--include", include, "--out", str(out))
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        load0 = os.getloadavg()
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT, env=_one_thread_env())
-        wall = time.perf_counter() - t0
-        from bitalloc.profiles import load_profile
-
-        df, _ = load_profile(out)
+        try:
+            df, meta = load_profile(out)
+            done = json.loads(timing.read_text())
+            if meta.get("configs") != [c.name for c in config_space(space, ranks=(64,))] or done["include"] != include:
+                raise ValueError("another space or layers")
+        except Exception:  # noqa: BLE001 - absent, partial or stale: measure
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            load0 = os.getloadavg()
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, cwd=ROOT, env=_one_thread_env())
+            done = {"wall_s": time.perf_counter() - t0, "load_before": load0, "load_after": os.getloadavg(),
+                    "include": include, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            timing.write_text(json.dumps(done))
+            df, _ = load_profile(out)
+        sw = sweep_space(df, set(df["config"]), "plain", R64_BUDGETS)
         rows.append({"space": label, "configs": int(df["config"].nunique()), "matrices": int(df["matrix"].nunique()),
-                     "wall_s": wall, "load_before": load0, "load_after": os.getloadavg(), "df": df})
-    # front comparison at rank 64 on these layers (plain objective)
-    chosen_df, lq_df = rows[0].pop("df"), rows[1].pop("df")
-    for r, d in ((rows[0], chosen_df), (rows[1], lq_df)):
-        sw = sweep_space(d, set(d["config"]), "plain")
-        r["budgets"] = sw["budget"].tolist()
-        r["objective"] = sw["objective"].tolist()
+                     **{k: done[k] for k in ("wall_s", "load_before", "load_after", "date")},
+                     "budgets": sw["budget"].tolist(), "objective": sw["objective"].tolist()})
     return rows
+
+
+def prefix_tradeoff(df: pd.DataFrame, pool: Pool, chosen: list[str], sizes: list[int]) -> list[dict[str, Any]]:
+    """Worst exact-ILP ratio to lqlora (both objectives) and rank-0 cost for the first k chosen configs."""
+    lq = {c.name for c in _expand_grid(LQLORA_GRID, (0,))}
+    refs = {obj: sweep_space(df, lq, obj) for obj in pool.objectives}
+    out = []
+    for k in sizes:
+        names = set(chosen[:k])
+        row: dict[str, Any] = {"configs": k, "seconds_vs_lqlora": space_seconds(pool, names) / space_seconds(pool, lq)}
+        for obj in pool.objectives:
+            sw = sweep_space(df, names, obj)
+            ratios = (sw["objective"].to_numpy(float) / refs[obj]["objective"].to_numpy(float))
+            row[f"{obj}_worst"] = float(np.nanmax(np.where(np.isfinite(ratios), ratios, np.inf)))
+            row[f"{obj}_median"] = float(np.median(ratios))
+        out.append(row)
+    return out
 
 
 # ----- report ------------------------------------------------------------------------------------
@@ -295,6 +339,15 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
           "over prices spanning 2.25-4.5 bits/param, Fisher and plain objectives):", "",
           "| size | added | worst dual excess |", "| ---: | --- | ---: |"]
     L += [f"| {t['size']} | `{t['added']}` | {t['worst_dual_excess']:.4f} |" for t in res["trace"]] + [""]
+    if res.get("tradeoff"):
+        objs = [k[: -len("_worst")] for k in res["tradeoff"][0] if k.endswith("_worst")]
+        L += ["The first k configs of that ranking (exact ILP at 2.25:4.5:0.125, ratio to `lqlora`'s optimum):", "",
+              "| k | rank-0 cost vs lqlora | " + " | ".join(f"{o}: worst / median" for o in objs) + " |",
+              "| ---: | ---: |" + " ---: |" * len(objs)]
+        for t in res["tradeoff"]:
+            L.append(f"| {t['configs']} | {t['seconds_vs_lqlora']:.3f} | "
+                     + " | ".join(f"{t[o + '_worst']:.4f} / {t[o + '_median']:.4f}" for o in objs) + " |")
+        L.append("")
     L += ["## Spaces compared", "", "| space | configs | rank-0 profile CPU s (measured rows) | vs lqlora |",
           "| --- | ---: | ---: | ---: |"]
     lq = res["spaces"]["lqlora"]["seconds"]
@@ -305,7 +358,8 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
         names = [k[: -len("/lqlora")] for k in rows[0] if k.endswith("/lqlora")]
         L += [f"### Exact optimum relative to `lqlora`'s, objective `{obj}`", "",
               "Each cell: the space's exact ILP objective / lqlora's at the budget, and in brackets the "
-              "extra bits/param the space needs on its hull to reach lqlora's optimum (negative = fewer).", "",
+              "extra bits/param the space's Lagrangian hull needs to reach lqlora's hull at that budget "
+              "(negative = fewer).", "",
               "| budget | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
         for r in rows:
             cells = [f"{_fmt(r[f'{n}/lqlora'])} ({_fmt(r[f'{n}_bits_to_match'], '+.3f')})" for n in names]
@@ -314,9 +368,10 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
         L += ["", "Worst ratio over budgets: " + ", ".join(f"{n} {_fmt(v)}" for n, v in worst.items()), ""]
     if res.get("rank64"):
         L += ["## Rank 64, side by side (`bitalloc profile --no-fisher --ranks 64`)", "",
-              "| space | matrices | configs | wall s | load before -> after |", "| --- | ---: | ---: | ---: | --- |"]
+              "| space | matrices | configs | wall s | measured | load before -> after |",
+              "| --- | ---: | ---: | ---: | --- | --- |"]
         for r in res["rank64"]:
-            L.append(f"| {r['space']} | {r['matrices']} | {r['configs']} | {r['wall_s']:.1f} | "
+            L.append(f"| {r['space']} | {r['matrices']} | {r['configs']} | {r['wall_s']:.1f} | {r['date']} | "
                      f"{'/'.join(f'{x:.1f}' for x in r['load_before'])} -> {'/'.join(f'{x:.1f}' for x in r['load_after'])} |")
         a, b = res["rank64"]
         L += ["", f"Speedup of the chosen space: {b['wall_s'] / a['wall_s']:.1f}x.", "",
@@ -337,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--max-size", type=int, default=24)
+    p.add_argument("--size", type=int, default=None, help="keep the first N configs the selection ranked")
     p.add_argument("--rank-layers", default="0,15,29", help="layers for the rank-64 comparison ('' to skip)")
     p.add_argument("--work", default=str(ROOT / ".bench-cache" / "default_space"))
     p.add_argument("--out", default=str(ROOT / "reports" / "default_space"))
@@ -357,10 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     lq = {c.name for c in _expand_grid(LQLORA_GRID, (0,))}
     prev = {c.name for c in _expand_grid(PREVIOUS_DEFAULT, (0,))}
     spaces = {"pool": set(pool.configs), "lqlora": lq, "previous default": prev, "chosen": set(chosen)}
+    tradeoff = prefix_tradeoff(df, pool, chosen, [k for k in (6, 8, 12, 16, 20, 24) if k <= len(chosen)])
+    chosen = chosen[: args.size] if args.size else chosen
+    spaces["chosen"] = set(chosen)
     fronts = compare(df, spaces, pool.objectives)
-    chosen_file = work / "chosen.json"
-    chosen_file.write_text(json.dumps([QuantConfig.from_name(c).replace(rank=0).name for c in chosen]))
-    rank64 = rank_profile_timing(args, work, chosen_file) if args.rank_layers else []
+    rank64 = rank_profile_timing(args, work, chosen) if args.rank_layers else []
     seconds_file = work / "pool-profile-seconds.txt"
     res = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -371,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "pool_profile_seconds": (seconds_file.read_text().strip() + " s") if seconds_file.exists() else "reused",
         "chosen": chosen, "trace": trace,
         "spaces": {n: {"configs": len(s), "seconds": space_seconds(pool, s)} for n, s in spaces.items()},
-        "fronts": fronts, "rank64": rank64,
+        "fronts": fronts, "rank64": rank64, "tradeoff": tradeoff,
         "notes": [
             "Rank 0 isolates the quantizer; every rank adds the same factor bits to every config of a matrix.",
             "Profile seconds are those recorded per (matrix, config) row of the rank-0 pool profile "

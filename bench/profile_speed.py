@@ -206,6 +206,28 @@ def previous_stopping():
         lowrank._stop_opts = saved
 
 
+@contextmanager
+def previous_tolerances():
+    """Ablation: the tolerances before this change ({NF2: 1, NF3/NF4: 2, NF8: 0.3} x tol, and 3
+    steps of patience for NF8)."""
+    saved_stop, saved_tf = lowrank._stop_opts, dict(lowrank.TOL_FACTOR)
+    lowrank.TOL_FACTOR.update({2: 1.0, 3: 2.0, 4: 2.0, 8: 0.3})
+
+    def stop(cfg, tol):
+        out = saved_stop(cfg, tol)
+        if cfg.bits == 8:
+            out["patience"] = 3
+        return out
+
+    lowrank._stop_opts = stop
+    try:
+        yield
+    finally:
+        lowrank._stop_opts = saved_stop
+        lowrank.TOL_FACTOR.clear()
+        lowrank.TOL_FACTOR.update(saved_tf)
+
+
 def ratios(ours: list[dict], ref: list[dict], key: str = "error") -> list[float]:
     by = {r["config"]: r for r in ours}
     return [by[r["config"]]["error"] / r[key] for r in ref if r[key] > 0]
@@ -225,6 +247,8 @@ ABLATIONS = {
     "bitalloc (default)": ({}, "everything on"),
     "packing quantizer": ({}, "the loop calls quantize(...).dequantize() (bit packing) instead "
                               "of the packing-free quantize_dequantize", packing_quantizer),
+    "previous tolerances": ({}, "tol x {NF3/NF4: 2, NF8: 0.3} and 3 steps of patience for NF8 "
+                                "(the defaults before the current {NF3/NF4: 4, NF8: 2})", previous_tolerances),
     "previous stopping rule": ({}, "halve the step after any rise and give up below 0.2; one "
                                    "tolerance and patience for all code widths", previous_stopping),
     "cheap stop on": ({"cheap_stop": True}, "the factor-movement check before each quantize "
@@ -251,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see results.md)")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--full-model", action="append", default=[], metavar="SPEC",
-                    help="also time a whole-model `bitalloc profile`: default, lqlora, or lqlora@N "
-                         "(every N-th layer, extrapolated); repeatable")
+                    help="also time a whole-model `bitalloc profile`: SPACE[@N][:ranks=R][:jobs=J], e.g. "
+                         "default:ranks=auto or lqlora@10 (every N-th layer, extrapolated; ranks default 64, "
+                         "jobs default: the CLI's); repeatable")
     ap.add_argument("--skip-main", action="store_true",
                     help="only the --full-model runs, merged into the existing results.json")
     ap.add_argument("--quant-micro-json", action="store_true", help=argparse.SUPPRESS)
@@ -275,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.skip_main:
         result = json.loads((out / "results.json").read_text())
-        result.setdefault("full_model", {}).update(run_full_models(args.full_model, args.threads))
+        # replaced, not merged: timings from older code or another default space would mislead
+        result["full_model"] = run_full_models(args.full_model, args.threads)
         (out / "results.json").write_text(json.dumps(result, indent=1))
         (out / "results.md").write_text(render_md(result))
         log.info("wrote %s", out)
@@ -414,8 +440,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parse_full_spec(spec: str) -> tuple[str, str, str, str | None]:
+    """``SPACE[@EVERY][:ranks=R][:jobs=J]`` -> ``(space, every, ranks, jobs)``; ranks default 64."""
+    head, *opts = spec.split(":")
+    space, _, every = head.partition("@")
+    options = dict(o.split("=", 1) for o in opts)
+    unknown = set(options) - {"ranks", "jobs"}
+    if unknown:
+        raise SystemExit(f"--full-model {spec}: unknown option(s) {sorted(unknown)} (ranks=, jobs=)")
+    return space, every, options.get("ranks", "64"), options.get("jobs")
+
+
 def run_full_models(specs: list[str], threads: int) -> dict:
-    """Time ``bitalloc profile --no-fisher --space S --ranks 64`` of the built-in model per spec."""
+    """Time ``bitalloc profile --no-fisher --space S --ranks R [--jobs J]`` of the built-in model per spec."""
     from bitalloc.models import find_targets, load_model
 
     model, _ = load_model(None)
@@ -423,9 +460,9 @@ def run_full_models(specs: list[str], threads: int) -> dict:
     layers = sorted({int(n.split(".")[2]) for n in names if n.startswith("model.layers.")})
     out = {}
     for spec in specs:
-        space, _, every = spec.partition("@")
+        space, every, ranks, jobs = parse_full_spec(spec)
         cmd = [str(Path(sys.executable).with_name("bitalloc")), "profile", "--no-fisher", "--space", space,
-               "--ranks", "64", "--device", "cpu"]
+               "--ranks", ranks, "--device", "cpu"] + (["--jobs", jobs] if jobs else [])
         subset = None
         if every:
             subset = layers[:: int(every)]
@@ -448,7 +485,8 @@ def run_full_models(specs: list[str], threads: int) -> dict:
             "wall_s": wall, "configs_per_s": n_mat * n_cfg / wall,
             "extrapolated_full_model_wall_s": wall * factor if subset is not None else None,
             "load_average_start": list(load0), "load_average_end": list(load1),
-            "torch_threads": threads, "cpu_count": os.cpu_count(),
+            "torch_threads": threads, "cpu_count": os.cpu_count(), "ranks": meta["ranks"],
+            "jobs": jobs or "auto", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         log.info("full model %s: %.1f s wall for %d matrices x %d configs", spec, wall, n_mat, n_cfg)
     return out
@@ -478,8 +516,8 @@ NOTES = """## Notes
   after a rise; plain steps that rise go on; one subspace pass per step reusing the last
   subspace, its small SVD through a float64 Gram eigendecomposition; Q quantized against the
   stored (bf16) factors with the packing-free quantizer and packed only when `Decomposition.q`
-  is read; best iterate; stop when the best fell by less than tol x {NF2: 1, NF3/NF4: 2,
-  NF8: 0.3} (tol = 1e-2) over 2 steps (3 for NF8).
+  is read; best iterate; stop when the best fell by less than tol x {NF2: 1, NF3/NF4: 4,
+  NF8: 2} (tol = 1e-2) over 2 steps.
 - glibc returns freed multi-MB blocks to the OS by default, so each temporary of the loop
   page-faults in again; bitalloc raises the trim threshold (`lowrank._keep_freed_memory`, off
   with `BITALLOC_MALLOC_DEFAULTS=1`). The micro-benchmark table shows what that buys.
@@ -502,13 +540,15 @@ def _goals(r: dict) -> list[str]:
         f"{100 * (e['max'] - 1):.1f}% ({'met' if e['worse_than_1pct'] == 0 else 'not met'}); by code width: "
         f"{_by_bits(r)};",
     ]
-    for spec, goal_min in (("lqlora", 15), ("default", 3)):
-        f = next((v for k, v in r.get("full_model", {}).items() if k.split("@")[0] == spec), None)
-        if f is None:
+    for key, f in r.get("full_model", {}).items():
+        space = parse_full_spec(key)[0]
+        goal_min = {"lqlora": 15, "default": 3}.get(space)
+        if goal_min is None:
             continue
         full = f["extrapolated_full_model_wall_s"] or f["wall_s"]
         how = "extrapolated from every " + spec_every(f) + " layer" if f["extrapolated_full_model_wall_s"] else "measured"
-        lines.append(f"- full `{spec}` profile of the built-in model under {goal_min} min on this machine: "
+        lines.append(f"- full `{space}` profile of the built-in model under {goal_min} min on this machine, "
+                     f"ranks {f.get('ranks', [64])}, {f.get('jobs', 1)} worker process(es) (`{key}`): "
                      f"**{full / 60:.1f} min** ({how}; {'met' if full <= 60 * goal_min else 'not met'});")
     return lines + [""]
 

@@ -147,7 +147,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         fisher=not args.no_fisher, fisher_mode=args.fisher_mode, space=args.space,
         ranks=parse_ranks(args.ranks), include=args.include, exclude=args.exclude,
         device=args.device, shard=args.shard, resume=args.resume, seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet, jobs=args.jobs,
     )
     if args.executor == "ray":
         from bitalloc.profiles.ray_executor import profile_with_ray
@@ -332,11 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fisher-mode", choices=["exact", "batched"], default=None,
                    help="exact: one sequence per backward pass (LQ-LoRA); batched: cheaper (default: chosen per device)")
     p.add_argument("--space", default="default", help="config space: default, lqlora, or a JSON/YAML file")
-    p.add_argument("--ranks", default="64", help="low-rank ranks: one value fixes it, several let the solver choose (e.g. 0,16,64)")
+    p.add_argument("--ranks", default="auto",
+                   help="low-rank ranks: one value fixes it, several let the solver choose (e.g. 0,16,64); "
+                        "auto (default): 0 and the largest power of two whose bf16 factors cost at most 0.5 "
+                        "bits/param on the median target (0,8 on the built-in model, 0,64 on a 7B)")
     _add_target_filters(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     p.add_argument("--out", default="profile", help="profile directory (default ./profile)")
     p.add_argument("--shard", default=None, help="i/n: profile every n-th matrix starting at the i-th (1 <= i <= n)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="CPU worker processes, one matrix each at a time (default: one per core when the "
+                        "profile is big enough to pay for starting them; 1 on CUDA)")
     p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",

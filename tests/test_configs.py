@@ -162,3 +162,23 @@ def test_parse_ranks():
     for bad in ["", "a", "-1", "4,,x"]:
         with pytest.raises(ValueError, match="--ranks"):
             parse_ranks(bad)
+
+
+def test_auto_ranks_follow_the_factor_cost_of_the_median_target():
+    from bitalloc.configs import auto_ranks, parse_ranks, resolve_ranks
+
+    smollm = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    assert auto_ranks(smollm) == (0, 8)
+    llama7b = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]
+    assert auto_ranks(llama7b) == (0, 64)
+    assert auto_ranks([(8192, 8192)]) == (0, 64)  # capped at LQ-LoRA's 64
+    assert auto_ranks([(32, 64)]) == (0,)  # factors would cost too much even at rank 4
+    for rows, cols in smollm:  # rank 8 costs at most 0.5 bits/param on the median (576 x 576)
+        assert 8 * 16 * (rows + cols) / (rows * cols) <= 1.0
+    assert parse_ranks("auto") == "auto" and parse_ranks(" AUTO ") == "auto"
+    assert resolve_ranks("auto", smollm) == (0, 8)
+    assert resolve_ranks("0,16", smollm) == (0, 16) and resolve_ranks((4,), smollm) == (4,)
+    with pytest.raises(ValueError, match="auto"):
+        parse_ranks("sometimes")
+    with pytest.raises(ValueError, match="at least one"):
+        auto_ranks([])

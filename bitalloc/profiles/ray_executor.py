@@ -175,7 +175,7 @@ def _prepare_task(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, by
 
 
 def _prepare(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, bytes]]:
-    from bitalloc.configs import config_space
+    from bitalloc.configs import config_space, resolve_ranks
     from bitalloc.models import find_targets, load_model, target_weight
     from bitalloc.models.fisher import model_fingerprint
     from bitalloc.profiles.runner import (
@@ -183,16 +183,17 @@ def _prepare(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, bytes]]
     )
 
     device = resolve_device(request.device)
-    configs = config_space(request.space, ranks=tuple(request.ranks))
     model, tokenizer = load_model(request.model)
     targets = find_targets(model, include=request.include, exclude=request.exclude)
     shapes = [tuple(target_weight(m).shape) for _, m in targets]
+    ranks = resolve_ranks(request.ranks, shapes)
+    configs = config_space(request.space, ranks=ranks)
     check_ranks_fit(targets, shapes, configs)
     model_hash = model_fingerprint(model)
     info: dict[str, Any] = {
         "host": socket.gethostname(), "device": str(device), "model_hash": model_hash,
         "targets": [{"name": n, "rows": r, "cols": c} for (n, _), (r, c) in zip(targets, shapes)],
-        "configs": [c.name for c in configs], "calibration": None, "fisher_files": {},
+        "configs": [c.name for c in configs], "ranks": list(ranks), "calibration": None, "fisher_files": {},
     }
     files: dict[str, bytes] = {}
     if request.fisher:
@@ -279,7 +280,7 @@ def _existing_shard_count(root: Path) -> int | None:
 
 def _expected_meta(request: ProfileRequest, info: Mapping[str, Any], i: int, n: int) -> dict[str, Any]:
     return {"model": request.model or "smollm2-135m", "model_hash": info["model_hash"], "targets": info["targets"],
-            "space": str(request.space), "ranks": list(request.ranks), "configs": info["configs"],
+            "space": str(request.space), "ranks": info["ranks"], "configs": info["configs"],
             "fisher": bool(request.fisher), "calibration": info["calibration"], "seed": request.seed,
             "shard": f"{i}/{n}"}
 
@@ -353,7 +354,7 @@ def profile_with_ray(
         request, model=_absolute_if_local(request.model, ("smollm2-135m",)),
         calib=_absolute_if_local(request.calib, ("wikitext2", "wikitext-2", "wikitext", "c4")),
         space=_absolute_if_local(str(request.space), tuple(BUILTIN_SPACES)), progress=False, resume=False,
-        shard=None,
+        shard=None, jobs=1,  # a task has one CPU (or GPU): no worker processes inside it
     )
 
     started_here = not ray.is_initialized()
@@ -384,6 +385,7 @@ def profile_with_ray(
         log.info("prepared on %s in %.1f s: %d targets, %d configs%s", info["host"], time.perf_counter() - t0,
                  n_targets, len(info["configs"]),
                  ", Fisher estimate ready" if info["fisher_files"] else "")
+        base = dataclasses.replace(base, ranks=tuple(info["ranks"]))  # "auto" resolved once, for every shard
         if info["calibration"] is not None:  # the shards must use exactly these settings
             cal = info["calibration"]
             base = dataclasses.replace(base, samples=cal["samples"], seqlen=cal["seqlen"], fisher_mode=cal["mode"])

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bitalloc import __version__
-from bitalloc.configs import QuantConfig, config_space
+from bitalloc.configs import QuantConfig, config_space, resolve_ranks
 from bitalloc.profiles.shards import parse_shard, shard_indices
 from bitalloc.profiles.store import (
     PROFILE_FORMAT,
@@ -48,7 +48,7 @@ class ProfileRequest:
     fisher: bool = True
     fisher_mode: str | None = None
     space: str = "default"
-    ranks: Sequence[int] = (64,)
+    ranks: Sequence[int] | str = "auto"
     include: str | None = None
     exclude: str | None = None
     device: str = "auto"
@@ -56,6 +56,7 @@ class ProfileRequest:
     resume: bool = False
     seed: int = 0
     progress: bool = True
+    jobs: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -163,13 +164,18 @@ def profile(request: ProfileRequest,
     decompose_fn = decompose_fn or decompose_many
     out = Path(request.out)
     shard = parse_shard(request.shard)
-    configs = config_space(request.space, ranks=tuple(request.ranks))
+    if not isinstance(request.ranks, str):
+        config_space(request.space, ranks=tuple(request.ranks))  # bad space or ranks: fail before loading
+    else:
+        config_space(request.space, ranks=(0,))
     device = resolve_device(request.device)
     started = time.perf_counter()
 
     model, tokenizer = load_model(request.model)
     targets = find_targets(model, include=request.include, exclude=request.exclude)
     shapes = [tuple(target_weight(m).shape) for _, m in targets]
+    ranks = resolve_ranks(request.ranks, shapes)
+    configs = config_space(request.space, ranks=ranks)
     work = shard_indices(len(targets), shard)
     check_ranks_fit(targets, shapes, configs)
     calibration = calibration_settings(request, device) if request.fisher else None
@@ -178,7 +184,7 @@ def profile(request: ProfileRequest,
         "model": request.model or "smollm2-135m", "model_hash": model_fingerprint(model),
         "targets": [{"name": n, "rows": r, "cols": c} for (n, _), (r, c) in zip(targets, shapes)],
         "include": request.include, "exclude": request.exclude,
-        "space": str(request.space), "ranks": list(request.ranks),
+        "space": str(request.space), "ranks": list(ranks),
         "configs": [c.name for c in configs],
         "fisher": bool(request.fisher), "calibration": calibration,
         "seed": request.seed, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
@@ -188,20 +194,25 @@ def profile(request: ProfileRequest,
     todo = [i for i in work if i not in done]
 
     fisher = _fisher_for(model, tokenizer, targets, calibration, request, meta["model_hash"], device) if todo else None
+    size = sum(shapes[i][0] * shapes[i][1] for i in todo) * len(configs)
+    jobs = resolve_jobs(request.jobs, device, len(todo), size) if decompose_fn is decompose_many else 1
     bar = tqdm(total=len(work) * len(configs), initial=len(set(work) & done) * len(configs),
-               unit="cfg", desc="profile", disable=not request.progress)
+               unit="cfg", desc="profile" if jobs == 1 else f"profile ({jobs} processes)",
+               disable=not request.progress)
+
+    def task(index: int) -> tuple[int, str, torch.Tensor, torch.Tensor | None, list[QuantConfig]]:
+        name, module = targets[index]
+        W = float_target_weight(name, module, device)
+        F = None if fisher is None else fisher[name].to(device=device, dtype=torch.float32)
+        return index, name, W, F, [c for c in configs if c.rank <= min(W.shape)]
+
     try:
-        for index in todo:
-            name, module = targets[index]
-            W = float_target_weight(name, module, device)
-            F = None if fisher is None else fisher[name].to(device=device, dtype=torch.float32)
-            usable = [c for c in configs if c.rank <= min(W.shape)]
-            torch.manual_seed(request.seed * 100003 + index)
-            t0 = time.perf_counter()
-            decs = decompose_fn(W, usable, fisher=F)
-            rows = _matrix_rows(index, name, W, usable, decs, time.perf_counter() - t0)
-            write_part(out, index, rows)
-            bar.update(len(configs))
+        if jobs == 1:
+            for index in todo:
+                write_part(out, index, _profile_matrix(*task(index), request.seed, decompose_fn))
+                bar.update(len(configs))
+        else:
+            _profile_in_processes(todo, task, jobs, request.seed, out, lambda: bar.update(len(configs)))
     finally:
         bar.close()
 
@@ -210,6 +221,88 @@ def profile(request: ProfileRequest,
     write_table(out, table, meta)
     log.info("profile %s: %d rows for %d matrices x %d configs", out, len(table), len(work), len(configs))
     return out
+
+
+#: With ``jobs`` unset, worker processes pay off only above this many (parameter x config)
+#: entries: starting one costs seconds (it imports torch), a tiny model's profile less.
+AUTO_JOBS_MIN_WORK = 50_000_000
+
+
+def resolve_jobs(jobs: int | None, device: torch.device, matrices: int, work: float = math.inf) -> int:
+    """Worker processes for a profile: ``jobs``, or with None/0 one per CPU core when the work
+    (parameters x configs left to do) is large enough; always 1 on CUDA and never more than the
+    matrices left to do."""
+    if jobs is not None and jobs < 0:
+        raise ValueError(f"--jobs must be >= 0 (0 = one per CPU core), got {jobs}")
+    if device.type != "cpu":
+        return 1
+    if not jobs:
+        jobs = (os.cpu_count() or 1) if work >= AUTO_JOBS_MIN_WORK else 1
+    return max(1, min(jobs, matrices))
+
+
+def _profile_matrix(index: int, name: str, W: torch.Tensor, F: torch.Tensor | None, configs: list[QuantConfig],
+                    seed: int, decompose_fn: Callable[..., Sequence[Any]]) -> pd.DataFrame:
+    """The profile rows of one matrix (seeded by the profile's seed and the matrix index)."""
+    torch.manual_seed(seed * 100003 + index)
+    t0 = time.perf_counter()
+    decs = decompose_fn(W, configs, fisher=F)
+    return _matrix_rows(index, name, W, configs, decs, time.perf_counter() - t0)
+
+
+def _worker_init() -> None:
+    import multiprocessing as mp
+    import threading
+
+    # each worker process owns one core: a second torch thread would only contend
+    torch.set_num_threads(1)
+    parent = mp.parent_process()
+    if parent is not None:  # a killed profile must not leave its workers behind
+
+        def exit_with_parent() -> None:
+            parent.join()
+            os._exit(1)
+
+        threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def _worker_profile_matrix(index: int, name: str, W: torch.Tensor, F: torch.Tensor | None,
+                           config_names: list[str], seed: int) -> pd.DataFrame:
+    from bitalloc.lowrank import decompose_many
+
+    configs = [QuantConfig.from_name(c) for c in config_names]
+    return _profile_matrix(index, name, W, F, configs, seed, decompose_many)
+
+
+def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], jobs: int, seed: int,
+                          out: Path, done_one: Callable[[], None]) -> None:
+    """Profile ``todo`` in ``jobs`` single-threaded worker processes, each part written as it arrives.
+
+    At most two matrices per worker are in flight, so the float32 copies waiting to be worked
+    on stay a few matrices, never the model. An interrupt or a failed matrix stops the pool;
+    the parts already written stay for a resume.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    pending = list(todo)
+    running: dict[cf.Future, int] = {}
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+        try:
+            while pending or running:
+                while pending and len(running) < 2 * jobs:
+                    index, name, W, F, configs = task(pending.pop(0))
+                    fut = pool.submit(_worker_profile_matrix, index, name, W.cpu(), None if F is None else F.cpu(),
+                                      [c.name for c in configs], seed)
+                    running[fut] = index
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    write_part(out, running.pop(fut), fut.result())
+                    done_one()
+        except BaseException:
+            for fut in running:
+                fut.cancel()
+            raise
 
 
 def calibration_settings(request: ProfileRequest, device: torch.device) -> dict[str, Any]:

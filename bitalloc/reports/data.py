@@ -344,7 +344,9 @@ def load_evals(path: str | os.PathLike[str]) -> pd.DataFrame:
 
     Required keys: ``label`` (str), ``bits_per_param`` (number, or null for the unquantized
     original), ``perplexity`` (number). Optional: ``kl``, ``baseline`` (bool), ``kind``,
-    ``budget``, ``objective``, ``model``; other keys are ignored. Blank lines are skipped;
+    ``budget``, ``objective``, ``rank_mode`` (how the rank was set, e.g. ``fixed`` or
+    ``solver``: points of one objective and rank mode make one curve), ``model``; other keys
+    are ignored. Blank lines are skipped;
     an empty file, bad JSON or a missing key is an error naming the line.
     """
     path = Path(path)
@@ -396,6 +398,7 @@ def _eval_record(obj: dict[str, Any], path: Path, number: int) -> dict[str, Any]
         "kind": kind,
         "budget": _number(budget, where, "budget", nullable=True),
         "objective": _objective_name(obj["objective"]) if obj.get("objective") is not None else "",
+        "rank_mode": str(obj["rank_mode"]) if obj.get("rank_mode") is not None else None,
     }
 
 

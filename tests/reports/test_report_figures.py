@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -147,3 +148,25 @@ def test_a_destroyed_model_is_listed_off_scale_not_plotted_to_the_top():
     assert ax.get_ylim()[1] == pytest.approx(OFF_SCALE_FACTOR * 16.0)
     notes = [t.get_text() for t in ax.texts if "off scale" in t.get_text()]
     assert len(notes) == 1 and "ours-2.5" in notes[0] and "ours-3" not in notes[0]
+
+
+def test_fixed_and_solver_rank_points_of_one_objective_are_separate_curves(tmp_path):
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from bitalloc.reports import load_evals
+    from bitalloc.reports.pareto import _measured_panel
+
+    path = tmp_path / "e.jsonl"
+    rows = [{"label": "original", "bits_per_param": None, "perplexity": 16.0}]
+    rows += [{"label": f"{mode}-{b}", "bits_per_param": b, "perplexity": 30 - 2 * b + (mode == "fixed"),
+              "objective": "fisher", "rank_mode": mode} for mode in ("fixed", "solver") for b in (3.0, 3.5, 4.0)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    evals = load_evals(path)
+    assert pd.isna(evals["rank_mode"].iloc[0])
+    assert evals["rank_mode"].iloc[1:].tolist() == ["fixed"] * 3 + ["solver"] * 3
+    ax = Figure().add_subplot()
+    _measured_panel(ax, evals, "perplexity", "perplexity", "measured", (2.0, 5.0))
+    curves = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    assert curves["bitalloc (fisher), rank fixed"] == [3.0, 3.5, 4.0]
+    assert curves["bitalloc (fisher), rank solver"] == [3.0, 3.5, 4.0]

@@ -1,0 +1,114 @@
+"""`bitalloc profile --jobs N`: worker processes give the same table, and die with a killed profile."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bitalloc.profiles import ProfileRequest, load_profile, profile
+from bitalloc.profiles.runner import AUTO_JOBS_MIN_WORK, resolve_jobs
+
+
+SPACE = ["nf2-g16-s8x16-r0", "nf4-g16-s16-r0", "nf3-g32-s4x16-r4", "nf8-g16-s8x16-r8"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def space_file(tmp_path) -> Path:
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(SPACE))
+    return path
+
+
+def _request(model_dir, out, space_file, **kw) -> ProfileRequest:
+    return ProfileRequest(model=str(model_dir), out=out, space=str(space_file), progress=False, fisher=False,
+                          **kw)
+
+
+def _without_timing(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=["seconds"]).reset_index(drop=True)
+
+
+def test_resolve_jobs():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_jobs(3, cpu, 10) == 3
+    assert resolve_jobs(8, cpu, 2) == 2  # never more than the matrices left
+    assert resolve_jobs(4, cuda, 10) == 1  # one device: one process
+    assert resolve_jobs(None, cpu, 10, work=AUTO_JOBS_MIN_WORK - 1) == 1  # tiny: not worth a process start
+    assert resolve_jobs(0, cpu, 10_000, work=AUTO_JOBS_MIN_WORK) == (os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="--jobs"):
+        resolve_jobs(-1, cpu, 10)
+
+
+def test_worker_processes_give_the_same_table(tiny_llama_dir, tmp_path, space_file):
+    one, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "one", space_file, jobs=1)))
+    two, meta = load_profile(profile(_request(tiny_llama_dir, tmp_path / "two", space_file, jobs=2)))
+    assert meta["complete"]
+    pd.testing.assert_frame_equal(_without_timing(two), _without_timing(one), check_exact=False, rtol=1e-6)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if f"\nPPid:\t{pid}\n" in text:
+            kids.append(int(status.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to find the workers")
+def test_killed_profile_takes_its_workers_with_it_and_resumes(tiny_llama_dir, tmp_path, space_file):
+    out = tmp_path / "killed"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from bitalloc.cli import main
+        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher",
+                       "--space", {str(space_file)!r}, "--jobs", "2", "--out", {str(out)!r}]))
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and proc.poll() is None:
+        workers = [k for k in _children(proc.pid)]
+        if len(workers) >= 2 and (out / "parts").is_dir():
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the profile finished before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() and _alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists() and _alive(w)], "workers outlived the profile"
+    resumed, _ = load_profile(profile(_request(tiny_llama_dir, out, space_file, jobs=1)))
+    full, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "full", space_file, jobs=1)))
+    pd.testing.assert_frame_equal(_without_timing(resumed), _without_timing(full), check_exact=False, rtol=1e-6)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("\nState:\t", 1)[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
