@@ -103,7 +103,7 @@ def make_profile(args: argparse.Namespace, work: Path) -> Path:
         prepare_fisher(ProfileRequest(calib=args.calib, samples=args.samples, seqlen=args.calib_seqlen,
                                       include=args.include, device="cpu", progress=False))
         shards = [work / f"shard-{i}-of-{args.jobs}" for i in range(1, args.jobs + 1)]
-        procs = [subprocess.Popen(_cli(*common, "--shard", f"{i}/{args.jobs}", "--out", str(shards[i - 1])),
+        procs = [subprocess.Popen(_cli(*common, "--jobs", "1", "--shard", f"{i}/{args.jobs}", "--out", str(shards[i - 1])),
                                   cwd=ROOT, env=_one_thread_env()) for i in range(1, args.jobs + 1)]
         if any(p.wait() for p in procs):
             raise RuntimeError("a shard failed; rerun to resume")

@@ -90,7 +90,7 @@ def make_profile(args: argparse.Namespace, work: Path) -> Path:
         _precompute_fisher(args)  # once, so the shards read it from the cache
         shard_dirs = [work / f"shard-{i}-of-{args.jobs}" for i in range(1, args.jobs + 1)]
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda i: _run(_cli("-q", "profile", *common, "--shard", f"{i}/{args.jobs}",
+            list(pool.map(lambda i: _run(_cli("-q", "profile", *common, "--jobs", "1", "--shard", f"{i}/{args.jobs}",
                                               "--out", str(shard_dirs[i - 1])), _one_thread_env()),
                           range(1, args.jobs + 1)))
         merge_profiles(shard_dirs, out)
