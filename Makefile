@@ -28,9 +28,9 @@ test-slow: setup
 
 # The main job on the built-in model: profile (default space, Fisher) -> sweep -> solve and apply at
 # three budgets -> evaluate each against the original -> report. WikiText-2 from ../shared/data when
-# present, else text sampled from the model itself. DEMO_RANKS=0,8 also lets the solver choose a
-# low-rank part (much slower on a CPU: every rank > 0 config is an iterative decomposition).
-DEMO_RANKS ?= 0
+# present, else text sampled from the model itself (cached, so every model is scored on the same
+# tokens). DEMO_RANKS=auto (the CLI's default) lets the solver choose rank 0 or 8 per matrix; 0 is faster.
+DEMO_RANKS ?= auto
 DEMO_BUDGETS ?= 2.75 3.25 4.25
 DEMO_TEXT := $(if $(wildcard ../shared/data/wikitext2-valid.tokens),wikitext2,self:16)
 demo: setup

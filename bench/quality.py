@@ -175,6 +175,8 @@ def apply_all(args: argparse.Namespace, entries: list[dict[str, Any]], work: Pat
         e["dir"] = str(work / "models" / e["label"])
         if (Path(e["dir"]) / "bitalloc.json").is_file() or e["label"] in done or args.jobs <= 1:
             continue
+        if args.only and not re.search(args.only, e["label"]):  # not to be evaluated in this run
+            continue
         todo.append(_apply_command(args, e))
     started = time.perf_counter()
     env = _one_thread_env() if args.jobs > 1 else None

@@ -66,3 +66,31 @@ def test_eval_append_to_an_unwritable_path_fails_before_evaluating(tiny_llama_di
     folder.mkdir()
     assert main(["eval", str(tiny_llama_dir), "--seqlen", "32", "--append", str(folder)]) == 2
     assert "a-directory" in capsys.readouterr().err
+
+
+def test_eval_dir_on_self_text_samples_the_source_model_once(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """Without any text, `eval DIR --data self:N` scores every model on the source model's samples."""
+    from bitalloc.models import sampling
+
+    out = tmp_path / "nf3"
+    assert main(["-q", "apply", "--uniform", "nf3-g16-s16-r0", "--model", str(tiny_llama_dir), "--out", str(out)]) == 0
+    capsys.readouterr()
+    sampled = []
+    real = sampling.sample_sequences
+    from bitalloc.apply import QuantizedLinear
+
+    def quantized_model(m) -> bool:
+        return any(isinstance(mod, QuantizedLinear) for mod in m.modules())
+
+    monkeypatch.setattr(sampling, "sample_sequences",
+                        lambda m, *a, **kw: sampled.append(quantized_model(m)) or real(m, *a, **kw))
+    base = ["--data", "self:3", "--seqlen", "24", "--json"]
+    assert main(["-q", "eval", str(out), "--no-kl", *base]) == 0
+    quantized = _last_json(capsys)
+    assert main(["-q", "eval", str(tiny_llama_dir), *base]) == 0
+    original = _last_json(capsys)
+    assert main(["-q", "eval", str(out), *base]) == 0  # with KL: the reference is the source model
+    with_kl = _last_json(capsys)
+    assert sampled == [False]  # once, from the source model (not the quantized one); then from the cache
+    assert quantized["data"] == original["data"] == "self:3" and quantized["tokens"] == original["tokens"] == 3 * 23
+    assert with_kl["perplexity"] == pytest.approx(quantized["perplexity"], rel=1e-6) and with_kl["kl"] > 0
