@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,20 +18,10 @@ from bitalloc.profiles import ProfileRequest, load_profile, profile
 from bitalloc.profiles.runner import AUTO_JOBS_MIN_WORK, resolve_jobs
 
 
-SPACE = ["nf2-g16-s8x16-r0", "nf4-g16-s16-r0", "nf3-g32-s4x16-r4", "nf8-g16-s8x16-r8"]
-
-
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def space_file(tmp_path) -> Path:
-    path = tmp_path / "space.json"
-    path.write_text(json.dumps(SPACE))
-    return path
 
 
 def _request(model_dir, out, space_file, **kw) -> ProfileRequest:

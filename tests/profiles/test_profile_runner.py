@@ -28,13 +28,6 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture
-def space_file(tmp_path) -> Path:
-    path = tmp_path / "space.json"
-    path.write_text(json.dumps(SPACE))
-    return path
-
-
 def _request(model_dir, out, space_file, **kw) -> ProfileRequest:
     kw.setdefault("fisher", False)
     return ProfileRequest(model=str(model_dir), out=out, space=str(space_file), progress=False, **kw)

@@ -50,13 +50,6 @@ def ray_local(worker_cache):
 
 
 @pytest.fixture
-def space_file(tmp_path) -> Path:
-    path = tmp_path / "space.json"
-    path.write_text(json.dumps(SPACE))
-    return path
-
-
-@pytest.fixture
 def driver_cache(tmp_path, monkeypatch) -> Path:
     """This process's own cache (the workers keep theirs)."""
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "driver-cache"))
