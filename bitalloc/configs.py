@@ -261,6 +261,9 @@ def _unique(configs: Iterable[QuantConfig]) -> list[QuantConfig]:
     return list(seen.values())
 
 
+_HAS_RANK = re.compile(r"-r\d+(-lr8)?$")
+
+
 def _load_space_file(path: Path, ranks: Sequence[int]) -> list[QuantConfig]:
     text = path.read_text()
     try:
@@ -279,7 +282,11 @@ def _load_space_file(path: Path, ranks: Sequence[int]) -> list[QuantConfig]:
     elif isinstance(data, list):
         configs = []
         for item in data:
-            if isinstance(item, str):
+            if isinstance(item, str) and not _HAS_RANK.search(item.strip()):
+                # a name without -r{rank}: one config per rank of `ranks`
+                head, lr8 = (item.strip()[:-4], "-lr8") if item.strip().endswith("-lr8") else (item.strip(), "")
+                configs.extend(QuantConfig.from_name(f"{head}-r{r}{lr8 if r else ''}") for r in ranks)
+            elif isinstance(item, str):
                 configs.append(QuantConfig.from_name(item))
             elif isinstance(item, dict):
                 configs.append(QuantConfig(**item))
@@ -299,7 +306,8 @@ def _load_space_file(path: Path, ranks: Sequence[int]) -> list[QuantConfig]:
 def config_space(name: str | Path = "default", ranks: Sequence[int] = (64,)) -> list[QuantConfig]:
     """The configs of a space: ``"lqlora"`` (288 per rank), ``"default"`` (24 per rank), or a JSON/YAML file.
 
-    A file holds either a list of config names (``["nf4-g64-s8x256-r0", ...]``) or dicts,
+    A file holds either a list of config names (``["nf4-g64-s8x256-r0", ...]``; a name without
+    ``-r{rank}``, like ``"nf4-g64-s8x256"``, takes each rank of ``ranks``) or dicts,
     or a grid ``{"bits": [...], "block": [...], ...}`` expanded as a product; a grid without
     ``rank`` takes ``ranks``.
     """

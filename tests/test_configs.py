@@ -129,6 +129,17 @@ def test_space_files(tmp_path):
     names = tmp_path / "names.json"
     names.write_text(json.dumps(["nf4-g64-s8x256-r0", "nf2-g16-s16-r8"]))
     assert [c.name for c in config_space(names)] == ["nf4-g64-s8x256-r0", "nf2-g16-s16-r8"]
+    assert [c.name for c in config_space(names, ranks=(4,))] == ["nf4-g64-s8x256-r0", "nf2-g16-s16-r8"]
+
+    rankless = tmp_path / "rankless.json"  # names without -r{rank} take --ranks
+    rankless.write_text(json.dumps(["nf4-g64-s8x256", "nf3-g32-s4x64-fp32-lr8", "nf2-g16-s16-r8"]))
+    assert [c.name for c in config_space(rankless, ranks=(0, 16))] == [
+        "nf4-g64-s8x256-r0", "nf4-g64-s8x256-r16", "nf3-g32-s4x64-fp32-r0", "nf3-g32-s4x64-fp32-r16-lr8",
+        "nf2-g16-s16-r8"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(["nf4-gXX"]))
+    with pytest.raises(ValueError, match="invalid config name"):
+        config_space(bad)
 
     grid = tmp_path / "grid.yaml"
     grid.write_text("bits: [2, 4]\nblock: [64]\nscale_bits: [8]\nscale_block: [256]\n")
