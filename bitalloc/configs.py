@@ -285,7 +285,12 @@ def _load_space_file(path: Path, ranks: Sequence[int]) -> list[QuantConfig]:
             if isinstance(item, str) and not _HAS_RANK.search(item.strip()):
                 # a name without -r{rank}: one config per rank of `ranks`
                 head, lr8 = (item.strip()[:-4], "-lr8") if item.strip().endswith("-lr8") else (item.strip(), "")
-                configs.extend(QuantConfig.from_name(f"{head}-r{r}{lr8 if r else ''}") for r in ranks)
+                for r in ranks:
+                    name = f"{head}-r{r}{lr8 if r else ''}"
+                    try:
+                        configs.append(QuantConfig.from_name(name))
+                    except ValueError as exc:  # name the entry as the file spells it
+                        raise ValueError(str(exc).replace(repr(name), repr(item), 1)) from None
             elif isinstance(item, str):
                 configs.append(QuantConfig.from_name(item))
             elif isinstance(item, dict):
