@@ -75,8 +75,8 @@ def _one_thread_env() -> dict[str, str]:
 
 
 def make_profile(args: argparse.Namespace, work: Path) -> Path:
-    """The rank-0 pool profile (resumed when it exists)."""
-    from bitalloc.profiles import load_profile, merge_profiles
+    """The rank-0 pool profile, with ``--jobs`` worker processes; resumed when it exists."""
+    from bitalloc.profiles import load_profile
 
     out = work / "pool-profile"
     try:
@@ -88,26 +88,13 @@ def make_profile(args: argparse.Namespace, work: Path) -> Path:
         pass
     space_file = work / "pool.json"
     space_file.write_text(json.dumps([c.name for c in pool_configs()], indent=1))
-    common = ["profile", "--space", str(space_file), "--ranks", "0", "--calib", args.calib,
-              "--samples", str(args.samples), "--seqlen", str(args.calib_seqlen), "--device", "cpu"]
+    cmd = ["profile", "--space", str(space_file), "--ranks", "0", "--calib", args.calib,
+           "--samples", str(args.samples), "--seqlen", str(args.calib_seqlen), "--device", "cpu",
+           "--jobs", str(max(0, args.jobs)), "--out", str(out)]
     if args.include:
-        common += ["--include", args.include]
+        cmd += ["--include", args.include]
     started = time.perf_counter()
-    if args.jobs <= 1:
-        subprocess.run(_cli(*common, "--out", str(out)), check=True, cwd=ROOT)
-    else:
-        from bitalloc.profiles import ProfileRequest
-        from bitalloc.profiles.runner import prepare_fisher
-
-        # the Fisher estimate first (cached), so that the shards read it instead of each computing it
-        prepare_fisher(ProfileRequest(calib=args.calib, samples=args.samples, seqlen=args.calib_seqlen,
-                                      include=args.include, device="cpu", progress=False))
-        shards = [work / f"shard-{i}-of-{args.jobs}" for i in range(1, args.jobs + 1)]
-        procs = [subprocess.Popen(_cli(*common, "--jobs", "1", "--shard", f"{i}/{args.jobs}", "--out", str(shards[i - 1])),
-                                  cwd=ROOT, env=_one_thread_env()) for i in range(1, args.jobs + 1)]
-        if any(p.wait() for p in procs):
-            raise RuntimeError("a shard failed; rerun to resume")
-        merge_profiles(shards, out)
+    subprocess.run(_cli(*cmd), check=True, cwd=ROOT)
     (work / "pool-profile-seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
     return out
 
@@ -389,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--include", default=None, help="only these targets (a regex), for smoke runs")
-    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=0, help="profile worker processes (0: one per core)")
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--max-size", type=int, default=24)
     p.add_argument("--size", type=int, default=None, help="keep the first N configs the selection ranked")

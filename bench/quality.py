@@ -13,8 +13,9 @@ on WikiText-2 validation (GPTQ convention, ``--windows`` x ``--seqlen``), perple
 the original. Writes ``results.{md,json}``, ``evals.jsonl`` and ``quality.png`` to ``--out``.
 
 Work (profile, allocations, applied models, per-model results) goes to ``--work`` and is
-resumed on a rerun. ``--jobs N`` runs the profile as N shard processes and N applies at a
-time (one torch thread each); evaluation runs in this process on ``--device``.
+resumed on a rerun. ``--jobs N`` runs the profile with N worker processes (`bitalloc profile
+--jobs N`) and N applies at a time (one torch thread each); evaluation runs in this process on
+``--device``.
 
     python bench/quality.py                      # the committed run (see reports/quality/)
     python bench/quality.py --quick              # a smoke run: two layers, 2 windows of 256
@@ -67,7 +68,8 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 
 # ----- stage 1: the profile ------------------------------------------------------------------------
 def make_profile(args: argparse.Namespace, work: Path) -> Path:
-    from bitalloc.profiles import ProfileRequest, load_profile, merge_profiles
+    """The profile, with ``--jobs`` worker processes (`bitalloc profile --jobs`); resumed when it exists."""
+    from bitalloc.profiles import load_profile
 
     out = work / "profile"
     try:
@@ -77,37 +79,18 @@ def make_profile(args: argparse.Namespace, work: Path) -> Path:
             return out
     except Exception:  # noqa: BLE001 - absent or partial: (re)run, resuming
         pass
-    common = ["--space", args.space, "--ranks", args.ranks, "--calib", args.calib, "--samples", str(args.samples),
-              "--seqlen", str(args.calib_seqlen), "--device", "cpu"]
+    cmd = ["-q", "profile", "--space", args.space, "--ranks", args.ranks, "--calib", args.calib,
+           "--samples", str(args.samples), "--seqlen", str(args.calib_seqlen), "--device", "cpu",
+           "--jobs", str(max(1, args.jobs)), "--out", str(out)]
     if args.model:
-        common += ["--model", args.model]
+        cmd += ["--model", args.model]
     if args.include:
-        common += ["--include", args.include]
+        cmd += ["--include", args.include]
     started = time.perf_counter()
-    if args.jobs <= 1:
-        _run(_cli("-q", "profile", *common, "--out", str(out)))
-    else:
-        _precompute_fisher(args)  # once, so the shards read it from the cache
-        shard_dirs = [work / f"shard-{i}-of-{args.jobs}" for i in range(1, args.jobs + 1)]
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda i: _run(_cli("-q", "profile", *common, "--jobs", "1", "--shard", f"{i}/{args.jobs}",
-                                              "--out", str(shard_dirs[i - 1])), _one_thread_env()),
-                          range(1, args.jobs + 1)))
-        merge_profiles(shard_dirs, out)
+    _run(_cli(*cmd))
     log.info("profile took %.1f s", time.perf_counter() - started)
     (work / "profile-seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
     return out
-
-
-def _precompute_fisher(args: argparse.Namespace) -> None:
-    from bitalloc.profiles import ProfileRequest
-    from bitalloc.profiles.runner import prepare_fisher
-
-    # samples and seqlen are explicit, so the cache key is the CPU shards' one whatever --device is
-    request = ProfileRequest(model=args.model, calib=args.calib, samples=args.samples, seqlen=args.calib_seqlen,
-                             include=args.include, device=args.device, progress=False)
-    done = prepare_fisher(request)
-    log.info("Fisher estimate ready (%.1f s): %s", done["seconds"], done["files"][0])
 
 
 # ----- stage 2: what to evaluate ----------------------------------------------------------------------

@@ -246,6 +246,31 @@ def test_fisher_profile_uses_cache(tiny_llama_dir, tiny_text_file, tmp_path, spa
     pd.testing.assert_frame_equal(_without_timing(df), _without_timing(df2))
 
 
+def test_prepare_fisher_caches_what_the_profile_then_reads(tiny_llama_dir, tiny_text_file, tmp_path, space_file,
+                                                            monkeypatch):
+    import bitalloc.models.fisher as fisher_mod
+    from bitalloc.profiles.runner import prepare_fisher
+
+    calls = {"n": 0}
+    real = fisher_mod.estimate_fisher
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fisher_mod, "estimate_fisher", counting)
+    request = _request(tiny_llama_dir, tmp_path / "p", space_file, fisher=True, calib=str(tiny_text_file),
+                       samples=4, seqlen=32)
+    ready = prepare_fisher(request)
+    tensors, sidecar = ready["files"]
+    assert tensors.is_file() and sidecar.is_file() and calls["n"] == 1
+    assert ready["calibration"]["samples"] == 4
+    _, meta = load_profile(profile(request))
+    assert calls["n"] == 1  # the profile (or its shards) read the prepared estimate
+    assert meta["calibration"] == ready["calibration"] and meta["model_hash"] == ready["model_hash"]
+    assert prepare_fisher(_request(tiny_llama_dir, tmp_path / "q", space_file, fisher=False)) is None
+
+
 def test_fisher_default_calibration_is_self_text(tiny_llama_dir, tmp_path, space_file):
     df, meta = load_profile(profile(_request(tiny_llama_dir, tmp_path / "p", space_file, fisher=True,
                                              samples=2, seqlen=16)))
