@@ -225,7 +225,9 @@ def test_empty_space_file(tiny_llama_dir, tmp_path, capsys):
     assert "no configs" in capsys.readouterr().err
 
 
-def test_fisher_profile_uses_cache(tiny_llama_dir, tiny_text_file, tmp_path, space_file, monkeypatch):
+@pytest.fixture
+def fisher_calls(monkeypatch) -> dict[str, int]:
+    """Counts the Fisher estimations (cache misses) of this test."""
     import bitalloc.models.fisher as fisher_mod
 
     calls = {"n": 0}
@@ -236,6 +238,11 @@ def test_fisher_profile_uses_cache(tiny_llama_dir, tiny_text_file, tmp_path, spa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fisher_mod, "estimate_fisher", counting)
+    return calls
+
+
+def test_fisher_profile_uses_cache(tiny_llama_dir, tiny_text_file, tmp_path, space_file, fisher_calls):
+    calls = fisher_calls
     kw = dict(fisher=True, calib=str(tiny_text_file), samples=4, seqlen=32)
     df, meta = load_profile(profile(_request(tiny_llama_dir, tmp_path / "f1", space_file, **kw)))
     assert calls["n"] == 1
@@ -247,18 +254,10 @@ def test_fisher_profile_uses_cache(tiny_llama_dir, tiny_text_file, tmp_path, spa
 
 
 def test_prepare_fisher_caches_what_the_profile_then_reads(tiny_llama_dir, tiny_text_file, tmp_path, space_file,
-                                                            monkeypatch):
-    import bitalloc.models.fisher as fisher_mod
+                                                            fisher_calls):
     from bitalloc.profiles.runner import prepare_fisher
 
-    calls = {"n": 0}
-    real = fisher_mod.estimate_fisher
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fisher_mod, "estimate_fisher", counting)
+    calls = fisher_calls
     request = _request(tiny_llama_dir, tmp_path / "p", space_file, fisher=True, calib=str(tiny_text_file),
                        samples=4, seqlen=32)
     ready = prepare_fisher(request)
