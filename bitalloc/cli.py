@@ -93,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     to the model it was made from unless --kl-to names another or --no-kl is given.
     """
     from bitalloc.models import evaluate, load_model
-    from bitalloc.models.self_text import is_self_source
+    from bitalloc.models.text import is_self_source
 
     labels = _eval_labels(args.model)
     if args.append:  # fail before the (long) evaluation, not after it
@@ -104,12 +104,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         kl_to = labels["source_model"]
     reference = None
     if kl_to is not None and not args.no_kl:
-        reference, _ = load_model(None if kl_to == "smollm2-135m" else kl_to, device=args.device)
+        reference, _ = load_model(kl_to, device=args.device)
     text_model = None
     if is_self_source(args.data) and labels["source_model"] and reference is None:
         # self:N text of an applied directory is sampled from the model it was made from
-        src = labels["source_model"]
-        text_model, _ = load_model(None if src == "smollm2-135m" else src, device=args.device)
+        text_model, _ = load_model(labels["source_model"], device=args.device)
     result = evaluate(
         model, tokenizer, data=args.data, seqlen=args.seqlen, windows=args.windows, kl_to=reference,
         text_model=text_model,

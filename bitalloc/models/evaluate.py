@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bitalloc.models.causal import check_seqlen, eval_mode, require_causal_lm
-from bitalloc.models.self_text import is_self_source
-from bitalloc.models.text import load_text, token_windows
+from bitalloc.models.text import is_self_source, load_text, token_windows
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +187,8 @@ def evaluate(
         ids = _check_windows(data)[: windows or None]
         data_name = "tensor"
     elif is_self_source(data):
-        ids = _self_ids(data, windows, seqlen, text_model or kl_to or model, tokenizer, progress)
+        sampler = next(m for m in (text_model, kl_to, model) if m is not None)
+        ids = _self_ids(data, windows, seqlen, sampler, tokenizer, progress)
         data_name = os.fspath(data)
     else:
         ids = token_windows(tokenizer, load_text(data), seqlen, windows)

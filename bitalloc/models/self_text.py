@@ -10,9 +10,9 @@ thousand tokens on a CPU takes minutes, so the windows are cached under
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,6 @@ def self_windows(
             logger.warning("ignoring the cached windows %s and resampling: %s", path, exc)
     ids = sample_sequences(model, tokenizer, n, seqlen, seed=seed, progress=progress)
     try:
-        import io
-
         buf = io.BytesIO()
         torch.save(ids.contiguous(), buf)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +64,3 @@ def self_windows(
         logger.warning("could not cache the sampled windows at %s: %s", path, exc)
     return ids
 
-
-def is_self_source(data: Any) -> bool:
-    from bitalloc.models.text import parse_self_source
-
-    return isinstance(data, (str, os.PathLike)) and parse_self_source(os.fspath(data).strip().lower())[0]

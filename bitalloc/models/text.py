@@ -64,6 +64,11 @@ def parse_self_source(src: str) -> tuple[bool, int | None]:
     return True, (int(match.group(1)) if match.group(1) else None)
 
 
+def is_self_source(src: Any) -> bool:
+    """Whether ``src`` is ``self`` or ``self:N`` (text sampled from a model, not read)."""
+    return isinstance(src, (str, os.PathLike)) and parse_self_source(os.fspath(src).strip().lower())[0]
+
+
 def data_search_dirs() -> list[Path]:
     """Folders searched for local data files, in order."""
     repo_root = Path(__file__).resolve().parents[2]

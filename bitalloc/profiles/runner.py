@@ -164,10 +164,8 @@ def profile(request: ProfileRequest,
     decompose_fn = decompose_fn or decompose_many
     out = Path(request.out)
     shard = parse_shard(request.shard)
-    if not isinstance(request.ranks, str):
-        config_space(request.space, ranks=tuple(request.ranks))  # bad space or ranks: fail before loading
-    else:
-        config_space(request.space, ranks=(0,))
+    # a bad space or rank list fails here, before the model is loaded ("auto" is resolved below)
+    config_space(request.space, ranks=(0,) if isinstance(request.ranks, str) else tuple(request.ranks))
     device = resolve_device(request.device)
     started = time.perf_counter()
 
@@ -194,9 +192,9 @@ def profile(request: ProfileRequest,
     todo = [i for i in work if i not in done]
 
     fisher = _fisher_for(model, tokenizer, targets, calibration, request, meta["model_hash"], device) if todo else None
-    size = sum(shapes[i][0] * shapes[i][1] for i in todo) * len(configs)
-    largest = max((shapes[i][0] * shapes[i][1] for i in todo), default=0)
-    jobs = resolve_jobs(request.jobs, device, len(todo), size, largest) if decompose_fn is decompose_many else 1
+    numels = [shapes[i][0] * shapes[i][1] for i in todo]
+    jobs = (resolve_jobs(request.jobs, device, len(todo), sum(numels) * len(configs), max(numels, default=0))
+            if decompose_fn is decompose_many else 1)
     bar = tqdm(total=len(work) * len(configs), initial=len(set(work) & done) * len(configs),
                unit="cfg", desc="profile" if jobs == 1 else f"profile ({jobs} processes)",
                disable=not request.progress)
@@ -294,14 +292,6 @@ def _worker_init() -> None:
         threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
-def _worker_profile_matrix(index: int, name: str, W: torch.Tensor, F: torch.Tensor | None,
-                           config_names: list[str], seed: int) -> pd.DataFrame:
-    from bitalloc.lowrank import decompose_many
-
-    configs = [QuantConfig.from_name(c) for c in config_names]
-    return _profile_matrix(index, name, W, F, configs, seed, decompose_many)
-
-
 def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], jobs: int, seed: int,
                           out: Path, done_one: Callable[[], None]) -> None:
     """Profile ``todo`` in ``jobs`` single-threaded worker processes, each part written as it arrives.
@@ -313,6 +303,8 @@ def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], job
     import concurrent.futures as cf
     import multiprocessing as mp
 
+    from bitalloc.lowrank import decompose_many
+
     pending = list(todo)
     running: dict[cf.Future, int] = {}
     with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
@@ -320,8 +312,8 @@ def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], job
             while pending or running:
                 while pending and len(running) < 2 * jobs:
                     index, name, W, F, configs = task(pending.pop(0))
-                    fut = pool.submit(_worker_profile_matrix, index, name, W.cpu(), None if F is None else F.cpu(),
-                                      [c.name for c in configs], seed)
+                    fut = pool.submit(_profile_matrix, index, name, W.cpu(), None if F is None else F.cpu(),
+                                      configs, seed, decompose_many)
                     running[fut] = index
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in finished:

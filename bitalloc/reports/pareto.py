@@ -100,11 +100,11 @@ def _measured_panel(ax, evals: pd.DataFrame, column: str, ylabel: str, title: st
     if len(base):
         ax.plot(base["bits_per_param"], base[column], "s", color=BASELINE_COLOR, mfc="none", ms=7, mew=1.5,
                 label="baseline (uniform)")
-    has_mode = "rank_mode" in ours.columns and ours["rank_mode"].notna().any()
-    keys = ["objective", "rank_mode"] if has_mode else ["objective"]
+    if "rank_mode" not in ours.columns:
+        ours = ours.assign(rank_mode="")
     styles = iter(("o-", "^--", "s:", "d-."))
-    for key, group in ours.fillna({k: "" for k in keys}).groupby(keys, sort=True):
-        objective, mode = (key if has_mode else (key[0] if isinstance(key, tuple) else key, ""))
+    curves = ours.fillna({"objective": "", "rank_mode": ""}).groupby(["objective", "rank_mode"], sort=True)
+    for (objective, mode), group in curves:
         color = OBJECTIVE_COLORS.get(str(objective), "#2ca02c")
         name = f"bitalloc ({objective})" if objective else "bitalloc"
         name += f", rank {mode}" if mode else ""
