@@ -39,6 +39,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _profiles import finished_profile  # noqa: E402
 
 from bitalloc.configs import LQLORA_GRID, QuantConfig, _expand_grid, config_space  # noqa: E402
 
@@ -76,16 +79,10 @@ def _one_thread_env() -> dict[str, str]:
 
 def make_profile(args: argparse.Namespace, work: Path) -> Path:
     """The rank-0 pool profile, with ``--jobs`` worker processes; resumed when it exists."""
-    from bitalloc.profiles import load_profile
-
     out = work / "pool-profile"
-    try:
-        _, meta = load_profile(out)
-        if meta.get("complete", True):
-            log.info("pool profile %s already complete", out)
-            return out
-    except Exception:  # noqa: BLE001 - absent or partial: (re)run, resuming
-        pass
+    if finished_profile(out):
+        log.info("pool profile %s already complete", out)
+        return out
     space_file = work / "pool.json"
     space_file.write_text(json.dumps([c.name for c in pool_configs()], indent=1))
     cmd = ["profile", "--space", str(space_file), "--ranks", "0", "--calib", args.calib,
@@ -144,7 +141,7 @@ class Pool:
         V = np.where(mask[None, :, None], V, np.inf)
         j = V.argmin(axis=1)  # M x L
         g = V.min(axis=1).sum(axis=0)
-        e = np.take_along_axis(E[:, :, None].repeat(len(lams), 2), j[:, None, :], axis=1)[:, 0, :].sum(axis=0)
+        e = np.take_along_axis(E, j, axis=1).sum(axis=0)  # the errors picked, summed per price
         return g, e
 
 
@@ -399,10 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen, trace = greedy_select(pool, args.tolerance, args.max_size)
     lq = {c.name for c in _expand_grid(LQLORA_GRID, (0,))}
     prev = {c.name for c in _expand_grid(PREVIOUS_DEFAULT, (0,))}
-    spaces = {"pool": set(pool.configs), "lqlora": lq, "previous default": prev, "chosen": set(chosen)}
     tradeoff = prefix_tradeoff(df, pool, chosen, [k for k in (6, 8, 12, 16, 20, 24) if k <= len(chosen)])
     chosen = chosen[: args.size] if args.size else chosen
-    spaces["chosen"] = set(chosen)
+    spaces = {"pool": set(pool.configs), "lqlora": lq, "previous default": prev, "chosen": set(chosen)}
     fronts = compare(df, spaces, pool.objectives)
     rank64 = rank_profile_timing(args, work, chosen) if args.rank_layers else []
     seconds_file = work / "pool-profile-seconds.txt"

@@ -41,6 +41,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _profiles import finished_profile  # noqa: E402
 
 from bitalloc.configs import QuantConfig  # noqa: E402
 
@@ -69,16 +72,10 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 # ----- stage 1: the profile ------------------------------------------------------------------------
 def make_profile(args: argparse.Namespace, work: Path) -> Path:
     """The profile, with ``--jobs`` worker processes (`bitalloc profile --jobs`); resumed when it exists."""
-    from bitalloc.profiles import load_profile
-
     out = work / "profile"
-    try:
-        _, meta = load_profile(out)
-        if meta.get("complete", True):
-            log.info("profile %s already complete", out)
-            return out
-    except Exception:  # noqa: BLE001 - absent or partial: (re)run, resuming
-        pass
+    if finished_profile(out):
+        log.info("profile %s already complete", out)
+        return out
     cmd = ["-q", "profile", "--space", args.space, "--ranks", args.ranks, "--calib", args.calib,
            "--samples", str(args.samples), "--seqlen", str(args.calib_seqlen), "--device", "cpu",
            "--jobs", str(max(1, args.jobs)), "--out", str(out)]
