@@ -278,14 +278,23 @@ def _add_target_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", default=None, help="regex: drop layers whose name matches")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(low: int, what: str):
+    """An argparse type: an int >= ``low``, else an error saying ``what`` was expected."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_jobs_count = _int_at_least(0, "a number of worker processes >= 0 (0: one per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     p.add_argument("--out", default="profile", help="profile directory (default ./profile)")
     p.add_argument("--shard", default=None, help="i/n: profile every n-th matrix starting at the i-th (1 <= i <= n)")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=_jobs_count, default=None,
                    help="CPU worker processes, one matrix each at a time (default: one per core when the "
                         "profile is big enough to pay for starting them, as many as the available memory "
                         "holds; 1 on CUDA)")

@@ -215,6 +215,8 @@ def _self_ids(data: Any, windows: int | None, seqlen: int, sampler: torch.nn.Mod
     from bitalloc.models.text import parse_self_source
 
     _, count = parse_self_source(os.fspath(data).strip().lower())
+    if count == 0:
+        raise ValueError(f"{os.fspath(data)!r}: need at least one sampled window (self:N with N >= 1)")
     n = count or windows
     if not n:
         raise ValueError(f"{os.fspath(data)!r}: say how many windows to sample (self:N or --windows N)")

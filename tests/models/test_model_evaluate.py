@@ -153,3 +153,5 @@ def test_self_text_needs_a_count(tiny_llama):
     model, tokenizer = tiny_llama
     with pytest.raises(ValueError, match="how many windows"):
         evaluate(model, tokenizer, "self", seqlen=16, windows=None, progress=False)
+    with pytest.raises(ValueError, match="at least one sampled window"):
+        evaluate(model, tokenizer, "self:0", seqlen=16, windows=4, progress=False)

@@ -287,6 +287,16 @@ def test_bad_profile_flags(tiny_llama_dir, tmp_path, space_file, flags, message,
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "two"])
+def test_bad_jobs_is_refused_before_anything_runs(tmp_path, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "profile", "--no-fisher", "--jobs", value, "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert f"argument --jobs: expected a number of worker processes >= 0 (0: one per core), got '{value}'" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
 def test_cuda_device_without_cuda(monkeypatch):
     from bitalloc.profiles import resolve_device
 
