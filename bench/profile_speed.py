@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -111,11 +112,11 @@ class Clock:
         self.cpu = time.process_time() - self.c0
 
 
-def run_reference(W: torch.Tensor, cfgs: list[QuantConfig]) -> tuple[list[dict], float, float]:
+def run_reference(W: torch.Tensor, cfgs: list[QuantConfig], seed: int = 0) -> tuple[list[dict], float, float]:
     rows, wall, cpu = [], 0.0, 0.0
     for c in cfgs:
         with Clock() as t:
-            r = lqlora_reference(W, c)
+            r = lqlora_reference(W, c, seed=seed)
         wall, cpu = wall + t.wall, cpu + t.cpu
         rows.append({
             "config": c.name, "error": r.error, "error_unstored": r.error_unstored,
@@ -228,6 +229,46 @@ def previous_tolerances():
         lowrank.TOL_FACTOR.update(saved_tf)
 
 
+@contextmanager
+def loop_options(**fields):
+    """Ablation: other defaults for fields of the loop's options (``lowrank._Opts``)."""
+    saved = lowrank._Opts
+    lowrank._Opts = functools.partial(saved, **fields)
+    try:
+        yield
+    finally:
+        lowrank._Opts = saved
+
+
+def reference_noise(per_matrix: dict, seeds: list[int]) -> dict:
+    """The reference against itself (other seeds / seed 0) and bitalloc against the median of
+    the reference's seeds, by code width, on the matrices rerun with ``seeds``."""
+    other, vs_median, vs_seed0 = {}, {}, {}
+    matrices = [n for n, pm in per_matrix.items() if "reference_other_seeds" in pm]
+    for name in matrices:
+        pm = per_matrix[name]
+        ours = {o["config"]: o["error"] for o in pm["bitalloc"]}
+        for i, row in enumerate(pm["reference"]):
+            bits = row["config"].split("-")[0].upper()
+            runs = [row["error"]] + [pm["reference_other_seeds"][str(s)][i] for s in seeds]
+            for run in runs[1:]:
+                other.setdefault(bits, []).append(run / row["error"])
+            vs_median.setdefault(bits, []).append(ours[row["config"]] / statistics.median(runs))
+            vs_seed0.setdefault(bits, []).append(ours[row["config"]] / row["error"])
+    if not matrices:
+        return {}
+
+    def table(d: dict) -> dict:
+        return {"all": summary([x for v in d.values() for x in v]), **{k: summary(v) for k, v in sorted(d.items())}}
+
+    return {
+        "seeds": [0, *seeds], "matrices": matrices,
+        "reference_other_seed_over_seed0": table(other),
+        "bitalloc_over_reference_median": table(vs_median),
+        "bitalloc_over_reference_seed0": table(vs_seed0),
+    }
+
+
 def ratios(ours: list[dict], ref: list[dict], key: str = "error") -> list[float]:
     by = {r["config"]: r for r in ours}
     return [by[r["config"]]["error"] / r[key] for r in ref if r[key] > 0]
@@ -251,6 +292,13 @@ ABLATIONS = {
                                 "(the defaults before the current {NF3/NF4: 4, NF8: 2})", previous_tolerances),
     "previous stopping rule": ({}, "halve the step after any rise and give up below 0.2; one "
                                    "tolerance and patience for all code widths", previous_stopping),
+    "randomized first step": ({}, "the first step of a cold start is a randomized sketch of W (2 "
+                                  "power iterations, as LQ-LoRA's) instead of the shared exact SVD",
+                              functools.partial(loop_options, exact_cold=False)),
+    "no minimum cold steps": ({}, "a cold start may stop after 3 steps (before: at least 6)",
+                              functools.partial(loop_options, cold_min_steps=0)),
+    "no stopping window": ({}, "stop when the best fell < tol over 2 steps, even after a fast "
+                               "descent over the 4 before", functools.partial(loop_options, window=0.0)),
     "cheap stop on": ({"cheap_stop": True}, "the factor-movement check before each quantize "
                                             "(never fired here; costs a float64 Gram product)"),
     "twins iterate": ({"twin_iters": 50}, "fp16/fp32 twins iterate instead of reusing factors"),
@@ -274,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                          "dtypes and 3 scale groups, so every setting is represented)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see results.md)")
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--noise-seeds", default="1,2",
+                    help="rerun the reference with these seeds on the first layer's matrices (its "
+                         "run-to-run spread; '' to skip)")
     ap.add_argument("--full-model", action="append", default=[], metavar="SPEC",
                     help="also time a whole-model `bitalloc profile`: SPACE[@N][:ranks=R][:jobs=J], e.g. "
                          "default:ranks=auto or lqlora@10 (every N-th layer, extrapolated; ranks default 64, "
@@ -319,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d matrices, %d configs, reference on %d", len(mats), len(cfgs), len(ref_cfgs))
     first_layer = f"model.layers.{layers[0]}."
 
+    noise_seeds = [int(x) for x in args.noise_seeds.split(",") if x.strip()]
     per_matrix, all_ratios, all_unstored, all_best = {}, [], [], []
     tot = {"ours_wall": 0.0, "ours_cpu": 0.0, "ref_wall": 0.0, "ref_cpu": 0.0, "floor_cpu": 0.0}
     ablations: dict[str, dict] = {}
@@ -347,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
             "error_ratio_vs_reference": summary(rs),
             "bitalloc": ours, "reference": ref_rows,
         }
+        if noise_seeds and name.startswith(first_layer):
+            per_matrix[name]["reference_other_seeds"] = {
+                str(seed): [row["error"] for row in run_reference(W, ref_cfgs, seed)[0]] for seed in noise_seeds
+            }
         tot["ours_wall"] += wall
         tot["ours_cpu"] += cpu
         tot["ref_wall"] += ref_wall * scale
@@ -427,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         "error_ratio_vs_reference": summary(all_ratios),
         "error_ratio_vs_reference_unstored_factors": summary(all_unstored),
         "reference_best_iterate_over_last": summary(all_best),
+        "reference_noise": reference_noise(per_matrix, noise_seeds),
         "ablations": ablation_rows,
         "quantizer_micro_benchmark": micro,
         "per_matrix": per_matrix,
@@ -580,6 +637,30 @@ def _rounding(r: dict, bits: int | None) -> dict:
     return summary(rs)
 
 
+def _noise(n: dict | None) -> list[str]:
+    """The reference's run-to-run spread, and bitalloc against the median of its seeds."""
+    if not n:
+        return []
+    rows = [("the reference, another seed / seed 0", n["reference_other_seed_over_seed0"]),
+            ("bitalloc / the reference's seed 0", n["bitalloc_over_reference_seed0"]),
+            ("bitalloc / the median of the reference's seeds", n["bitalloc_over_reference_median"])]
+    keys = [k for k in rows[0][1] if k != "all"]
+    lines = [
+        "## The reference against itself",
+        "",
+        f"The reference draws a random sketch each step, so its result depends on the seed. On "
+        f"{len(n['matrices'])} matrices (every entry of the reference subset there) it was rerun with seeds "
+        f"{', '.join(map(str, n['seeds'][1:]))}; each cell: entries more than 1% worse / entries (max ratio).",
+        "",
+        "| ratio | all | " + " | ".join(keys) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in keys) + " |",
+    ]
+    for label, t in rows:
+        cells = [f"{t[k]['worse_than_1pct']}/{t[k]['n']} ({t[k]['max']:.3f})" for k in ["all", *keys]]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_md(r: dict) -> str:
     t = r["totals"]
     lines = [
@@ -621,6 +702,7 @@ def render_md(r: dict) -> str:
         "quantizes Q against the rounded factors, which absorbs that rounding.",
         "",
         *_goals(r),
+        *_noise(r.get("reference_noise")),
         "## Per matrix",
         "",
         "| matrix | shape | bitalloc CPU s | reference CPU s (measured / extrapolated) | speedup (CPU) | "

@@ -13,6 +13,9 @@ with these differences from LQ-LoRA's code (each measured in ``bench/profile_spe
 * ``Q`` is quantized against the factors *as stored* (bf16-rounded or NF8-decoded), so the
   rounding of the factors is absorbed by ``Q`` and every reported error is that of what is
   stored;
+* the first rank-r step of a cold start, the top-r part of W, is an exact SVD computed once per
+  matrix and shared by every config: with it, NF2 errors end about 3% lower than with a
+  randomized first step (LQ-LoRA's), which matters more than the accuracy of later steps;
 * the rank-r step is a subspace iteration that reuses the previous iterate's right singular
   subspace (one pass instead of a fresh random sketch with two power iterations; the small
   SVD through the float64 eigendecomposition of a k x k Gram matrix), an exact SVD where that
@@ -23,8 +26,9 @@ with these differences from LQ-LoRA's code (each measured in ``bench/profile_spe
   never shorter than plain alternation; plain steps that raise it go on from there (the
   landscape of NF2 codes and coarse scales is noisy), the best iterate being kept;
 * it stops when the best objective fell by less than ``tol`` x :data:`TOL_FACTOR` [bits]
-  (relative) over the last two steps, or, with ``cheap_stop``, before
-  quantizing again when the factors barely moved;
+  (relative) over the last two steps and by less than :data:`STOP_WINDOW` times that over
+  the last four, never before :data:`COLD_MIN_STEPS` steps of a cold start, or, with
+  ``cheap_stop``, before quantizing again when the factors barely moved;
 * inside the loop ``Q`` is computed with :func:`bitalloc.quant.quantize_dequantize` (bit for
   bit the same values, no bit packing); ``Decomposition.q`` is packed on first access;
 * warm starts (``init=``) from a neighbouring config, and :func:`decompose_many`, which
@@ -69,6 +73,15 @@ DEFAULT_MANY_TOL = 1e-2
 DEFAULT_MAX_ITERS = 50
 #: Extra columns carried by the subspace iteration beyond the rank.
 DEFAULT_OVERSAMPLE = 8
+#: Singular vectors of W kept for the cold starts of one matrix (more are recomputed on demand).
+COLD_SVD_KEEP = 256
+#: A cold start takes at least this many rank-r steps before the stopping rule may end it:
+#: NF8 with 2-bit scales can rise for a step or two before a long descent (measured: 9.8x
+#: the reference's error on one SmolLM2 matrix when stopped there).
+COLD_MIN_STEPS = 6
+#: The loop also goes on while the best objective fell by more than this x ``tol`` over the
+#: last 2 x patience steps (a bump in a fast descent is not convergence), see :func:`_converged`.
+STOP_WINDOW = 3.0
 
 
 def _quantize(x: torch.Tensor, cfg: QuantConfig) -> "QuantizedTensor":
@@ -270,11 +283,43 @@ class _Matrix:
         else:
             self.d_r = self.d_c = None
         self.seed = seed
+        # the first rank-r step of every cold start is the same (top-r of W): computed once
+        self._cold: dict[Any, tuple[Any, ...]] = {}
 
     def generator(self) -> torch.Generator:
         gen = torch.Generator(device=self.W.device)
         gen.manual_seed(self.seed)
         return gen
+
+    def cold_factors(
+        self, r: int, opts: "_Opts", gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The first rank-r step of a cold start (from ``Q = 0``): the top-r part of W.
+
+        The same for every config, so computed once per matrix. With ``opts.exact_cold`` it
+        is the exact SVD of (the Fisher-weighted) W: an accurate first step leads the NF2
+        loop to markedly lower errors than a randomized one (bench/profile_speed.py), and
+        costs one SVD per matrix. Otherwise it is the randomized sketch of the later steps,
+        with ``gen`` left in the state computing it would leave.
+        """
+        if opts.exact_cold:
+            svd = self._cold.get("svd")
+            if svd is None or svd[0].shape[1] < min(r + opts.oversample, *self.W.shape):
+                R = self.W if self.d_r is None else self.d_r * self.W * self.d_c
+                U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+                keep = max(COLD_SVD_KEEP, r + opts.oversample)
+                svd = self._cold["svd"] = (U[:, :keep], S[:keep], Vh[:keep].T)
+            U, S, V = svd
+            k = min(r + opts.oversample, *self.W.shape)
+            basis = None if _use_exact_svd(*self.W.shape, k) else V[:, :k]
+            return (*_balanced(self, U[:, :r], S[:r], V[:, :r]), basis)
+        key = (r, opts.oversample, opts.power_iters)
+        if key not in self._cold:
+            L1, L2, basis = _factors(self, self.W, r, None, opts, gen)
+            self._cold[key] = (L1, L2, basis, gen.get_state())
+        L1, L2, basis, state = self._cold[key]
+        gen.set_state(state)
+        return L1, L2, basis
 
     def errors(self, E: torch.Tensor) -> tuple[float, float | None]:
         """Plain and Fisher-weighted squared Frobenius norms of a residual ``E``."""
@@ -357,13 +402,18 @@ def _factors(
         R, r, basis if opts.warm_subspace else None,
         oversample=opts.oversample, power_iters=opts.power_iters, gen=gen,
     )
+    return (*_balanced(m, U, S, V), basis)
+
+
+def _balanced(m: _Matrix, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L1 = U sqrt(S)``, ``L2 = sqrt(S) V^T``, with the Fisher weights divided back out."""
     s = S.clamp_min(0).sqrt()
     L1 = U * s
     L2 = (V * s).T
     if m.d_r is not None:
         L1 = L1 / m.d_r
         L2 = L2 / m.d_c
-    return L1, L2.contiguous(), basis
+    return L1, L2.contiguous()
 
 
 def _store(
@@ -392,6 +442,9 @@ class _Opts:
     min_relax: float = 0.2
     patience: int = 2
     plain_floor: bool = False
+    window: float = STOP_WINDOW
+    exact_cold: bool = True
+    cold_min_steps: int = COLD_MIN_STEPS
 
 
 def _step_opts(cfg: QuantConfig, relax: float | None, momentum: float | None) -> dict[str, float]:
@@ -520,6 +573,25 @@ def _rank0(m: _Matrix, cfg: QuantConfig) -> Decomposition:
     return Decomposition(cfg, q, empty1, empty2, err, errf, 0, [errf if errf is not None else err])
 
 
+def _converged(bests: list[float], opts: _Opts) -> bool:
+    """Whether the best objective fell by less than ``tol`` over the last ``patience`` steps.
+
+    With ``opts.window`` > 0 the loop also goes on while the best fell by more than
+    ``window x tol`` over the last ``2 x patience`` steps: a bump in a fast descent (an
+    over-relaxed step that rose, then a plain one that did not beat the best) is not
+    convergence.
+    """
+    p = opts.patience
+    then = bests[-1 - p]
+    if then - bests[-1] > opts.tol * then:
+        return False
+    if opts.window > 0:
+        longer = bests[max(0, len(bests) - 1 - 2 * p)]
+        if longer - bests[-1] > opts.window * opts.tol * longer:
+            return False
+    return True
+
+
 def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decomposition:
     """The alternating loop for one config; returns the best iterate.
 
@@ -539,18 +611,19 @@ def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decompositio
         cur = best = _evaluate(m, cfg, L1, L2)
         history.append(cur.objective)
     iters = 0
+    min_steps = opts.cold_min_steps if init is None else 0
     eta = opts.relax
     bests: list[float] = [] if best is None else [best.objective]
     prev_low: torch.Tensor | None = None
     for _ in range(opts.max_iters):
         if cur is None:
-            target = m.W
+            L1, L2, basis = m.cold_factors(r, opts, gen)
         else:
             # the rank-r step on L + eta (W - L - Q) (+ momentum): eta = 1 is plain alternation
             target = cur.low + eta * cur.resid
             if opts.momentum and prev_low is not None:
                 target = target + opts.momentum * (cur.low - prev_low)
-        L1, L2, basis = _factors(m, target, r, basis, opts, gen)
+            L1, L2, basis = _factors(m, target, r, basis, opts, gen)
         if opts.cheap_stop and cur is not None:
             # cheap check before quantizing again: if the factors barely move, Q will not either
             if _step_size(m, L1, L2, cur.l1_raw, cur.l2_raw) <= 0.1 * opts.tol * cur.objective:
@@ -562,11 +635,8 @@ def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decompositio
         if best is None or nxt.objective < best.objective:
             best = nxt
         bests.append(best.objective)
-        if len(bests) > opts.patience:
-            # stop when the best objective fell by less than tol over the last `patience` steps
-            then = bests[-1 - opts.patience]
-            if then - best.objective <= opts.tol * then:
-                break
+        if len(bests) > opts.patience and iters >= min_steps and _converged(bests, opts):
+            break
         if opts.backtrack and nxt.objective > prev_obj:
             if opts.plain_floor and eta > 1.0:
                 # an over-relaxed step made things worse: back to the best iterate, shorter steps
@@ -614,7 +684,9 @@ def decompose(
     ``init`` (a Decomposition of a neighbouring config, or factors ``(L1, L2)``, trimmed to
     their first r components or zero-padded) starts from ``Q = quantize(W - L1 @ L2)`` instead
     of ``Q = 0``, and its subspace seeds the rank-r step. Stops when the best objective fell by
-    less than ``tol`` x ``TOL_FACTOR[bits]`` (relative) over the last two steps, with ``cheap_stop`` also when a step would barely move the factors, or after
+    less than ``tol`` x ``TOL_FACTOR[bits]`` (relative) over the last two steps (see
+    :func:`_converged`; a cold start takes at least :data:`COLD_MIN_STEPS`), with ``cheap_stop``
+    also when a step would barely move the factors, or after
     ``max_iters`` rank-r steps (with an ``init``, 0 just quantizes against it). ``relax``/``momentum`` set the step (None: by bits,
     see :func:`_step_opts`). Raises ValueError for a non-finite W, a Fisher estimate of
     another shape or with negative entries, or a rank above ``min(rows, cols)``.
@@ -646,23 +718,18 @@ def _warm_plan(
 ) -> tuple[Decomposition | None, int]:
     """Whether (and for how many steps) ``cfg`` starts from ``parent``; None = a cold start.
 
-    Measured on SmolLM2 (bench/profile_speed.py): the fp16/fp32 twin of a 3-4 bit config with
-    3+ scale bits, or of an NF8 config with 4+ scale bits, has all but the same Q, so its
-    factors are reused as they are (``twin_iters`` steps); other twins (NF8 with 2-3 scale
-    bits, whose error is so small that slightly different scales matter; NF2; 2-bit scales)
-    iterate from the twin's factors. Otherwise NF2 codes and
-    2-bit scales start cold: their landscape is rugged and another quantizer's optimum is a
-    poor start. The same quantizer at another rank or factor storage starts from the parent's
-    (trimmed) factors.
+    Measured on SmolLM2 (bench/profile_speed.py): an fp16/fp32 twin has all but the same Q,
+    so its factors are reused as they are (``twin_iters`` steps; iterating cost 9% more time
+    for no better errors on 4 matrices). Otherwise NF2 codes and 2-bit scales start cold:
+    their landscape is rugged and another quantizer's optimum is a poor start. The same
+    quantizer at another rank or factor storage starts from the parent's (trimmed) factors.
     """
     if parent is None:
         return None, max_iters
     if _same_quantizer(cfg, parent.cfg):
         return parent, max_iters
     if _is_twin(cfg, parent.cfg):
-        if (3 <= cfg.bits <= 4 and cfg.scale_bits >= 3) or (cfg.bits == 8 and cfg.scale_bits >= 4):
-            return parent, twin_iters
-        return parent, max_iters
+        return parent, twin_iters
     if cfg.bits <= 2 or cfg.scale_bits <= 2:
         return None, max_iters
     return parent, max_iters
@@ -711,11 +778,11 @@ def decompose_many(
     bf16 factors, most precise block scales) runs the loop from a cold start; the others
     follow in order of decreasing scale precision, each warm-started from the nearest config
     solved before it: the same quantizer at a higher rank (factors trimmed: the rank-r part of
-    its SVD of W - Q), else its fp16/fp32 *twin* (same codes, scale bits and groups; for 3-4
-    bit codes with 3+ scale bits and NF8 codes with 4+ scale bits ``twin_iters`` more steps,
-    0 = just quantize against the twin's factors; other twins iterate), else
+    its SVD of W - Q), else its fp16/fp32 *twin* (same codes, scale bits and groups;
+    ``twin_iters`` more steps, 0 = just quantize against the twin's factors), else
     the config with the nearest scale bits and groups. NF2 codes and 2-bit scales start cold
     instead of from a non-twin (its optimum is a poor start there), see :func:`_warm_plan`.
+    Every cold start shares one first step, the exact top-r part of W.
     ``tol`` defaults looser than :func:`decompose`'s. With ``share=False`` every config is solved alone from a cold start,
     exactly as :func:`decompose` does.
     """

@@ -348,3 +348,52 @@ def test_plain_steps_do_not_stop_at_the_first_rise():
     rises = [i for i in range(1, len(h)) if h[i] > h[i - 1]]
     assert rises and len(h) > rises[0] + 1
     assert d.objective == min(h)
+
+
+# ----- the shared exact first step and the stopping rule ---------------------------------------
+def test_cold_starts_share_one_exact_svd_of_w(monkeypatch):
+    from bitalloc.quant import quantize_dequantize
+
+    W = weight(160, 256, rank=10, seed=30)  # later steps take the randomized subspace path
+    real_svd = torch.linalg.svd
+    shapes = []
+
+    def counting_svd(A, *args, **kwargs):
+        shapes.append(tuple(A.shape))
+        return real_svd(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    cold = [cfg(n) for n in ("nf2-g64-s8x256-r8", "nf2-g64-s4x256-r8", "nf3-g64-s8x256-r8", "nf3-g64-s2x256-r4")]
+    many = decompose_many(W, cold)
+    assert shapes == [(160, 256)]  # one SVD of W for four cold starts at ranks 8 and 4
+    # the first iterate quantizes against the exact best rank-r part of W (balanced, bf16)
+    U, S, Vh = real_svd(W, full_matrices=False)
+    for d in many:
+        r, s = d.rank, S[: d.rank].sqrt()
+        l1 = (U[:, :r] * s).bfloat16().float()
+        l2 = (s[:, None] * Vh[:r]).bfloat16().float()
+        target = W - l1 @ l2
+        first = sq(target - quantize_dequantize(target, d.cfg))
+        assert d.history[0] == pytest.approx(first, rel=1e-4), d.cfg.name
+
+
+def test_cold_starts_take_the_minimum_steps_warm_starts_need_not():
+    from bitalloc.lowrank import COLD_MIN_STEPS
+
+    W = weight(96, 160, rank=8, seed=31)
+    c = cfg("nf4-g64-s8x256-r8")
+    cold = decompose(W, c, tol=0.5)  # a tolerance that stops as soon as it may
+    assert cold.iterations == COLD_MIN_STEPS
+    warm = decompose(W, c, tol=0.5, init=cold)
+    assert warm.iterations < COLD_MIN_STEPS
+    assert decompose(W, c, max_iters=2).iterations == 2  # the cap still wins
+
+
+def test_a_bump_in_a_fast_descent_is_not_convergence():
+    from bitalloc.lowrank import _converged, _Opts
+
+    opts = _Opts(tol=0.01, patience=2)
+    assert not _converged([10.0, 8.0, 6.4, 5.1, 5.1, 5.1], opts)  # 36% lower than 4 steps ago
+    assert _converged([5.2, 5.15, 5.12, 5.11, 5.1, 5.1], opts)
+    assert _converged([10.0, 8.0, 6.4, 5.1, 5.1, 5.1], _Opts(tol=0.01, patience=2, window=0.0))
+    assert not _converged([6.0, 5.5, 5.0], opts)  # fell 17% over the last two steps
