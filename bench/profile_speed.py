@@ -230,6 +230,17 @@ def previous_tolerances():
 
 
 @contextmanager
+def previous_nf8_steps():
+    """Ablation: NF8's step and tolerance before this session (relax 1.5, tol x 2)."""
+    saved_step, saved_tol = lowrank.STEP[8], lowrank.TOL_FACTOR[8]
+    lowrank.STEP[8], lowrank.TOL_FACTOR[8] = (1.5, 0.3), 2.0
+    try:
+        yield
+    finally:
+        lowrank.STEP[8], lowrank.TOL_FACTOR[8] = saved_step, saved_tol
+
+
+@contextmanager
 def loop_options(**fields):
     """Ablation: other defaults for fields of the loop's options (``lowrank._Opts``)."""
     saved = lowrank._Opts
@@ -289,9 +300,11 @@ ABLATIONS = {
     "packing quantizer": ({}, "the loop calls quantize(...).dequantize() (bit packing) instead "
                               "of the packing-free quantize_dequantize", packing_quantizer),
     "previous tolerances": ({}, "tol x {NF3/NF4: 2, NF8: 0.3} and 3 steps of patience for NF8 "
-                                "(the defaults before the current {NF3/NF4: 4, NF8: 2})", previous_tolerances),
+                                "(the defaults of session 2; now {NF3/NF4: 4, NF8: 4})", previous_tolerances),
     "previous stopping rule": ({}, "halve the step after any rise and give up below 0.2; one "
                                    "tolerance and patience for all code widths", previous_stopping),
+    "previous NF8 steps": ({}, "NF8 steps over-relaxed by 1.5 (not 2.5) with tol x 2 (not 4)",
+                           previous_nf8_steps),
     "randomized first step": ({}, "the first step of a cold start is a randomized sketch of W (2 "
                                   "power iterations, as LQ-LoRA's) instead of the shared exact SVD",
                               functools.partial(loop_options, exact_cold=False)),

@@ -21,7 +21,7 @@ with these differences from LQ-LoRA's code (each measured in ``bench/profile_spe
   SVD through the float64 eigendecomposition of a k x k Gram matrix), an exact SVD where that
   is cheaper (small matrices, or a rank near the smaller side);
 * for 3-8 bit codes the step is over-relaxed with momentum: the rank-r approximation of
-  ``L + 1.5 (W - L - Q) + 0.3 (L - L_prev)`` (fewer iterations *and* lower errors than plain
+  ``L + 1.5 (W - L - Q) + 0.3 (L - L_prev)`` (2.5 for NF8; fewer iterations *and* lower errors than plain
   alternation); an over-relaxed step that raises the error is undone and retried shorter,
   never shorter than plain alternation; plain steps that raise it go on from there (the
   landscape of NF2 codes and coarse scales is noisy), the best iterate being kept;
@@ -447,17 +447,24 @@ class _Opts:
     cold_min_steps: int = COLD_MIN_STEPS
 
 
+#: (over-relaxation, momentum) of the rank-r step by code bits (measured, bench/profile_speed.py).
+#: NF8's error keeps falling for many steps as the factors adapt to the fine grid: longer
+#: steps (2.5 instead of 1.5) cut its steps by about 15% and ended lower on 11 SmolLM2
+#: matrices.
+STEP = {2: (1.0, 0.0), 3: (1.5, 0.3), 4: (1.5, 0.3), 8: (2.5, 0.3)}
+
+
 def _step_opts(cfg: QuantConfig, relax: float | None, momentum: float | None) -> dict[str, float]:
     """Over-relaxation and momentum of the rank-r step for a config (None = the default).
 
-    Defaults (measured, bench/profile_speed.py): ``L + 1.5 (W - L - Q)`` plus 0.3 of the last
-    change of L for 3-8 bit codes (fewer iterations, lower error); plain alternation for NF2,
-    whose rugged landscape does worse with longer steps.
+    Defaults (:data:`STEP`, measured in bench/profile_speed.py): ``L + 1.5 (W - L - Q)`` plus
+    0.3 of the last change of L for 3-4 bit codes (fewer iterations, lower error), 2.5 for
+    NF8; plain alternation for NF2, whose rugged landscape does worse with longer steps.
     """
-    plain = cfg.bits <= 2
+    default = STEP.get(cfg.bits, STEP[4])
     return {
-        "relax": (1.0 if plain else 1.5) if relax is None else float(relax),
-        "momentum": (0.0 if plain else 0.3) if momentum is None else float(momentum),
+        "relax": default[0] if relax is None else float(relax),
+        "momentum": default[1] if momentum is None else float(momentum),
     }
 
 
@@ -468,7 +475,9 @@ def _step_opts(cfg: QuantConfig, relax: float | None, momentum: float | None) ->
 #: landscape, measured with 0.1 and 0.3). Against {NF3/4: 2, NF8: 0.3 with 3 steps of
 #: patience}, these cut CPU time by about 25% on 8 SmolLM2 matrices (lqlora space, rank 64)
 #: for 3 more of 336 entries above 1.01x the reference's error and the same worst ratio.
-TOL_FACTOR = {2: 1.0, 3: 4.0, 4: 4.0, 8: 2.0}
+#: NF8 went from 2 to 4 with its longer steps (:data:`STEP`): together 8-20% less CPU time on
+#: 11 matrices, with fewer NF8 entries above 1.01x the reference's error.
+TOL_FACTOR = {2: 1.0, 3: 4.0, 4: 4.0, 8: 4.0}
 
 
 def _stop_opts(cfg: QuantConfig, tol: float) -> dict[str, Any]:
