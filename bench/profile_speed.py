@@ -306,7 +306,8 @@ ABLATIONS = {
     "previous NF8 steps": ({}, "NF8 steps over-relaxed by 1.5 (not 2.5) with tol x 2 (not 4)",
                            previous_nf8_steps),
     "randomized first step": ({}, "the first step of a cold start is a randomized sketch of W (2 "
-                                  "power iterations, as LQ-LoRA's) instead of the shared exact SVD",
+                                  "power iterations, as LQ-LoRA's) instead of the shared exact SVD, "
+                                  "and the second warm-starts from it",
                               functools.partial(loop_options, exact_cold=False)),
     "no minimum cold steps": ({}, "a cold start may stop after 3 steps (before: at least 6)",
                               functools.partial(loop_options, cold_min_steps=0)),

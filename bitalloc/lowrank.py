@@ -14,8 +14,9 @@ with these differences from LQ-LoRA's code (each measured in ``bench/profile_spe
   rounding of the factors is absorbed by ``Q`` and every reported error is that of what is
   stored;
 * the first rank-r step of a cold start, the top-r part of W, is an exact SVD computed once per
-  matrix and shared by every config: with it, NF2 errors end about 3% lower than with a
-  randomized first step (LQ-LoRA's), which matters more than the accuracy of later steps;
+  matrix and shared by every config, and the second step sketches afresh with power
+  iterations: with these, NF2 errors end about 3% lower than with LQ-LoRA's randomized
+  steps (the early steps choose the basin; more accurate later steps did not help);
 * the rank-r step is a subspace iteration that reuses the previous iterate's right singular
   subspace (one pass instead of a fresh random sketch with two power iterations; the small
   SVD through the float64 eigendecomposition of a k x k Gram matrix), an exact SVD where that
@@ -297,10 +298,12 @@ class _Matrix:
         """The first rank-r step of a cold start (from ``Q = 0``): the top-r part of W.
 
         The same for every config, so computed once per matrix. With ``opts.exact_cold`` it
-        is the exact SVD of (the Fisher-weighted) W: an accurate first step leads the NF2
-        loop to markedly lower errors than a randomized one (bench/profile_speed.py), and
-        costs one SVD per matrix. Otherwise it is the randomized sketch of the later steps,
-        with ``gen`` left in the state computing it would leave.
+        is the exact SVD of (the Fisher-weighted) W, and the second step then draws a fresh
+        sketch with power iterations instead of starting from W's subspace: both accurate
+        early steps lead the NF2 loop to markedly lower errors than LQ-LoRA's randomized ones
+        (bench/profile_speed.py), for one SVD per matrix and one sketch per cold start.
+        Otherwise it is the randomized sketch of the later steps, with ``gen`` left in the
+        state computing it would leave.
         """
         if opts.exact_cold:
             svd = self._cold.get("svd")
@@ -310,9 +313,9 @@ class _Matrix:
                 keep = max(COLD_SVD_KEEP, r + opts.oversample)
                 svd = self._cold["svd"] = (U[:, :keep], S[:keep], Vh[:keep].T)
             U, S, V = svd
-            k = min(r + opts.oversample, *self.W.shape)
-            basis = None if _use_exact_svd(*self.W.shape, k) else V[:, :k]
-            return (*_balanced(self, U[:, :r], S[:r], V[:, :r]), basis)
+            # no warm basis: W's top subspace is a poor start for the SVD of W - Q (NF2's Q
+            # above all), so the second step sketches afresh, with power iterations
+            return (*_balanced(self, U[:, :r], S[:r], V[:, :r]), None)
         key = (r, opts.oversample, opts.power_iters)
         if key not in self._cold:
             L1, L2, basis = _factors(self, self.W, r, None, opts, gen)
