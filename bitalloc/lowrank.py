@@ -13,8 +13,9 @@ with these differences from LQ-LoRA's code (each measured in ``bench/profile_spe
 * ``Q`` is quantized against the factors *as stored* (bf16-rounded or NF8-decoded), so the
   rounding of the factors is absorbed by ``Q`` and every reported error is that of what is
   stored;
-* the first rank-r step of a cold start, the top-r part of W, is an exact SVD computed once per
-  matrix and shared by every config, and the second step sketches afresh with power
+* the first rank-r step of a cold start, the top-r part of W, is an exact SVD (an accurate
+  subspace iteration on large matrices) computed once per matrix and shared by every
+  config, and the second step sketches afresh with power
   iterations: with these, NF2 errors end about 3% lower than with LQ-LoRA's randomized
   steps (the early steps choose the basin; more accurate later steps did not help);
 * the rank-r step is a subspace iteration that reuses the previous iterate's right singular
@@ -76,6 +77,10 @@ DEFAULT_MAX_ITERS = 50
 DEFAULT_OVERSAMPLE = 8
 #: Singular vectors of W kept for the cold starts of one matrix (more are recomputed on demand).
 COLD_SVD_KEEP = 256
+#: The cold start's top-r part of W is an exact SVD up to this smaller side, else an accurate
+#: subspace iteration (2r columns, :data:`COLD_POWER_ITERS` passes).
+COLD_EXACT_MAX_SIDE = 1024
+COLD_POWER_ITERS = 4
 #: A cold start takes at least this many rank-r steps before the stopping rule may end it:
 #: NF8 with 2-bit scales can rise for a step or two before a long descent (measured: 9.8x
 #: the reference's error on one SmolLM2 matrix when stopped there).
@@ -298,7 +303,8 @@ class _Matrix:
         """The first rank-r step of a cold start (from ``Q = 0``): the top-r part of W.
 
         The same for every config, so computed once per matrix. With ``opts.exact_cold`` it
-        is the exact SVD of (the Fisher-weighted) W, and the second step then draws a fresh
+        is the exact (see :meth:`_top_of_w`) SVD of (the Fisher-weighted) W, and the second
+        step then draws a fresh
         sketch with power iterations instead of starting from W's subspace: both accurate
         early steps lead the NF2 loop to markedly lower errors than LQ-LoRA's randomized ones
         (bench/profile_speed.py), for one SVD per matrix and one sketch per cold start.
@@ -306,13 +312,7 @@ class _Matrix:
         state computing it would leave.
         """
         if opts.exact_cold:
-            svd = self._cold.get("svd")
-            if svd is None or svd[0].shape[1] < min(r + opts.oversample, *self.W.shape):
-                R = self.W if self.d_r is None else self.d_r * self.W * self.d_c
-                U, S, Vh = torch.linalg.svd(R, full_matrices=False)
-                keep = max(COLD_SVD_KEEP, r + opts.oversample)
-                svd = self._cold["svd"] = (U[:, :keep], S[:keep], Vh[:keep].T)
-            U, S, V = svd
+            U, S, V = self._top_of_w(r)
             # no warm basis: W's top subspace is a poor start for the SVD of W - Q (NF2's Q
             # above all), so the second step sketches afresh, with power iterations
             return (*_balanced(self, U[:, :r], S[:r], V[:, :r]), None)
@@ -323,6 +323,35 @@ class _Matrix:
         L1, L2, basis, state = self._cold[key]
         gen.set_state(state)
         return L1, L2, basis
+
+    def _top_of_w(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, S, V)`` of (the Fisher-weighted) W, accurate in at least the top r columns.
+
+        An exact SVD when the smaller side is at most :data:`COLD_EXACT_MAX_SIDE` (its
+        leading :data:`COLD_SVD_KEEP` columns kept); above that, where an SVD costs more than
+        the loop (measured single-threaded on 4096 x 11008: 56 s, against 1.3 s for this and
+        about 2 s per step of the loop at rank 64), a subspace iteration with 2r columns and
+        :data:`COLD_POWER_ITERS` passes, as good for the loop (SmolLM2's NF2 entries with it
+        forced: the same errors as with the exact SVD).
+        """
+        cached = self._cold.get("top")
+        if cached is not None and cached[3] >= r:
+            return cached[:3]
+        R = self.W if self.d_r is None else self.d_r * self.W * self.d_c
+        if min(R.shape) <= COLD_EXACT_MAX_SIDE:
+            U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+            keep = max(COLD_SVD_KEEP, r)
+            top = (U[:, :keep], S[:keep], Vh[:keep].T, min(keep, S.numel()))
+        else:
+            k = min(2 * r, *R.shape)
+            omega = torch.randn(R.shape[1], k, generator=self.generator(), device=R.device, dtype=R.dtype)
+            Y = _orth(R @ omega)
+            for _ in range(COLD_POWER_ITERS):
+                Y = _orth(R @ _orth(R.T @ Y))
+            Ub, S, V = _small_svd(Y.T @ R)
+            top = (Y @ Ub, S, V, r)
+        self._cold["top"] = top
+        return top[:3]
 
     def errors(self, E: torch.Tensor) -> tuple[float, float | None]:
         """Plain and Fisher-weighted squared Frobenius norms of a residual ``E``."""
