@@ -304,10 +304,10 @@ class _Matrix:
 
         The same for every config, so computed once per matrix. With ``opts.exact_cold`` it
         is the exact (see :meth:`_top_of_w`) SVD of (the Fisher-weighted) W, and the second
-        step then draws a fresh
-        sketch with power iterations instead of starting from W's subspace: both accurate
-        early steps lead the NF2 loop to markedly lower errors than LQ-LoRA's randomized ones
-        (bench/profile_speed.py), for one SVD per matrix and one sketch per cold start.
+        step then draws a fresh sketch with power iterations instead of starting from W's
+        subspace: both accurate early steps lead the NF2 loop to markedly lower errors than
+        LQ-LoRA's randomized ones (bench/profile_speed.py), for one SVD per matrix and one
+        sketch per cold start.
         Otherwise it is the randomized sketch of the later steps, with ``gen`` left in the
         state computing it would leave.
         """
@@ -343,13 +343,8 @@ class _Matrix:
             keep = max(COLD_SVD_KEEP, r)
             top = (U[:, :keep], S[:keep], Vh[:keep].T, min(keep, S.numel()))
         else:
-            k = min(2 * r, *R.shape)
-            omega = torch.randn(R.shape[1], k, generator=self.generator(), device=R.device, dtype=R.dtype)
-            Y = _orth(R @ omega)
-            for _ in range(COLD_POWER_ITERS):
-                Y = _orth(R @ _orth(R.T @ Y))
-            Ub, S, V = _small_svd(Y.T @ R)
-            top = (Y @ Ub, S, V, r)
+            U, S, V, _ = _top_subspace(R, r, None, oversample=r, power_iters=COLD_POWER_ITERS, gen=self.generator())
+            top = (U, S, V, r)
         self._cold["top"] = top
         return top[:3]
 
