@@ -579,16 +579,18 @@ NOTES = """## Notes
   same packing-free `quantize_dequantize` as bitalloc (bit for bit `quantize(...).dequantize()`),
   and runs in the same process with the same malloc setting and torch thread count, so the
   speedup is that of the algorithm, not of the quantizer.
-- **bitalloc** (`decompose_many`): per (bits, block) group a leader solved cold; the fp16/fp32
-  twin of a 3-4 bit config with 3+ scale bits, or of an NF8 config with 4+ scale bits, reuses
-  its twin's factors (one quantize); other twins iterate from the twin's factors; other configs
-  start from the nearest solved config, except NF2 codes and 2-bit scales, which start cold;
-  over-relaxed steps with momentum for 3-8 bits, retreating to plain alternation (never below)
-  after a rise; plain steps that rise go on; one subspace pass per step reusing the last
-  subspace, its small SVD through a float64 Gram eigendecomposition; Q quantized against the
-  stored (bf16) factors with the packing-free quantizer and packed only when `Decomposition.q`
-  is read; best iterate; stop when the best fell by less than tol x {NF2: 1, NF3/NF4: 4,
-  NF8: 2} (tol = 1e-2) over 2 steps.
+- **bitalloc** (`decompose_many`): per (bits, block) group a leader solved cold; every
+  fp16/fp32 twin reuses its twin's factors (one quantize); other configs start from the
+  nearest solved config, except NF2 codes and 2-bit scales, which start cold; every cold
+  start shares one first step, the exact SVD of W (computed once per matrix), and its second
+  step draws a fresh sketch with 2 power iterations; over-relaxed steps with momentum for 3-8
+  bits (1.5, NF8 2.5), retreating to plain alternation (never below) after a rise; plain
+  steps that rise go on; one subspace pass per later step reusing the last subspace, its
+  small SVD through a float64 Gram eigendecomposition; Q quantized against the stored (bf16)
+  factors with the packing-free quantizer and packed only when `Decomposition.q` is read;
+  best iterate; stop when the best fell by less than tol x {NF2: 1, NF3/NF4/NF8: 4}
+  (tol = 1e-2) over 2 steps and by less than 3 times that over 4, a cold start after at
+  least 6 steps.
 - glibc returns freed multi-MB blocks to the OS by default, so each temporary of the loop
   page-faults in again; bitalloc raises the trim threshold (`lowrank._keep_freed_memory`, off
   with `BITALLOC_MALLOC_DEFAULTS=1`). The micro-benchmark table shows what that buys.
