@@ -156,6 +156,16 @@ def quant_micro(mats: dict[str, torch.Tensor], cfgs: list[QuantConfig], reps: in
         finally:
             nf._lut = saved
 
+    import bitalloc.quant.blockwise as blockwise
+
+    def codes_fast_path(W, c):
+        saved = blockwise.nf_round
+        blockwise.nf_round = lambda y, bits: nf.nf_decode(nf.nf_encode_index(y, bits), bits)
+        try:
+            return quantize_dequantize(W, c)
+        finally:
+            blockwise.nf_round = saved
+
     out = {}
     for name, W in mats.items():
         shape = "x".join(map(str, W.shape))
@@ -164,6 +174,7 @@ def quant_micro(mats: dict[str, torch.Tensor], cfgs: list[QuantConfig], reps: in
         row = {}
         for label, fn in (("bucketize_quantize_dequantize_ms", lambda c: bucketize_quantize(W, c)),
                           ("quantize_dequantize_ms", lambda c: quantize(W, c).dequantize()),
+                          ("codes_fast_path_ms", lambda c: codes_fast_path(W, c)),
                           ("fast_path_ms", lambda c: quantize_dequantize(W, c))):
             best = float("inf")
             for _ in range(reps):
@@ -241,6 +252,17 @@ def previous_nf8_steps():
 
 
 @contextmanager
+def householder_qr():
+    """Ablation: the subspace pass orthonormalizes with a Householder QR (before session 5)."""
+    saved = lowrank.CHOLESKY_QR
+    lowrank.CHOLESKY_QR = False
+    try:
+        yield
+    finally:
+        lowrank.CHOLESKY_QR = saved
+
+
+@contextmanager
 def loop_options(**fields):
     """Ablation: other defaults for fields of the loop's options (``lowrank._Opts``)."""
     saved = lowrank._Opts
@@ -313,6 +335,10 @@ ABLATIONS = {
                               functools.partial(loop_options, cold_min_steps=0)),
     "no stopping window": ({}, "stop when the best fell < tol over 2 steps, even after a fast "
                                "descent over the 4 before", functools.partial(loop_options, window=0.0)),
+    "oversampled subspace": ({"oversample": 8}, "k = r + 8 columns in every subspace pass and "
+                                                "sketch (the default before; now k = r)"),
+    "Householder QR": ({}, "the subspace pass orthonormalizes with a Householder QR instead of a "
+                           "Cholesky factor of the Gram matrix", householder_qr),
     "cheap stop on": ({"cheap_stop": True}, "the factor-movement check before each quantize "
                                             "(never fired here; costs a float64 Gram product)"),
     "twins iterate": ({"twin_iters": 50}, "fp16/fp32 twins iterate instead of reusing factors"),
@@ -585,9 +611,12 @@ NOTES = """## Notes
   start shares one first step, the exact SVD of W (computed once per matrix), and its second
   step draws a fresh sketch with 2 power iterations; over-relaxed steps with momentum for 3-8
   bits (1.5, NF8 2.5), retreating to plain alternation (never below) after a rise; plain
-  steps that rise go on; one subspace pass per later step reusing the last subspace, its
-  small SVD through a float64 Gram eigendecomposition; Q quantized against the stored (bf16)
-  factors with the packing-free quantizer and packed only when `Decomposition.q` is read;
+  steps that rise go on; one subspace pass per later step reusing the last subspace (k = r
+  columns, orthonormalized through a Cholesky factor of their Gram matrix), its small SVD
+  through a float64 Gram eigendecomposition; Q quantized against the stored (bf16) factors
+  with the packing-free quantizer (NF levels straight from a lookup table of the level below,
+  the level above and the midpoint per bin, no integer codes) and packed only when
+  `Decomposition.q` is read;
   best iterate; stop when the best fell by less than tol x {NF2: 1, NF3/NF4/NF8: 4}
   (tol = 1e-2) over 2 steps and by less than 3 times that over 4, a cold start after at
   least 6 steps.
@@ -755,18 +784,18 @@ def render_md(r: dict) -> str:
             f"{len(micro['configs'])} configs of the space)",
             "",
             "| shape | previous: bucketize codes, pack, unpack | lookup-table codes, pack, unpack | "
-            "quantize_dequantize (lookup table, no packing) | the same three, glibc malloc defaults |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "quantize_dequantize through integer codes (before) | quantize_dequantize (levels from "
+            "the lookup table, no codes) | the same four, glibc malloc defaults |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         default = micro.get("glibc_default_malloc", {})
         for shape, row in micro["tuned_malloc"].items():
             d = default.get(shape, {})
-            dd = " / ".join(f"{d.get(k, float('nan')):.2f}" for k in
-                            ("bucketize_quantize_dequantize_ms", "quantize_dequantize_ms", "fast_path_ms"))
-            lines.append(
-                f"| {shape} | {row['bucketize_quantize_dequantize_ms']:.2f} | {row['quantize_dequantize_ms']:.2f} | "
-                f"{row['fast_path_ms']:.2f} | {dd} |"
-            )
+            keys = ("bucketize_quantize_dequantize_ms", "quantize_dequantize_ms", "codes_fast_path_ms",
+                    "fast_path_ms")
+            dd = " / ".join(f"{d.get(k, float('nan')):.2f}" for k in keys)
+            cells = " | ".join(f"{row[k]:.2f}" if k in row else "n/a" for k in keys)
+            lines.append(f"| {shape} | {cells} | {dd} |")
         if {"decompose_many_q_proj_cpu_s_glibc_default_malloc", "decompose_many_q_proj_cpu_s_tuned_malloc"} <= set(micro):
             lines += ["", "The whole loop, `decompose_many` on q_proj of the first layer with all configs: "
                       f"{micro['decompose_many_q_proj_cpu_s_tuned_malloc']:.1f} s CPU with bitalloc's malloc "

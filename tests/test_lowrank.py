@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bitalloc.configs import QuantConfig
-from bitalloc.lowrank import Decomposition, decompose, decompose_many, fisher_scalings
+from bitalloc.lowrank import DEFAULT_OVERSAMPLE, Decomposition, decompose, decompose_many, fisher_scalings
 from bitalloc.quant import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,7 +238,7 @@ def test_decompose_many_matches_per_config_decompose():
     assert sorted(ratios)[len(ratios) // 2] <= 1.01
     assert max(ratios) <= 1.05
     # without sharing, the same loop as decompose, config by config
-    alone = decompose_many(W, cfgs[:4], share=False, tol=1e-3)
+    alone = decompose_many(W, cfgs[:4], share=False, tol=1e-3, oversample=DEFAULT_OVERSAMPLE)
     for c, d in zip(cfgs[:4], alone):
         assert d.error == pytest.approx(decompose(W, c).error, rel=1e-6)
 
@@ -326,6 +326,31 @@ def test_small_svd_matches_torch_svd(shape):
     assert torch.allclose(S, S_ref, rtol=1e-4, atol=1e-6 * float(S_ref[0]))
     assert torch.allclose((U * S) @ V.T, B, atol=1e-5 * float(S_ref[0]))
     assert torch.allclose(U.T @ U, torch.eye(shape[0]), atol=1e-5)
+
+
+def test_cholesky_subspace_pass_matches_the_householder_one():
+    from bitalloc.lowrank import _orth, _range_svd, _small_svd
+
+    g = torch.Generator().manual_seed(29)
+    R = torch.randn(300, 120, generator=g) @ torch.diag(torch.logspace(0, -2, 120)) @ torch.randn(120, 120, generator=g)
+    Y = R @ torch.randn(120, 24, generator=g)
+    U, S, V, basis = _range_svd(R, Y, 16)
+    Q = _orth(Y)
+    Ub, S_ref, V_ref = _small_svd(Q.T @ R)
+    assert U.shape == (300, 16) and S.shape == (16,) and V.shape == (120, 16) and basis.shape == (120, 24)
+    assert torch.allclose(S, S_ref[:16], rtol=1e-4)
+    assert torch.allclose((U * S) @ V.T, ((Q @ Ub[:, :16]) * S_ref[:16]) @ V_ref[:, :16].T, atol=1e-4 * float(S[0]))
+    assert torch.allclose(U.T @ U, torch.eye(16), atol=1e-4)
+
+
+def test_cholesky_subspace_pass_refuses_a_rank_deficient_range():
+    from bitalloc.lowrank import _range_svd
+
+    g = torch.Generator().manual_seed(31)
+    R = torch.randn(50, 40, generator=g)
+    Y = R @ torch.randn(40, 6, generator=g)
+    Y[:, 5] = Y[:, 4]  # a repeated column: the Gram matrix is singular
+    assert _range_svd(R, Y, 4) is None
 
 
 def test_keep_freed_memory_is_idempotent_and_can_be_switched_off(monkeypatch):

@@ -211,7 +211,10 @@ def profile(request: ProfileRequest,
                 write_part(out, index, _profile_matrix(*task(index), request.seed, decompose_fn))
                 bar.update(len(configs))
         else:
-            _profile_in_processes(todo, task, jobs, request.seed, out, lambda: bar.update(len(configs)))
+            # largest matrices first: the last to finish are then small ones, so that no worker
+            # waits long for another at the end (the order within a size is the model's)
+            order = sorted(todo, key=lambda i: -shapes[i][0] * shapes[i][1])
+            _profile_in_processes(order, task, jobs, request.seed, out, lambda: bar.update(len(configs)))
     finally:
         bar.close()
 

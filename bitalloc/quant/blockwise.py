@@ -23,8 +23,7 @@ from typing import Iterator
 import torch
 
 from bitalloc.configs import QuantConfig
-from bitalloc.quant.nf import _cached as _nf_tables
-from bitalloc.quant.nf import nf_decode, nf_encode_index
+from bitalloc.quant.nf import nf_decode, nf_encode_index, nf_round
 from bitalloc.quant.packing import pack_bits, packed_nbytes, unpack_bits
 from bitalloc.quant.scales import (
     decode_block_scales,
@@ -249,12 +248,13 @@ def quantize_dequantize(W: torch.Tensor, cfg: QuantConfig, *, check: bool = True
     blocks_per_row = -(-cols // block)
     row_len = blocks_per_row * block
     scales = roundtrip_block_scales(_absmax(W, block), cfg).view(rows, blocks_per_row, 1)
-    levels, _ = _nf_tables(bits, W.device)
+    slabs = list(_slabs(rows, row_len))
+    if len(slabs) == 1 and row_len == cols and W.dtype == torch.float32:
+        # one slab, no padding: the rounded blocks are the result (no copy into ``out``)
+        return nf_round(_scaled(W, 0, rows, block, scales), bits).mul_(scales).view(rows, cols)
     out = torch.empty((rows, cols), dtype=W.dtype, device=W.device)
-    for start, stop in _slabs(rows, row_len):
+    for start, stop in slabs:
         s = scales[start:stop]
-        codes = nf_encode_index(_scaled(W, start, stop, block, s), bits)
-        values = levels.index_select(0, codes.view(-1)).view(codes.shape)
-        values *= s
+        values = nf_round(_scaled(W, start, stop, block, s), bits).mul_(s)
         out[start:stop] = values.view(stop - start, row_len)[:, :cols]
     return out

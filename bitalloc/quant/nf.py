@@ -20,6 +20,7 @@ from bitalloc.configs import NF_BITS
 
 _CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 _LUT_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor] | None] = {}
+_ROUND_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 #: Bins of the encoding lookup table over [-1, 1] (a power of two: bin edges are exact floats).
 _LUT_BINS = 4096
 #: A midpoint must lie this far below the next bin edge (or exactly on an edge); see _build_lut.
@@ -122,12 +123,48 @@ def nf_encode_index(y: torch.Tensor, bits: int) -> torch.Tensor:
         return torch.bucketize(y.contiguous(), midpoints)
     base, threshold = lut
     flat = y.reshape(-1)
-    pos = flat.clamp(-1.0, 1.0).add_(1.0).mul_(_LUT_BINS // 2)
-    idx = pos.to(torch.int64).clamp_(max=_LUT_BINS - 1)
-    del pos
+    idx = _lut_bins(flat)
     codes = base.index_select(0, idx)
     codes += flat > threshold.index_select(0, idx)
     return codes.view(y.shape)
+
+
+def _lut_bins(flat: torch.Tensor) -> torch.Tensor:
+    """The lookup-table bin of each element of a flat float32 tensor (see :func:`_build_lut`).
+
+    ``fl(y + 1) * n/2`` equals ``fl(y * n/2 + n/2)`` (scaling by a power of two is exact),
+    and clamping to ``[0, n - 1]`` before truncating equals clamping y to [-1, 1] first.
+    """
+    half = _LUT_BINS // 2
+    return (flat * half).add_(half).clamp_(0, _LUT_BINS - 1).to(torch.int64)
+
+
+def nf_round(y: torch.Tensor, bits: int) -> torch.Tensor:
+    """The NF level nearest to each element of ``y`` (float32, same shape).
+
+    Equal, bit for bit, to ``nf_decode(nf_encode(y, bits), bits)``, without the integer codes:
+    each lookup-table bin holds the level below its midpoint, the level above it and the
+    midpoint, so one comparison picks the level (the decomposition loop needs only values).
+    """
+    _check_bits(bits)
+    y = y.to(torch.float32)
+    key = (bits, y.device)
+    tables = _ROUND_CACHE.get(key)
+    if tables is None:
+        lut = _lut(bits, y.device)
+        if lut is None:  # never for the built-in codebooks; kept as the definition
+            return nf_decode(nf_encode_index(y, bits), bits)
+        levels, _ = _cached(bits, y.device)
+        base, threshold = lut
+        tables = _ROUND_CACHE[key] = (
+            levels[base], levels[(base + 1).clamp_(max=levels.numel() - 1)], threshold,
+        )
+    below, above, threshold = tables
+    flat = y.reshape(-1)
+    idx = _lut_bins(flat)
+    out = torch.where(flat > threshold.index_select(0, idx), above.index_select(0, idx),
+                      below.index_select(0, idx))
+    return out.view(y.shape)
 
 
 def nf_encode(y: torch.Tensor, bits: int) -> torch.Tensor:

@@ -65,6 +65,26 @@ def test_worker_processes_give_the_same_table(tiny_llama_dir, tmp_path, space_fi
     pd.testing.assert_frame_equal(_without_timing(two), _without_timing(one), check_exact=False, rtol=1e-6)
 
 
+def test_workers_get_the_largest_matrices_first(tiny_llama_dir, tmp_path, space_file, monkeypatch):
+    from bitalloc.lowrank import decompose_many
+    from bitalloc.profiles import runner
+    from bitalloc.profiles.store import write_part
+
+    submitted: list[int] = []
+
+    def in_order(todo, task, jobs, seed, out, done_one):  # the pool, without processes
+        for index in todo:
+            submitted.append(index)
+            write_part(out, index, runner._profile_matrix(*task(index), seed, decompose_many))
+            done_one()
+
+    monkeypatch.setattr(runner, "_profile_in_processes", in_order)
+    _, meta = load_profile(profile(_request(tiny_llama_dir, tmp_path / "p", space_file, jobs=2)))
+    sizes = [meta["targets"][i]["rows"] * meta["targets"][i]["cols"] for i in submitted]
+    assert sorted(submitted) == list(range(len(meta["targets"])))
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for status in Path("/proc").glob("[0-9]*/status"):

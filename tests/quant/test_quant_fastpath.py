@@ -12,7 +12,7 @@ import torch
 
 from bitalloc.configs import QuantConfig, config_space
 from bitalloc.quant import nf_codebook, nf_decode, nf_encode, quantize, quantize_dequantize
-from bitalloc.quant.nf import _LUT_BINS, _build_lut, _cached, _lut, nf_encode_index
+from bitalloc.quant.nf import _LUT_BINS, _build_lut, _cached, _lut, nf_encode_index, nf_round
 from bitalloc.quant.scales import decode_block_scales, encode_block_scales, roundtrip_block_scales
 
 LQLORA = config_space("lqlora", ranks=(0,))
@@ -112,6 +112,16 @@ def test_lookup_table_encoder_equals_bucketize(bits, gen):
     expected = torch.bucketize(y, mids)
     assert torch.equal(nf_encode_index(y, bits), expected)
     assert torch.equal(nf_encode(y, bits), expected.to(torch.uint8))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_nf_round_equals_the_decoded_nearest_code(bits, gen):
+    levels, mids = _cached(bits, "cpu")
+    y = torch.cat([_adversarial(bits), torch.rand(100_000, generator=gen) * 2.4 - 1.2])
+    y = y[: y.numel() // 2 * 2]
+    rounded = nf_round(y.view(-1, 2), bits)
+    assert rounded.shape == (y.numel() // 2, 2)
+    assert torch.equal(rounded.view(-1), levels[torch.bucketize(y, mids)])
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
