@@ -299,6 +299,17 @@ class _Matrix:
         self.seed = seed
         # the first rank-r step of every cold start is the same (top-r of W): computed once
         self._cold: dict[Any, tuple[Any, ...]] = {}
+        # the last result with bf16 factors and the product of its factors: a twin or a warm
+        # start from it evaluates the same factors first, so the product need not be redone
+        self.last_low: tuple[Decomposition, torch.Tensor] | None = None
+
+    def low_of(self, init: Any, cfg: QuantConfig) -> torch.Tensor | None:
+        """``L1 @ L2`` of ``init``'s stored factors if it is the last result, of the same rank
+        and, like ``cfg``, with bf16 factors (storing them again changes nothing); else None."""
+        last = self.last_low
+        if last is None or last[0] is not init or cfg.lowrank_bits != 16:
+            return None
+        return last[1] if init.rank == cfg.rank and init.cfg.lowrank_bits == 16 else None
 
     def generator(self) -> torch.Generator:
         gen = torch.Generator(device=self.W.device)
@@ -600,10 +611,16 @@ def _step_size(m: _Matrix, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D:
     return max(ab + cd - 2.0 * cross, 0.0)
 
 
-def _evaluate(m: _Matrix, cfg: QuantConfig, L1: torch.Tensor, L2: torch.Tensor) -> _Iterate:
-    """Store the factors, quantize the rest against them, and measure the error."""
+def _evaluate(
+    m: _Matrix, cfg: QuantConfig, L1: torch.Tensor, L2: torch.Tensor, low: torch.Tensor | None = None
+) -> _Iterate:
+    """Store the factors, quantize the rest against them, and measure the error.
+
+    ``low``, when given, is the product of the stored factors (known from an earlier result).
+    """
     s1, s2, q1, q2 = _store(L1, L2, cfg)
-    low = s1 @ s2
+    if low is None:
+        low = s1 @ s2
     target = m.W - low
     q = _DeferredQ(m.W, s1, s2, cfg)
     resid = target - _fake_quantize(target, cfg)
@@ -685,7 +702,7 @@ def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decompositio
     basis = None
     if init is not None:
         L1, L2, basis = _init_factors(init, m, r)
-        cur = best = _evaluate(m, cfg, L1, L2)
+        cur = best = _evaluate(m, cfg, L1, L2, m.low_of(init, cfg))
         history.append(cur.objective)
     iters = 0
     min_steps = opts.cold_min_steps if init is None else 0
@@ -735,7 +752,9 @@ def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decompositio
     if best is None:
         raise ValueError("max_iters must be >= 1 without an init")
     log.debug("%s: %d iterations, objective %.6g", cfg.name, iters, best.objective)
-    return best.result(cfg, iters, history, basis)
+    result = best.result(cfg, iters, history, basis)
+    m.last_low = (result, best.low) if cfg.lowrank_bits == 16 else None
+    return result
 
 
 # ----- public entry points -------------------------------------------------------------------
@@ -780,9 +799,13 @@ def decompose(
 
 
 def _scale_precision(cfg: QuantConfig) -> tuple[int, int, int]:
-    """Larger = more precise block scales (fp16 scales, then more scale bits, fp32, smaller groups)."""
+    """Larger = more precise block scales (fp16 scales, then more scale bits, smaller groups, fp32).
+
+    The dtype of the second-level scales comes last, so that each fp16 twin is solved right
+    after its fp32 sibling (and reuses the product of its factors, see ``_Matrix.last_low``).
+    """
     dtype_bits = 32 if cfg.scale_dtype == "fp32" else 16
-    return (cfg.scale_bits, dtype_bits, -cfg.scale_block)
+    return (cfg.scale_bits, -cfg.scale_block, dtype_bits)
 
 
 def _is_twin(a: QuantConfig, b: QuantConfig) -> bool:
@@ -853,7 +876,8 @@ def decompose_many(
 
     Configs are grouped by their codes (bits, block). In each group the *leader* (highest rank,
     bf16 factors, most precise block scales) runs the loop from a cold start; the others
-    follow in order of decreasing scale precision, each warm-started from the nearest config
+    follow in order of decreasing scale precision (each fp16 twin right after its fp32
+    sibling, whose factors' product it reuses), each warm-started from the nearest config
     solved before it: the same quantizer at a higher rank (factors trimmed: the rank-r part of
     its SVD of W - Q), else its fp16/fp32 *twin* (same codes, scale bits and groups;
     ``twin_iters`` more steps, 0 = just quantize against the twin's factors), else

@@ -243,6 +243,28 @@ def test_decompose_many_matches_per_config_decompose():
         assert d.error == pytest.approx(decompose(W, c).error, rel=1e-6)
 
 
+def test_twins_reuse_the_product_of_their_siblings_factors(monkeypatch):
+    from bitalloc import lowrank
+
+    W = weight(96, 160, rank=8, seed=13)
+    cfgs = [cfg(n) for n in MANY]
+    hits = []
+    low_of = lowrank._Matrix.low_of
+
+    def spy(self, init, c):
+        low = low_of(self, init, c)
+        hits.append(low is not None)
+        return low
+
+    monkeypatch.setattr(lowrank._Matrix, "low_of", spy)
+    reused = decompose_many(W, cfgs)
+    monkeypatch.setattr(lowrank._Matrix, "low_of", lambda self, init, c: None)
+    redone = decompose_many(W, cfgs)
+    assert any(hits)
+    assert [d.error for d in reused] == [d.error for d in redone]
+    assert all(torch.equal(a.l1, b.l1) for a, b in zip(reused, redone))
+
+
 def test_decompose_many_with_fisher_and_rank0():
     W = weight(seed=12)
     F = torch.rand(W.shape, generator=torch.Generator().manual_seed(12))
