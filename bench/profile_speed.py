@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((out / "results.json").read_text())
         # replaced, not merged: timings from older code or another default space would mislead
         result["full_model"] = run_full_models(args.full_model, args.threads)
+        result["full_model_command"] = " ".join([Path(sys.executable).name, "bench/profile_speed.py", *sys.argv[1:]])
         (out / "results.json").write_text(json.dumps(result, indent=1))
         (out / "results.md").write_text(render_md(result))
         log.info("wrote %s", out)
@@ -812,6 +813,9 @@ def render_md(r: dict) -> str:
             "full model (extrapolated) | load average (1/5/15 min) start -> end |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
+        if r.get("full_model_command"):
+            lines[-2:-2] = [f"Rerun after the main run with `{r['full_model_command']}`; each row ended at "
+                            + ", ".join(f"{f['date']} ({spec})" for spec, f in full.items() if f.get("date")) + ".", ""]
         for spec, f in full.items():
             extra = f["extrapolated_full_model_wall_s"]
             extra_s = "(measured)" if extra is None else f"{extra:.0f} s = {extra / 60:.1f} min (x{f['all_matrices'] / f['matrices']:.1f})"
