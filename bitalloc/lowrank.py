@@ -306,10 +306,10 @@ class _Matrix:
     def low_of(self, init: Any, cfg: QuantConfig) -> torch.Tensor | None:
         """``L1 @ L2`` of ``init``'s stored factors if it is the last result, of the same rank
         and, like ``cfg``, with bf16 factors (storing them again changes nothing); else None."""
-        last = self.last_low
-        if last is None or last[0] is not init or cfg.lowrank_bits != 16:
+        last = self.last_low  # only ever set for results with bf16 factors
+        if last is None or last[0] is not init or cfg.lowrank_bits != 16 or init.rank != cfg.rank:
             return None
-        return last[1] if init.rank == cfg.rank and init.cfg.lowrank_bits == 16 else None
+        return last[1]
 
     def generator(self) -> torch.Generator:
         gen = torch.Generator(device=self.W.device)
@@ -444,14 +444,29 @@ def _range_svd(
     B = (Y.T @ R).double()  # k x n
     left = torch.linalg.solve_triangular(C, B @ B.T, upper=False)  # C^-1 (B B^T)
     gram = torch.linalg.solve_triangular(C, left.T, upper=False)  # C^-1 B B^T C^-T (symmetric)
-    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
+    S, evecs, keep = _gram_singular((gram + gram.T) / 2)
+    T = torch.linalg.solve_triangular(C.T, evecs, upper=True)  # C^-T E: U = Y T
+    V = _right_vectors(B.T @ T, S, keep).to(R.dtype)
+    U = Y @ T[:, :r].to(Y.dtype)
+    return U, S[:r].to(R.dtype), V[:, :r], V
+
+
+def _gram_singular(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Singular values (descending), left vectors and kept mask from a k x k Gram matrix.
+
+    Directions with a singular value below 1e-7 of the largest are not kept (see
+    :func:`_right_vectors`).
+    """
+    evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0), evecs.flip(1)
     S = evals.clamp_min(0).sqrt()
     keep = S > 1e-7 * S[0].clamp_min(torch.finfo(torch.float64).tiny)
-    T = torch.linalg.solve_triangular(C.T, evecs, upper=True)  # C^-T E: U = Y T
-    V = ((B.T @ T) / torch.where(keep, S, 1.0) * keep).to(R.dtype)
-    U = Y @ T[:, :r].to(Y.dtype)
-    return U, S[:r].to(R.dtype), V[:, :r], V
+    return S, evecs, keep
+
+
+def _right_vectors(BtU: torch.Tensor, S: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``V = B^T U / S``, with a zero column for each direction that is not kept."""
+    return BtU / torch.where(keep, S, 1.0) * keep
 
 
 def _small_svd(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -462,12 +477,8 @@ def _small_svd(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     get a zero column in V (they are dropped from the factors anyway by their zero weight).
     """
     B64 = B.double()
-    evals, evecs = torch.linalg.eigh(B64 @ B64.T)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    S = evals.clamp_min(0).sqrt()
-    keep = S > 1e-7 * S[0].clamp_min(torch.finfo(torch.float64).tiny)
-    V = (B64.T @ evecs) / torch.where(keep, S, 1.0)
-    V = V * keep
+    S, evecs, keep = _gram_singular(B64 @ B64.T)
+    V = _right_vectors(B64.T @ evecs, S, keep)
     return evecs.to(B.dtype), S.to(B.dtype), V.to(B.dtype)
 
 
