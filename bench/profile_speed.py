@@ -198,12 +198,12 @@ def malloc_ab(W: torch.Tensor, cfgs: list[QuantConfig]) -> float:
 @contextmanager
 def packing_quantizer():
     """Ablation: the loop quantizes with the packing ``quantize(...).dequantize()``."""
-    saved = lowrank._fake_quantize
-    lowrank._fake_quantize = lambda x, cfg: quantize(x, cfg).dequantize()
+    saved = lowrank._quantize_residual
+    lowrank._quantize_residual = lambda x, cfg: x - quantize(x, cfg).dequantize()
     try:
         yield
     finally:
-        lowrank._fake_quantize = saved
+        lowrank._quantize_residual = saved
 
 
 @contextmanager

@@ -32,8 +32,9 @@ with these differences from LQ-LoRA's code (each measured in ``bench/profile_spe
   (relative) over the last two steps and by less than :data:`STOP_WINDOW` times that over
   the last four, never before :data:`COLD_MIN_STEPS` steps of a cold start, or, with
   ``cheap_stop``, before quantizing again when the factors barely moved;
-* inside the loop ``Q`` is computed with :func:`bitalloc.quant.quantize_dequantize` (bit for
-  bit the same values, no bit packing); ``Decomposition.q`` is packed on first access;
+* inside the loop ``W - L1 L2 - Q`` is computed with :func:`bitalloc.quant.quantize_residual`
+  (bit for bit the same values, no bit packing; on the CPU a compiled kernel rounds, see
+  :mod:`bitalloc.quant.kernels`); ``Decomposition.q`` is packed on first access;
 * warm starts (``init=``) from a neighbouring config, and :func:`decompose_many`, which
   profiles many configs of one matrix and shares work between them.
 
@@ -58,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from bitalloc.configs import LOWRANK_NF8, QuantConfig
+from bitalloc.quant import kernels
 
 if TYPE_CHECKING:  # the quantizer is imported lazily: bitalloc.quant may load torch kernels
     from bitalloc.quant import QuantizedTensor
@@ -104,11 +106,11 @@ def _quantize(x: torch.Tensor, cfg: QuantConfig) -> "QuantizedTensor":
     return quantize(x, cfg)
 
 
-def _fake_quantize(x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """``quantize(x, cfg).dequantize()`` bit for bit, without packing (x is already checked)."""
-    from bitalloc.quant import quantize_dequantize
+def _quantize_residual(x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """``x - quantize(x, cfg).dequantize()`` bit for bit, without packing (x is already checked)."""
+    from bitalloc.quant import quantize_residual
 
-    return quantize_dequantize(x, cfg, check=False)
+    return quantize_residual(x, cfg, check=False)
 
 
 class _DeferredQ:
@@ -369,6 +371,8 @@ class _Matrix:
 
     def errors(self, E: torch.Tensor) -> tuple[float, float | None]:
         """Plain and Fisher-weighted squared Frobenius norms of a residual ``E``."""
+        if self.F is None and E.device.type == "cpu" and E.dtype == torch.float32 and kernels.available():
+            return kernels.sum_squares(E.contiguous()), None
         E2 = E * E
         plain = float(E2.sum(dtype=torch.float64))
         if self.F is None:
@@ -634,7 +638,7 @@ def _evaluate(
         low = s1 @ s2
     target = m.W - low
     q = _DeferredQ(m.W, s1, s2, cfg)
-    resid = target - _fake_quantize(target, cfg)
+    resid = _quantize_residual(target, cfg)
     err, errf = m.errors(resid)
     return _Iterate(q, low, resid, s1, s2, q1, q2, err, errf, L1, L2)
 

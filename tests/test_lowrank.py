@@ -47,7 +47,8 @@ def test_rank0_equals_quantize_exactly(name):
     d = decompose(W, cfg(name))
     q = quantize(W, cfg(name))
     assert torch.equal(d.q.dequantize(), q.dequantize())
-    assert d.error == sq(W - q.dequantize())
+    # the same squares, summed in float64 in another order (the CPU kernel's lanes)
+    assert d.error == pytest.approx(sq(W - q.dequantize()), rel=1e-12)
     assert d.l1.shape == (64, 0) and d.l2.shape == (0, 96)
     assert d.iterations == 0 and d.error_fisher is None
     assert torch.equal(d.reconstruct(), q.dequantize().float())
@@ -329,12 +330,12 @@ def test_q_is_packed_lazily_and_equals_the_evaluated_one():
 
 
 def test_loop_quantizer_is_the_packing_one_bit_for_bit():
-    from bitalloc.lowrank import _fake_quantize
+    from bitalloc.lowrank import _quantize_residual
 
     W = weight(seed=22)
     for name in ("nf2-g16-s2x16-r8", "nf4-g64-s8x256-fp32-r8", "nf8-g32-s3x64-r8", "nf3-g16-s16-r8"):
         c = cfg(name)
-        assert torch.equal(_fake_quantize(W, c), quantize(W, c).dequantize())
+        assert torch.equal(_quantize_residual(W, c), W - quantize(W, c).dequantize())
 
 
 @pytest.mark.parametrize("shape", [(72, 576), (20, 300), (5, 7)])

@@ -13,7 +13,7 @@ from bitalloc.quant.affine import (
     quantize_affine,
     quantize_binary,
 )
-from bitalloc.quant.blockwise import QuantizedTensor, quantize, quantize_dequantize
+from bitalloc.quant.blockwise import QuantizedTensor, quantize, quantize_dequantize, quantize_residual
 from bitalloc.quant.nf import nf_codebook, nf_decode, nf_encode, nf_zero_code
 from bitalloc.quant.packing import pack_bits, packed_nbytes, unpack_bits
 
@@ -33,5 +33,6 @@ __all__ = [
     "quantize_affine",
     "quantize_binary",
     "quantize_dequantize",
+    "quantize_residual",
     "unpack_bits",
 ]

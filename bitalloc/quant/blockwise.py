@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from bitalloc.configs import QuantConfig
+from bitalloc.quant import kernels
 from bitalloc.quant.nf import nf_decode, nf_encode_index, nf_round
 from bitalloc.quant.packing import pack_bits, packed_nbytes, unpack_bits
 from bitalloc.quant.scales import (
@@ -240,16 +241,40 @@ def quantize_dequantize(W: torch.Tensor, cfg: QuantConfig, *, check: bool = True
 
     ``check=False`` skips the input validation (2-D, non-empty, float, finite) for callers
     that have validated ``W`` already; the result for invalid input is then undefined.
+    On the CPU, for float32, the rounding runs in a compiled kernel
+    (:mod:`bitalloc.quant.kernels`) when numba is present; else in tensor code.
     """
     if check:
         _check_matrix(W)
+    return _round_trip(W, cfg, residual=False)
+
+
+def quantize_residual(W: torch.Tensor, cfg: QuantConfig, *, check: bool = True) -> torch.Tensor:
+    """``W - quantize_dequantize(W, cfg)``, bit for bit (one pass fewer on the kernel path)."""
+    if check:
+        _check_matrix(W)
+    return _round_trip(W, cfg, residual=True)
+
+
+def _round_trip(W: torch.Tensor, cfg: QuantConfig, residual: bool) -> torch.Tensor:
     rows, cols = W.shape
     bits, block = cfg.bits, cfg.block
     blocks_per_row = -(-cols // block)
     row_len = blocks_per_row * block
     scales = roundtrip_block_scales(_absmax(W, block), cfg).view(rows, blocks_per_row, 1)
     slabs = list(_slabs(rows, row_len))
-    if len(slabs) == 1 and row_len == cols and W.dtype == torch.float32:
+    if W.device.type == "cpu" and W.dtype == torch.float32 and kernels.available():
+        W = W.contiguous()
+        out = W.new_empty(rows, cols) if len(slabs) > 1 else None
+        for start, stop in slabs:
+            s = scales[start:stop].expand(stop - start, blocks_per_row, block)
+            s = s.reshape(stop - start, row_len)[:, :cols].contiguous()
+            values = kernels.round_to_levels(W[start:stop], s, bits, residual=residual)
+            if out is None:
+                return values
+            out[start:stop] = values
+        return out
+    if not residual and len(slabs) == 1 and row_len == cols and W.dtype == torch.float32:
         # one slab, no padding: the rounded blocks are the result (no copy into ``out``)
         return nf_round(_scaled(W, 0, rows, block, scales), bits).mul_(scales).view(rows, cols)
     out = torch.empty((rows, cols), dtype=W.dtype, device=W.device)
@@ -257,4 +282,4 @@ def quantize_dequantize(W: torch.Tensor, cfg: QuantConfig, *, check: bool = True
         s = scales[start:stop]
         values = nf_round(_scaled(W, start, stop, block, s), bits).mul_(s)
         out[start:stop] = values.view(stop - start, row_len)[:, :cols]
-    return out
+    return W - out if residual else out

@@ -139,6 +139,26 @@ def _lut_bins(flat: torch.Tensor) -> torch.Tensor:
     return (flat * half).add_(half).clamp_(0, _LUT_BINS - 1).to(torch.int64)
 
 
+def round_tables(
+    bits: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(below, above, threshold)`` per lookup-table bin: the levels either side of the bin's
+    midpoint and the midpoint itself (+inf if none); None when the table does not fit."""
+    device = torch.device(device)
+    key = (bits, device)
+    tables = _ROUND_CACHE.get(key)
+    if tables is None:
+        lut = _lut(bits, device)
+        if lut is None:
+            return None
+        levels, _ = _cached(bits, device)
+        base, threshold = lut
+        tables = _ROUND_CACHE[key] = (
+            levels[base], levels[(base + 1).clamp_(max=levels.numel() - 1)], threshold,
+        )
+    return tables
+
+
 def nf_round(y: torch.Tensor, bits: int) -> torch.Tensor:
     """The NF level nearest to each element of ``y`` (float32, same shape).
 
@@ -148,17 +168,9 @@ def nf_round(y: torch.Tensor, bits: int) -> torch.Tensor:
     """
     _check_bits(bits)
     y = y.to(torch.float32)
-    key = (bits, y.device)
-    tables = _ROUND_CACHE.get(key)
-    if tables is None:
-        lut = _lut(bits, y.device)
-        if lut is None:  # never for the built-in codebooks; kept as the definition
-            return nf_decode(nf_encode_index(y, bits), bits)
-        levels, _ = _cached(bits, y.device)
-        base, threshold = lut
-        tables = _ROUND_CACHE[key] = (
-            levels[base], levels[(base + 1).clamp_(max=levels.numel() - 1)], threshold,
-        )
+    tables = round_tables(bits, y.device)
+    if tables is None:  # never for the built-in codebooks; kept as the definition
+        return nf_decode(nf_encode_index(y, bits), bits)
     below, above, threshold = tables
     flat = y.reshape(-1)
     idx = _lut_bins(flat)
