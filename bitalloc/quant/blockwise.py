@@ -257,23 +257,15 @@ def quantize_residual(W: torch.Tensor, cfg: QuantConfig, *, check: bool = True) 
 
 
 def _round_trip(W: torch.Tensor, cfg: QuantConfig, residual: bool) -> torch.Tensor:
+    """The values of ``quantize(W, cfg)`` (or ``W`` minus them), without packing."""
+    if W.device.type == "cpu" and W.dtype == torch.float32 and kernels.available():
+        return _round_trip_compiled(W.contiguous(), cfg, residual)
     rows, cols = W.shape
     bits, block = cfg.bits, cfg.block
     blocks_per_row = -(-cols // block)
     row_len = blocks_per_row * block
-    scales = roundtrip_block_scales(_absmax(W, block), cfg).view(rows, blocks_per_row, 1)
     slabs = list(_slabs(rows, row_len))
-    if W.device.type == "cpu" and W.dtype == torch.float32 and kernels.available():
-        W = W.contiguous()
-        out = W.new_empty(rows, cols) if len(slabs) > 1 else None
-        for start, stop in slabs:
-            s = scales[start:stop].expand(stop - start, blocks_per_row, block)
-            s = s.reshape(stop - start, row_len)[:, :cols].contiguous()
-            values = kernels.round_to_levels(W[start:stop], s, bits, residual=residual)
-            if out is None:
-                return values
-            out[start:stop] = values
-        return out
+    scales = roundtrip_block_scales(_absmax(W, block), cfg).view(rows, blocks_per_row, 1)
     if not residual and len(slabs) == 1 and row_len == cols and W.dtype == torch.float32:
         # one slab, no padding: the rounded blocks are the result (no copy into ``out``)
         return nf_round(_scaled(W, 0, rows, block, scales), bits).mul_(scales).view(rows, cols)
@@ -283,3 +275,22 @@ def _round_trip(W: torch.Tensor, cfg: QuantConfig, residual: bool) -> torch.Tens
         values = nf_round(_scaled(W, start, stop, block, s), bits).mul_(s)
         out[start:stop] = values.view(stop - start, row_len)[:, :cols]
     return W - out if residual else out
+
+
+def _round_trip_compiled(W: torch.Tensor, cfg: QuantConfig, residual: bool) -> torch.Tensor:
+    """:func:`_round_trip` through the CPU kernels (W contiguous float32), a slab at a time."""
+    rows, cols = W.shape
+    block = cfg.block
+    blocks_per_row = -(-cols // block)
+    row_len = blocks_per_row * block
+    scales = roundtrip_block_scales(kernels.block_absmax(W, block), cfg).view(rows, blocks_per_row, 1)
+    slabs = list(_slabs(rows, row_len))
+    out = W.new_empty(rows, cols) if len(slabs) > 1 else None
+    for start, stop in slabs:
+        s = scales[start:stop].expand(stop - start, blocks_per_row, block)
+        s = s.reshape(stop - start, row_len)[:, :cols].contiguous()
+        values = kernels.round_to_levels(W[start:stop], s, cfg.bits, residual=residual)
+        if out is None:
+            return values
+        out[start:stop] = values
+    return out

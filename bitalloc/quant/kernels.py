@@ -103,7 +103,23 @@ def _compiled() -> SimpleNamespace | None:
             total += np.float64(v * v)
         return total
 
-    return SimpleNamespace(round_chain=round_chain, round_table=round_table, sum_squares=sum_squares)
+    # no NaN/inf/signed-zero care: lets the max vectorize; exact for the finite input it gets
+    @numba.njit(fastmath={"nnan", "ninf", "nsz"}, **opt)
+    def block_absmax(w, block, out):  # pragma: no cover - compiled
+        rows, cols = w.shape
+        for i in range(rows):
+            for b in range(out.shape[1]):
+                lo = b * block
+                hi = min(lo + block, cols)
+                m = np.float32(0.0)
+                for j in range(lo, hi):
+                    m = max(m, abs(w[i, j]))
+                out[i, b] = m
+
+    return SimpleNamespace(
+        round_chain=round_chain, round_table=round_table, sum_squares=sum_squares,
+        block_absmax=block_absmax,
+    )
 
 
 def round_to_levels(
@@ -128,6 +144,15 @@ def round_to_levels(
     half = np.float32(nf._LUT_BINS // 2)
     top = np.float32(nf._LUT_BINS - 1)
     k.round_table(tn, sn, below.numpy(), above.numpy(), threshold.numpy(), half, top, residual, on)
+    return out
+
+
+def block_absmax(W: torch.Tensor, block: int) -> torch.Tensor:
+    """``max |w|`` of each block of ``block`` consecutive weights along a row (the last block
+    of a row may be short), (rows, blocks per row); ``W`` contiguous float32 on the CPU, finite."""
+    rows, cols = W.shape
+    out = torch.empty(rows, -(-cols // block), dtype=torch.float32)
+    _compiled().block_absmax(W.numpy(), block, out.numpy())
     return out
 
 

@@ -81,6 +81,13 @@ def test_kernels_leave_other_dtypes_and_noncontiguous_input_right(monkeypatch, g
         assert fast.dtype == x.dtype and torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize("block", [16, 64, 7])
+def test_block_absmax_equals_the_tensor_code_with_short_last_blocks(block, gen):
+    W = torch.randn(9, 100, generator=gen)
+    W[3] = 0.0
+    assert torch.equal(kernels.block_absmax(W, block), blockwise._absmax(W, block))
+
+
 def test_sum_squares_is_the_float64_sum_of_float32_squares(gen):
     x = torch.randn(1001, generator=gen) * 3
     expected = float((x * x).sum(dtype=torch.float64))
