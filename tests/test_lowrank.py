@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitalloc.configs import QuantConfig
+from bitalloc.configs import QuantConfig, config_space
 from bitalloc.lowrank import DEFAULT_OVERSAMPLE, Decomposition, decompose, decompose_many, fisher_scalings
 from bitalloc.quant import quantize
 
@@ -411,7 +411,7 @@ def test_cold_starts_share_one_exact_svd_of_w(monkeypatch):
         return real_svd(A, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "svd", counting_svd)
-    cold = [cfg(n) for n in ("nf2-g64-s8x256-r8", "nf2-g64-s4x256-r8", "nf3-g64-s8x256-r8", "nf3-g64-s2x256-r4")]
+    cold = [cfg(n) for n in ("nf2-g64-s8x256-r8", "nf2-g32-s4x256-r8", "nf3-g64-s8x256-r8", "nf3-g64-s2x256-r4")]
     many = decompose_many(W, cold)
     assert shapes == [(160, 256)]  # one SVD of W for four cold starts at ranks 8 and 4
     # the first iterate quantizes against the exact best rank-r part of W (balanced, bf16)
@@ -462,3 +462,49 @@ def test_large_matrices_take_an_accurate_subspace_iteration_for_the_first_step(m
     assert sq(low_exact - low_approx) <= 1e-4 * sq(low_exact)
     again = decompose(W, cfg("nf3-g64-s8x256-r8"), max_iters=1)
     assert torch.equal(again.l1, approx.l1)  # seeded: the same every time
+
+
+# ----- solve order and the repair pass ---------------------------------------------------------
+def test_coarser_scales_is_a_partial_order_on_scale_precision():
+    from bitalloc.lowrank import _coarser_scales
+
+    fine = cfg("nf8-g16-s4x64-r8")
+    assert _coarser_scales(cfg("nf8-g16-s3x64-r8"), fine)
+    assert _coarser_scales(cfg("nf8-g16-s4x256-fp32-r8"), fine)  # the dtype is not compared
+    assert _coarser_scales(cfg("nf8-g16-s4x64-fp32-r8"), fine)
+    assert not _coarser_scales(cfg("nf8-g16-s3x16-r8"), fine)  # fewer bits, smaller groups
+    assert not _coarser_scales(fine, fine)
+    assert not _coarser_scales(cfg("nf8-g32-s3x64-r8"), fine)  # another block
+    assert not _coarser_scales(cfg("nf8-g16-s3x64-r4"), fine)  # another rank
+
+
+def test_repair_only_ever_lowers_an_error_and_fires_on_clipped_outliers():
+    W = weight(96, 128, rank=8, seed=3)
+    W.view(-1)[::37] *= 20  # outliers that coarse scales clip
+    cfgs = [c for c in config_space("lqlora", ranks=(8,)) if c.bits in (4, 8) and c.block == 16]
+    repaired = decompose_many(W, cfgs)
+    plain = decompose_many(W, cfgs, repair=False)
+    assert all(a.objective <= b.objective for a, b in zip(repaired, plain))
+    assert sum(a.objective < 0.99 * b.objective for a, b in zip(repaired, plain)) >= 3
+    for a in repaired:  # every result is still the error of its own stored Q and factors
+        assert a.error == pytest.approx(sq(W - a.q.dequantize() - a.l1 @ a.l2), rel=1e-5)
+
+
+def test_nf2_is_solved_from_the_coarsest_scales_up(monkeypatch):
+    from bitalloc import lowrank
+
+    calls = []
+    real = lowrank._solve
+
+    def recording(m, c, init, opts):
+        calls.append((c.name, None if init is None else init.cfg.name))
+        return real(m, c, init, opts)
+
+    monkeypatch.setattr(lowrank, "_solve", recording)
+    cfgs = [c for c in config_space("lqlora", ranks=(8,)) if c.bits == 2 and c.block == 64]
+    decompose_many(weight(seed=5), cfgs)
+    assert calls[0] == ("nf2-g64-s2x256-r8", None)  # the only cold start
+    assert all(init is not None for _, init in calls[1:])
+    for name, init in calls[1:]:
+        c, p = cfg(name), cfg(init)
+        assert p.scale_bits <= c.scale_bits  # each from a config solved before it, never finer
