@@ -57,7 +57,7 @@ from _lqlora_reference import lqlora_reference  # noqa: E402
 import bitalloc.lowrank as lowrank  # noqa: E402
 from bitalloc.configs import QuantConfig, config_space  # noqa: E402
 from bitalloc.lowrank import decompose_many  # noqa: E402
-from bitalloc.quant import quantize, quantize_dequantize  # noqa: E402
+from bitalloc.quant import kernels, quantize, quantize_dequantize  # noqa: E402
 
 log = logging.getLogger("bench.profile_speed")
 
@@ -162,9 +162,14 @@ def quant_micro(mats: dict[str, torch.Tensor], cfgs: list[QuantConfig], reps: in
         saved = blockwise.nf_round
         blockwise.nf_round = lambda y, bits: nf.nf_decode(nf.nf_encode_index(y, bits), bits)
         try:
-            return quantize_dequantize(W, c)
+            with tensor_code():
+                return quantize_dequantize(W, c)
         finally:
             blockwise.nf_round = saved
+
+    def tensor_fast_path(W, c):
+        with tensor_code():
+            return quantize_dequantize(W, c)
 
     out = {}
     for name, W in mats.items():
@@ -175,6 +180,7 @@ def quant_micro(mats: dict[str, torch.Tensor], cfgs: list[QuantConfig], reps: in
         for label, fn in (("bucketize_quantize_dequantize_ms", lambda c: bucketize_quantize(W, c)),
                           ("quantize_dequantize_ms", lambda c: quantize(W, c).dequantize()),
                           ("codes_fast_path_ms", lambda c: codes_fast_path(W, c)),
+                          ("tensor_fast_path_ms", lambda c: tensor_fast_path(W, c)),
                           ("fast_path_ms", lambda c: quantize_dequantize(W, c))):
             best = float("inf")
             for _ in range(reps):
@@ -204,6 +210,37 @@ def packing_quantizer():
         yield
     finally:
         lowrank._quantize_residual = saved
+
+
+@contextmanager
+def tensor_code():
+    """Ablation: no compiled kernels; the quantizer and the loop's error run in tensor code
+    (bit-identical values; the default before session 6)."""
+    saved = kernels.available
+    kernels.available = lambda: False
+    try:
+        yield
+    finally:
+        kernels.available = saved
+
+
+@contextmanager
+def nf2_cold_fine_first():
+    """Ablation: NF2 as before session 6, from the most precise scales down, every config
+    (but a twin) from a cold start."""
+    saved_first, saved_plan = lowrank.COARSE_FIRST, lowrank._warm_plan
+
+    def plan(cfg, parent, max_iters, twin_iters):
+        if cfg.bits == 2 and parent is not None and not lowrank._is_twin(cfg, parent.cfg) \
+                and not lowrank._same_quantizer(cfg, parent.cfg):
+            return None, max_iters
+        return saved_plan(cfg, parent, max_iters, twin_iters)
+
+    lowrank.COARSE_FIRST, lowrank._warm_plan = frozenset(), plan
+    try:
+        yield
+    finally:
+        lowrank.COARSE_FIRST, lowrank._warm_plan = saved_first, saved_plan
 
 
 @contextmanager
@@ -321,6 +358,13 @@ ABLATIONS = {
     "bitalloc (default)": ({}, "everything on"),
     "packing quantizer": ({}, "the loop calls quantize(...).dequantize() (bit packing) instead "
                               "of the packing-free quantize_dequantize", packing_quantizer),
+    "tensor quantizer": ({}, "the loop's quantizer and error run in tensor code instead of the "
+                             "compiled kernels (bit-identical values)", tensor_code),
+    "no repair": ({"repair": False}, "no repair pass (NF3-NF8 configs that end above a "
+                                     "coarser-scaled config are not solved again)"),
+    "NF2 cold, fine first": ({}, "NF2 from the most precise scales down, each config from a cold "
+                                 "start (before session 6; now from the coarsest up, warm)",
+                             nf2_cold_fine_first),
     "previous tolerances": ({}, "tol x {NF3/NF4: 2, NF8: 0.3} and 3 steps of patience for NF8 "
                                 "(the defaults of session 2; now {NF3/NF4: 4, NF8: 4})", previous_tolerances),
     "previous stopping rule": ({}, "halve the step after any rise and give up below 0.2; one "
@@ -603,24 +647,28 @@ NOTES = """## Notes
   split; Q = quantize(W - L1 L2); stop at the first rise of the error}; keep the last iterate.
   Its "error" here is that of the factors as the config stores them (bf16) with its Q; the
   in-loop number with unrounded factors is reported too ("unstored"). It quantizes with the
-  same packing-free `quantize_dequantize` as bitalloc (bit for bit `quantize(...).dequantize()`),
+  same packing-free `quantize_dequantize` as bitalloc (bit for bit `quantize(...).dequantize()`;
+  on the CPU through the same compiled kernels),
   and runs in the same process with the same malloc setting and torch thread count, so the
   speedup is that of the algorithm, not of the quantizer.
-- **bitalloc** (`decompose_many`): per (bits, block) group a leader solved cold; every
-  fp16/fp32 twin reuses its twin's factors (one quantize); other configs start from the
-  nearest solved config, except NF2 codes and 2-bit scales, which start cold; every cold
-  start shares one first step, the exact SVD of W (computed once per matrix), and its second
-  step draws a fresh sketch with 2 power iterations; over-relaxed steps with momentum for 3-8
-  bits (1.5, NF8 2.5), retreating to plain alternation (never below) after a rise; plain
-  steps that rise go on; one subspace pass per later step reusing the last subspace (k = r
-  columns, orthonormalized through a Cholesky factor of their Gram matrix), its small SVD
-  through a float64 Gram eigendecomposition; Q quantized against the stored (bf16) factors
-  with the packing-free quantizer (NF levels straight from a lookup table of the level below,
-  the level above and the midpoint per bin, no integer codes) and packed only when
-  `Decomposition.q` is read;
-  best iterate; stop when the best fell by less than tol x {NF2: 1, NF3/NF4/NF8: 4}
-  (tol = 1e-2) over 2 steps and by less than 3 times that over 4, a cold start after at
-  least 6 steps.
+- **bitalloc** (`decompose_many`): per (bits, block) group a leader solved cold (the most
+  precise scales; for NF2 the coarsest); every fp16/fp32 twin reuses its twin's factors (one
+  quantize); other configs start from the nearest solved config (NF2: the nearest coarser
+  one), except 2-bit scales of NF3-NF8, which start cold; every cold start shares one first
+  step, the exact SVD of W (computed once per matrix), and its second step draws a fresh
+  sketch with 2 power iterations; over-relaxed steps with momentum for 3-8 bits (1.5, NF8
+  2.5), retreating to plain alternation (never below) after a rise; plain steps that rise go
+  on; one subspace pass per later step reusing the last subspace (k = r columns,
+  orthonormalized through a Cholesky factor of their Gram matrix), its small SVD through a
+  float64 Gram eigendecomposition; Q quantized against the stored (bf16) factors with the
+  packing-free quantizer (on the CPU, compiled numba kernels: NF2-NF4 levels by vector
+  compare-and-blend against the midpoints, NF8 by a lookup table of the level below, the
+  level above and the midpoint per bin; no integer codes) and packed only when
+  `Decomposition.q` is read; best iterate; stop when the best fell by less than tol x
+  {NF2: 1, NF3/NF4/NF8: 4} (tol = 1e-2) over 2 steps and by less than 3 times that over 4, a
+  cold start after at least 6 steps; then, for NF3-NF8, a repair pass: a config that ended
+  more than 1% above a config with coarser scales (fewer scale bits or larger scale groups)
+  is solved again from that config's factors, and the lower result kept.
 - glibc returns freed multi-MB blocks to the OS by default, so each temporary of the loop
   page-faults in again; bitalloc raises the trim threshold (`lowrank._keep_freed_memory`, off
   with `BITALLOC_MALLOC_DEFAULTS=1`). The micro-benchmark table shows what that buys.
@@ -785,15 +833,16 @@ def render_md(r: dict) -> str:
             f"{len(micro['configs'])} configs of the space)",
             "",
             "| shape | previous: bucketize codes, pack, unpack | lookup-table codes, pack, unpack | "
-            "quantize_dequantize through integer codes (before) | quantize_dequantize (levels from "
-            "the lookup table, no codes) | the same four, glibc malloc defaults |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "quantize_dequantize through integer codes, tensor code | quantize_dequantize, levels "
+            "from the lookup table, tensor code (before) | quantize_dequantize, compiled kernels | "
+            "the same five, glibc malloc defaults |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         default = micro.get("glibc_default_malloc", {})
         for shape, row in micro["tuned_malloc"].items():
             d = default.get(shape, {})
             keys = ("bucketize_quantize_dequantize_ms", "quantize_dequantize_ms", "codes_fast_path_ms",
-                    "fast_path_ms")
+                    "tensor_fast_path_ms", "fast_path_ms")
             dd = " / ".join(f"{d.get(k, float('nan')):.2f}" for k in keys)
             cells = " | ".join(f"{row[k]:.2f}" if k in row else "n/a" for k in keys)
             lines.append(f"| {shape} | {cells} | {dd} |")
