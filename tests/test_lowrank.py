@@ -508,3 +508,16 @@ def test_nf2_is_solved_from_the_coarsest_scales_up(monkeypatch):
     for name, init in calls[1:]:
         c, p = cfg(name), cfg(init)
         assert p.scale_bits <= c.scale_bits  # each from a config solved before it, never finer
+
+
+def test_the_loop_gives_the_same_results_without_the_compiled_kernels(monkeypatch):
+    from bitalloc.quant import kernels
+
+    W = weight(80, 112, rank=8, seed=9)
+    cfgs = [c for c in config_space("lqlora", ranks=(8,)) if c.block == 16][::5]
+    fast = decompose_many(W, cfgs)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    slow = decompose_many(W, cfgs)
+    for a, b in zip(fast, slow):  # the same iterates; errors summed in another order
+        assert a.iterations == b.iterations and a.history == pytest.approx(b.history, rel=1e-12)
+        assert torch.equal(a.l1, b.l1) and torch.equal(a.l2, b.l2)

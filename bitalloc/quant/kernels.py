@@ -21,11 +21,15 @@ and callers use the tensor code. Kernels compile on first use and are cached on 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 #: Codebooks with at most this many midpoints are rounded by compare-and-blend (NF2-NF4);
 #: wider ones (NF8: 255 midpoints) by the lookup table.
@@ -44,7 +48,17 @@ def _compiled() -> SimpleNamespace | None:
         import numba
     except Exception:  # numba is a dependency, but the tensor code must work without it
         return None
-    opt = dict(boundscheck=False, error_model="numpy", nogil=True, cache=True)
+    for cache in (True, False):
+        try:
+            return _build(numba, cache)
+        except Exception as exc:  # e.g. no writable cache directory for numba's disk cache
+            log.warning("numba kernels (cache=%s) unavailable: %s", cache, exc)
+    return None
+
+
+def _build(numba: Any, cache: bool) -> SimpleNamespace:
+    """Define the kernels (compiled on first call; with ``cache``, kept on disk by numba)."""
+    opt = dict(boundscheck=False, error_model="numpy", nogil=True, cache=cache)
 
     @numba.njit(**opt)
     def round_chain(t, sc, levels, mids, residual, out):  # pragma: no cover - compiled

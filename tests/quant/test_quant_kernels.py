@@ -100,3 +100,28 @@ def test_available_can_be_turned_off_by_environment(monkeypatch):
     assert not kernels.available()
     monkeypatch.setenv("BITALLOC_NO_NUMBA", "0")
     assert kernels.available()
+
+
+def test_kernels_fall_back_to_no_disk_cache_and_then_to_tensor_code(monkeypatch):
+    import numba
+
+    calls = []
+    real_build = kernels._build
+
+    def build(nb, cache):
+        calls.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return real_build(nb, cache)
+
+    monkeypatch.setattr(kernels, "_build", build)
+    kernels._compiled.cache_clear()
+    try:
+        assert kernels._compiled() is not None and calls == [True, False]
+        monkeypatch.setattr(kernels, "_build", lambda nb, cache: (_ for _ in ()).throw(RuntimeError("no")))
+        kernels._compiled.cache_clear()
+        assert not kernels.available()  # callers then use the tensor code
+    finally:
+        monkeypatch.undo()
+        kernels._compiled.cache_clear()
+    assert kernels.available() and numba is not None
