@@ -54,15 +54,12 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from bitalloc.configs import LOWRANK_NF8, QuantConfig
-from bitalloc.quant import kernels
-
-if TYPE_CHECKING:  # the quantizer is imported lazily: bitalloc.quant may load torch kernels
-    from bitalloc.quant import QuantizedTensor
+from bitalloc.quant import QuantizedTensor, kernels, quantize, quantize_residual
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +97,12 @@ STOP_WINDOW = 3.0
 CHOLESKY_QR = True
 
 
-def _quantize(x: torch.Tensor, cfg: QuantConfig) -> "QuantizedTensor":
-    from bitalloc.quant import quantize
-
+def _quantize(x: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
     return quantize(x, cfg)
 
 
 def _quantize_residual(x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     """``x - quantize(x, cfg).dequantize()`` bit for bit, without packing (x is already checked)."""
-    from bitalloc.quant import quantize_residual
-
     return quantize_residual(x, cfg, check=False)
 
 
@@ -371,7 +364,7 @@ class _Matrix:
 
     def errors(self, E: torch.Tensor) -> tuple[float, float | None]:
         """Plain and Fisher-weighted squared Frobenius norms of a residual ``E``."""
-        if self.F is None and E.device.type == "cpu" and E.dtype == torch.float32 and kernels.available():
+        if self.F is None and kernels.applies(E):
             return kernels.sum_squares(E.contiguous()), None
         E2 = E * E
         plain = float(E2.sum(dtype=torch.float64))

@@ -258,7 +258,7 @@ def quantize_residual(W: torch.Tensor, cfg: QuantConfig, *, check: bool = True) 
 
 def _round_trip(W: torch.Tensor, cfg: QuantConfig, residual: bool) -> torch.Tensor:
     """The values of ``quantize(W, cfg)`` (or ``W`` minus them), without packing."""
-    if W.device.type == "cpu" and W.dtype == torch.float32 and kernels.available():
+    if kernels.applies(W):
         return _round_trip_compiled(W.contiguous(), cfg, residual)
     rows, cols = W.shape
     bits, block = cfg.bits, cfg.block

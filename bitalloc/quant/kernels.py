@@ -41,6 +41,11 @@ def available() -> bool:
     return os.environ.get("BITALLOC_NO_NUMBA", "") in ("", "0") and _compiled() is not None
 
 
+def applies(x: torch.Tensor) -> bool:
+    """Whether the kernels serve ``x``: a float32 tensor on the CPU, and :func:`available`."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled() -> SimpleNamespace | None:
     """The jitted kernels (numba imported on first use: it adds 0.2 s to start-up), or None."""
