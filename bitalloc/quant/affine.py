@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bitalloc.quant.arith import true_divide
 from bitalloc.quant.packing import pack_bits, packed_nbytes, unpack_bits
 
 logger = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def quantize_affine(x: torch.Tensor, bits: int, group: int, dim: int = 1) -> Aff
     inf = torch.tensor(float("inf"), device=x.device)
     lo = torch.where(valid, g, inf).amin(dim=-1)
     hi = torch.where(valid, g, -inf).amax(dim=-1)
-    scales = _to_fp16((hi - lo) / top_code, "group scales")
+    scales = _to_fp16(true_divide(hi - lo, top_code), "group scales")
     zeros = _to_fp16(lo, "group zero points")
     s = scales.to(torch.float32).unsqueeze(-1)
     z = zeros.to(torch.float32).unsqueeze(-1)

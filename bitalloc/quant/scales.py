@@ -22,6 +22,7 @@ import logging
 import torch
 
 from bitalloc.configs import QuantConfig
+from bitalloc.quant.arith import true_divide
 from bitalloc.quant.packing import pack_bits, packed_nbytes, unpack_bits
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def roundtrip_block_scales(absmax: torch.Tensor, cfg: QuantConfig) -> torch.Tens
     top_code = 2**cfg.scale_bits - 1
     codes, scale2, offset = _double_quantize(s, cfg)
     g = scale2.to(torch.float32).unsqueeze(1)
-    return (codes / top_code * g + offset).reshape(-1)[: s.numel()]
+    return (true_divide(codes, top_code) * g + offset).reshape(-1)[: s.numel()]
 
 
 def decode_block_scales(
@@ -111,4 +112,4 @@ def decode_block_scales(
     g = arrays["scale2"].reshape(-1).to(torch.float32)
     g = g.repeat_interleave(cfg.scale_block)[:n_blocks]
     offset = arrays["offset"].reshape(-1).to(torch.float32)
-    return codes / top_code * g + offset
+    return true_divide(codes, top_code) * g + offset
