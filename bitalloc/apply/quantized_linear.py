@@ -84,7 +84,8 @@ class QuantizedLinear(torch.nn.Linear):
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantizedLinear":
         # ``model.to(dtype)``/``.half()`` must not cast the packed codes or the scales: buffers
         # only follow device moves, and a float dtype asked for becomes the compute dtype.
-        probe = fn(torch.zeros((), dtype=self.compute_dtype))
+        # the probe sits where the buffers are: ``.to(dtype)`` alone must leave them there
+        probe = fn(torch.zeros((), dtype=self.compute_dtype, device=self.qweight.device))
         self._cached_weight = None
         buffers = dict(self._buffers)
         self._buffers.clear()

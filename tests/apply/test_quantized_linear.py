@@ -47,6 +47,17 @@ def test_dtype_moves_change_compute_dtype_not_stored_arrays():
     assert layer.compute_dtype == torch.float32
 
 
+def test_dtype_move_keeps_buffers_on_their_device():
+    # the meta device stands in for a GPU: `.to(dtype)` after a device move must not bring the
+    # codes back to the CPU (it did: the dtype probe was a CPU tensor)
+    layer, _ = _layer("nf3-g32-s8x16-r0")
+    layer.to("meta")
+    layer.to(torch.float16)
+    assert layer.compute_dtype == torch.float16
+    assert {b.device.type for b in layer.buffers()} == {"meta"}
+    assert layer.bias.device.type == "meta" and layer.bias.dtype == torch.float16
+
+
 def test_state_dict_round_trip():
     layer, _ = _layer("nf4-g16-s16-r0")
     state = layer.state_dict()
