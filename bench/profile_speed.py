@@ -73,8 +73,20 @@ SHAPES = {  # SmolLM2-135M, one layer
 ABLATION_MATRICES = ("self_attn.k_proj", "self_attn.q_proj")
 
 
-def load_matrices(layers: list[int]) -> tuple[dict[str, torch.Tensor], str]:
-    """The target matrices of ``layers`` of the built-in model, or seeded N(0, 0.02^2) stand-ins."""
+def load_matrices(layers: list[int], path: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The target matrices of ``layers`` of the built-in model (from ``path``, a safetensors
+    file written by ``--save-matrices``, when given), or seeded N(0, 0.02^2) stand-ins."""
+    if path:
+        from safetensors.torch import load_file
+
+        saved = load_file(path)
+        wanted = [f"model.layers.{layer}.{name}" for layer in layers for name in SHAPES]
+        missing = [n for n in wanted if n not in saved]
+        if missing:
+            raise SystemExit(f"--matrices {path}: missing {missing[:3]}...; write it with --save-matrices "
+                             f"and the same --layers")
+        return ({n: saved[n].float().contiguous() for n in wanted},
+                f"built-in model SmolLM2-135M-Instruct (its matrices saved to {Path(path).name} by --save-matrices)")
     try:
         from bitalloc.models import find_targets, load_model
         from bitalloc.models.targets import target_weight
@@ -101,15 +113,22 @@ def load_matrices(layers: list[int]) -> tuple[dict[str, torch.Tensor], str]:
 
 
 class Clock:
-    """Wall and process-CPU seconds of a block."""
+    """Wall and process-CPU seconds of a block (CUDA work included: it synchronizes)."""
 
     def __enter__(self) -> "Clock":
+        _sync()
         self.w0, self.c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _sync()
         self.wall = time.perf_counter() - self.w0
         self.cpu = time.process_time() - self.c0
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def run_reference(W: torch.Tensor, cfgs: list[QuantConfig], seed: int = 0) -> tuple[list[dict], float, float]:
@@ -417,6 +436,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the --full-model runs, merged into the existing results.json")
     ap.add_argument("--quant-micro-json", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--render-only", action="store_true", help="rewrite results.md from results.json")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda[:i]: both methods run there; on CUDA the speedup is "
+                         "by wall time, and the quantizer micro-benchmark is skipped (write the "
+                         "results elsewhere with --out)")
+    ap.add_argument("--matrices", metavar="FILE",
+                    help="read the matrices from FILE (written by --save-matrices) instead of the model")
+    ap.add_argument("--save-matrices", metavar="FILE",
+                    help="write the --layers matrices of the built-in model to FILE (safetensors) and exit")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
+                    help="start no new matrix after S seconds; the report covers the matrices done")
     ap.add_argument("--out", default=str(ROOT / "reports" / "profile_speed"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -445,7 +474,24 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
 
     layers = [int(x) for x in args.layers.split(",")]
-    mats, source = load_matrices(layers)
+    if args.save_matrices:
+        from safetensors.torch import save_file
+
+        mats, source = load_matrices(layers)
+        if not source.startswith("built-in"):
+            raise SystemExit("--save-matrices: the built-in model could not be loaded (see the warning)")
+        save_file(mats, args.save_matrices)
+        log.info("wrote %d matrices to %s", len(mats), args.save_matrices)
+        return 0
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
+    mats, source = load_matrices(layers, args.matrices)
+    mats = {k: v.to(device) for k, v in mats.items()}
+    if not on_cpu:  # kernels, cuBLAS/cuSOLVER handles: not in the first matrix's time
+        w = next(iter(mats.values()))
+        decompose_many(w, config_space("lqlora", ranks=(64,))[:2])
+        lqlora_reference(w, config_space("lqlora", ranks=(64,))[0], max_iters=2)
+    started = time.perf_counter()
     cfgs = config_space("lqlora", ranks=(64,))
     if args.quick:
         cfgs = cfgs[::12]
@@ -460,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     tot = {"ours_wall": 0.0, "ours_cpu": 0.0, "ref_wall": 0.0, "ref_cpu": 0.0, "floor_cpu": 0.0}
     ablations: dict[str, dict] = {}
     for name, W in mats.items():
+        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+            log.warning("--time-limit %.0f s reached: %d of %d matrices done", args.time_limit,
+                        len(per_matrix), len(mats))
+            break
         short = name.split(".", 3)[-1]
         ref_rows, ref_wall, ref_cpu = run_reference(W, ref_cfgs)
         ours, wall, cpu = run_bitalloc(W, cfgs)
@@ -522,19 +572,20 @@ def main(argv: list[str] | None = None) -> int:
     load_end = os.getloadavg()
     micro_cfgs = cfgs[::23]
     first = {k: v for k, v in mats.items() if k.startswith(first_layer)}
-    micro = {"configs": [c.name for c in micro_cfgs], "tuned_malloc": quant_micro(first, micro_cfgs)}
-    if not args.quick:
+    micro = {"configs": [c.name for c in micro_cfgs], "tuned_malloc": quant_micro(first, micro_cfgs)} if on_cpu else {}
+    if not args.quick and on_cpu:
         q = next(v for k, v in first.items() if k.endswith(ABLATION_MATRICES[1]))
         micro["decompose_many_q_proj_cpu_s_tuned_malloc"] = malloc_ab(q, cfgs)
-    try:
-        env = dict(os.environ, BITALLOC_MALLOC_DEFAULTS="1")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--quant-micro-json", "--threads", str(args.threads)]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        child = json.loads(res.stdout.strip().splitlines()[-1])
-        micro["glibc_default_malloc"] = child["quant"]
-        micro["decompose_many_q_proj_cpu_s_glibc_default_malloc"] = child["decompose_many_q_proj_cpu_s"]
-    except (subprocess.CalledProcessError, ValueError, IndexError) as exc:
-        log.warning("micro-benchmark child failed: %s", exc)
+    if on_cpu:  # the micro-benchmark measures the CPU quantizer
+        try:
+            env = dict(os.environ, BITALLOC_MALLOC_DEFAULTS="1")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--quant-micro-json", "--threads", str(args.threads)]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            child = json.loads(res.stdout.strip().splitlines()[-1])
+            micro["glibc_default_malloc"] = child["quant"]
+            micro["decompose_many_q_proj_cpu_s_glibc_default_malloc"] = child["decompose_many_q_proj_cpu_s"]
+        except (subprocess.CalledProcessError, ValueError, IndexError) as exc:
+            log.warning("micro-benchmark child failed: %s", exc)
     ablation_rows = []
     for label, a in ablations.items():
         cpu_pc = sum(a["cpu_s_per_config"])  # summed over the ablation matrices
@@ -553,8 +604,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": args.threads,
-            "device": "cpu", "load_average_start": list(load_start), "load_average_end": list(load_end),
+            "device": str(device) if on_cpu else f"{device} ({torch.cuda.get_device_name(device)})",
+            "load_average_start": list(load_start), "load_average_end": list(load_end),
         },
+        "matrices_done": f"{len(per_matrix)} of {len(mats)}",
         "matrices_source": source,
         "configs": len(cfgs), "space": "config_space('lqlora', ranks=(64,))" + (" [::12]" if args.quick else ""),
         "reference_subset": f"every {args.ref_every}th config (indices 0, {args.ref_every}, ...): {len(ref_cfgs)} configs",
@@ -682,11 +735,14 @@ NOTES = """## Notes
 def _goals(r: dict) -> list[str]:
     """Where the measurements stand against issue 6's goals (computed, not typed in)."""
     t, e = r["totals"], r["error_ratio_vs_reference"]
+    # on the CPU, process CPU time (steadier on a shared machine); on a GPU, wall time
+    key, other = ("speedup_cpu", "speedup_wall") if _device(r) == "cpu" else ("speedup_wall", "speedup_cpu")
+    unit, other_unit = ("CPU" if k == "speedup_cpu" else "wall" for k in (key, other))
     lines = [
         "## Against the goals (issue 6)",
         "",
-        f"- at least 20x faster than the reference: **{t['speedup_cpu']:.1f}x** CPU, "
-        f"{t['speedup_wall']:.1f}x wall ({'met' if t['speedup_cpu'] >= 20 else 'not met'});",
+        f"- at least 20x faster than the reference: **{t[key]:.1f}x** {unit}, {t[other]:.1f}x {other_unit} "
+        f"({'met' if t[key] >= 20 else 'not met'});",
         f"- no entry more than 1% worse: **{e['worse_than_1pct']}/{e['n']}** are, the worst by "
         f"{100 * (e['max'] - 1):.1f}% ({'met' if e['worse_than_1pct'] == 0 else 'not met'}); by code width: "
         f"{_by_bits(r)};",
@@ -702,6 +758,11 @@ def _goals(r: dict) -> list[str]:
                      f"ranks {f.get('ranks', [64])}, {f.get('jobs', 1)} worker process(es) (`{key}`): "
                      f"**{full / 60:.1f} min** ({how}; {'met' if full <= 60 * goal_min else 'not met'});")
     return lines + [""]
+
+
+def _device(r: dict) -> str:
+    """The device both methods ran on, as the results name it ("cpu" before it was recorded)."""
+    return r["machine"].get("device", "cpu")
 
 
 def spec_every(f: dict) -> str:
@@ -757,16 +818,19 @@ def _noise(n: dict | None) -> list[str]:
 
 def render_md(r: dict) -> str:
     t = r["totals"]
+    k = "cpu" if _device(r) == "cpu" else "wall"  # the per-matrix times shown
+    u = k.upper() if k == "cpu" else k
     lines = [
         "# profile_speed: bitalloc `decompose_many` vs the LQ-LoRA loop",
         "",
         f"- date: {r['date']}",
         f"- command: `{r['command']}`",
         f"- machine: {r['machine']['platform']}, {r['machine']['cpu_count']} CPUs, torch "
-        f"{r['machine']['torch']}, {r['machine']['torch_threads']} torch thread(s), device cpu; "
+        f"{r['machine']['torch']}, {r['machine']['torch_threads']} torch thread(s), device {_device(r)}; "
         "load average (1/5/15 min) at start " + "/".join(f"{x:.1f}" for x in r['machine'].get('load_average_start', [])) +
         ", at end " + "/".join(f"{x:.1f}" for x in r['machine'].get('load_average_end', [])),
-        f"- matrices: {r['matrices_source']}",
+        f"- matrices: {r['matrices_source']}" + (f"; done: {r['matrices_done']}" if "matrices_done" in r else ""),
+        *(f"- note (added after the run): {n}" for n in r.get("notes_added", [])),
         f"- configs: {r['configs']} ({r['space']}), rank 64",
         f"- reference: {r['reference_subset']}; its time for all configs is **extrapolated** "
         "(measured time x configs / measured configs); errors are compared on measured entries only",
@@ -799,15 +863,15 @@ def render_md(r: dict) -> str:
         *_noise(r.get("reference_noise")),
         "## Per matrix",
         "",
-        "| matrix | shape | bitalloc CPU s | reference CPU s (measured / extrapolated) | speedup (CPU) | "
+        f"| matrix | shape | bitalloc {u} s | reference {u} s (measured / extrapolated) | speedup ({u}) | "
         "ref. iterations (mean) | bitalloc quantize calls / config | error ratio |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, pm in r["per_matrix"].items():
         lines.append(
-            f"| {name} | {pm['shape'][0]}x{pm['shape'][1]} | {pm['bitalloc_cpu_s']:.1f} | "
-            f"{pm['reference_measured_cpu_s']:.1f} / {pm['reference_extrapolated_cpu_s']:.1f} | "
-            f"{pm['speedup_cpu']:.1f}x | {pm['reference_iterations_mean']:.1f} | "
+            f"| {name} | {pm['shape'][0]}x{pm['shape'][1]} | {pm[f'bitalloc_{k}_s']:.1f} | "
+            f"{pm[f'reference_measured_{k}_s']:.1f} / {pm[f'reference_extrapolated_{k}_s']:.1f} | "
+            f"{pm[f'speedup_{k}']:.1f}x | {pm['reference_iterations_mean']:.1f} | "
             f"{pm['bitalloc_evaluations_per_config']:.2f} | {_fmt(pm['error_ratio_vs_reference'])} |"
         )
     if r["ablations"]:
