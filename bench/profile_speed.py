@@ -79,6 +79,8 @@ def load_matrices(layers: list[int], path: str | None = None) -> tuple[dict[str,
     if path:
         from safetensors.torch import load_file
 
+        if not Path(path).is_file():
+            raise SystemExit(f"--matrices {path}: no such file; write it with --save-matrices FILE")
         saved = load_file(path)
         wanted = [f"model.layers.{layer}.{name}" for layer in layers for name in SHAPES]
         missing = [n for n in wanted if n not in saved]
@@ -484,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("wrote %d matrices to %s", len(mats), args.save_matrices)
         return 0
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here; use --device cpu")
     on_cpu = device.type == "cpu"
     mats, source = load_matrices(layers, args.matrices)
     mats = {k: v.to(device) for k, v in mats.items()}
