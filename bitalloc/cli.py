@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="profile", help="profile directory (default ./profile)")
     p.add_argument("--shard", default=None, help="i/n: profile every n-th matrix starting at the i-th (1 <= i <= n)")
     p.add_argument("--jobs", type=_jobs_count, default=None,
-                   help="CPU worker processes, one matrix each at a time (default: one per core when the "
+                   help="CPU worker processes, one matrix each at a time, one thread each (default: one per core when the "
                         "profile is big enough to pay for starting them, as many as the available memory "
                         "holds; 1 on CUDA)")
     p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")

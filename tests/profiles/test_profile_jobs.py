@@ -60,15 +60,9 @@ def test_auto_jobs_fit_the_available_memory(monkeypatch):
 
 
 def test_worker_processes_give_the_same_table(tiny_llama_dir, tmp_path, space_file):
-    # workers run one torch thread each; the BLAS rounds differently with another thread count
-    # (on a 16-core machine, one entry of 56 then moved by 4%: the loop amplifies rounding), so
-    # the in-process run gets one thread too
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "one", space_file, jobs=1)))
-    finally:
-        torch.set_num_threads(threads)
+    # workers run one torch thread each, and so does the in-process run (on a 16-core machine,
+    # with all 16 threads in-process, one entry of 56 moved by 4%: the loop amplifies rounding)
+    one, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "one", space_file, jobs=1)))
     two, meta = load_profile(profile(_request(tiny_llama_dir, tmp_path / "two", space_file, jobs=2)))
     assert meta["complete"]
     pd.testing.assert_frame_equal(_without_timing(two), _without_timing(one), check_exact=False, rtol=1e-6)
@@ -144,3 +138,24 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def test_in_process_profile_runs_one_thread_and_restores_it(tiny_llama_dir, tmp_path, space_file, monkeypatch):
+    from bitalloc.profiles import runner
+
+    seen = []
+    real = runner._profile_matrix
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+
+    monkeypatch.setattr(runner, "_profile_matrix", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        profile(_request(tiny_llama_dir, tmp_path / "p", space_file, jobs=1))
+        assert seen and set(seen) == {1}  # like each worker process
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
