@@ -12,5 +12,9 @@ import torch
 
 
 def true_divide(x: torch.Tensor, divisor: float) -> torch.Tensor:
-    """``x / divisor``, correctly rounded on every device (the divisor is a tensor on x's device)."""
+    """``x / divisor``, correctly rounded on every device (the divisor is a tensor on x's device).
+
+    The divisor is taken in x's dtype, as PyTorch does with a Python number: callers pass
+    float32 tensors and small integers, which are exact there.
+    """
     return x / torch.tensor(divisor, dtype=x.dtype, device=x.device)
