@@ -36,6 +36,7 @@ import datetime as _dt
 import functools
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -45,6 +46,7 @@ import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -360,6 +362,40 @@ def reference_noise(per_matrix: dict, seeds: list[int]) -> dict:
     }
 
 
+def bitalloc_noise(mats: dict[str, torch.Tensor], per_matrix: dict, cfgs: list[QuantConfig],
+                   seeds: list[int], verify: bool = False) -> dict:
+    """bitalloc rerun with other seeds (``decompose_many(..., seed=s)``): its entries more than 1%
+    worse than the reference per seed, and its errors against its own seed-0 run by code width.
+    ``verify``: first check that this code reproduces the seed-0 errors of ``per_matrix``."""
+    if not seeds:
+        return {}
+    first = next(iter(per_matrix))
+    stored = [row["error"] for row in per_matrix[first]["bitalloc"]]
+    if verify and [row["error"] for row in run_bitalloc(mats[first], cfgs)[0]] != stored:
+        raise SystemExit("the seed-0 errors of this code differ from those in results.json: rerun the "
+                         "whole benchmark instead of --bitalloc-noise-only")
+    out: dict[str, Any] = {"seeds": seeds, "matrices": len(per_matrix), "per_seed": {}}
+    for seed in seeds:
+        vs_ref, vs_self, cpu = [], {}, 0.0
+        for name, pm in per_matrix.items():
+            rows, _, c = run_bitalloc(mats[name], cfgs, seed=seed)
+            cpu += c
+            vs_ref += ratios(rows, pm["reference"])
+            seed0 = {o["config"]: o["error"] for o in pm["bitalloc"]}
+            for row in rows:
+                if seed0[row["config"]] > 0:
+                    bits = row["config"].split("-")[0].upper()
+                    vs_self.setdefault(bits, []).append(row["error"] / seed0[row["config"]])
+        out["per_seed"][str(seed)] = {
+            "cpu_s": cpu, "vs_reference": summary(vs_ref),
+            "vs_seed0": {bits: {**summary(v), "better_than_1pct": sum(x < 1 / 1.01 for x in v),
+                                "median_abs_log": statistics.median(abs(math.log(x)) for x in v)}
+                         for bits, v in sorted(vs_self.items())},
+        }
+        log.info("bitalloc seed %d: %s vs the reference", seed, summary(vs_ref))
+    return out
+
+
 def ratios(ours: list[dict], ref: list[dict], key: str = "error") -> list[float]:
     by = {r["config"]: r for r in ours}
     return [by[r["config"]]["error"] / r[key] for r in ref if r[key] > 0]
@@ -430,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise-seeds", default="1,2",
                     help="rerun the reference with these seeds on the first layer's matrices (its "
                          "run-to-run spread; '' to skip)")
+    ap.add_argument("--bitalloc-seeds", default="1,2",
+                    help="rerun bitalloc with these seeds on every matrix (its own run-to-run spread; '' to skip)")
+    ap.add_argument("--bitalloc-noise-only", action="store_true",
+                    help="only the --bitalloc-seeds reruns, merged into the existing results.json (whose "
+                         "seed-0 errors this code must reproduce)")
     ap.add_argument("--full-model", action="append", default=[], metavar="SPEC",
                     help="also time a whole-model `bitalloc profile`: SPACE[@N][:ranks=R][:jobs=J], e.g. "
                          "default:ranks=auto or lqlora@10 (every N-th layer, extrapolated; ranks default 64, "
@@ -476,6 +517,20 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
 
     layers = [int(x) for x in args.layers.split(",")]
+    own_seeds = [int(x) for x in args.bitalloc_seeds.split(",") if x.strip()]
+    if args.bitalloc_noise_only:
+        result = json.loads((out / "results.json").read_text())
+        mats, _ = load_matrices(layers, args.matrices)
+        missing = set(result["per_matrix"]) - set(mats)
+        if missing:
+            raise SystemExit(f"results.json has matrices outside --layers: {sorted(missing)[:3]}...")
+        cfgs = [QuantConfig.from_name(row["config"]) for row in next(iter(result["per_matrix"].values()))["bitalloc"]]
+        result["bitalloc_noise"] = bitalloc_noise(mats, result["per_matrix"], cfgs, own_seeds, verify=True)
+        result["bitalloc_noise_command"] = " ".join([Path(sys.executable).name, "bench/profile_speed.py", *sys.argv[1:]])
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        (out / "results.md").write_text(render_md(result))
+        log.info("wrote %s", out)
+        return 0
     if args.save_matrices:
         from safetensors.torch import save_file
 
@@ -626,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         "error_ratio_vs_reference_unstored_factors": summary(all_unstored),
         "reference_best_iterate_over_last": summary(all_best),
         "reference_noise": reference_noise(per_matrix, noise_seeds),
+        "bitalloc_noise": bitalloc_noise(mats, per_matrix, cfgs, own_seeds),
         "ablations": ablation_rows,
         "quantizer_micro_benchmark": micro,
         "per_matrix": per_matrix,
@@ -820,6 +876,31 @@ def _noise(n: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _own_noise(n: dict | None, command: str | None) -> list[str]:
+    """bitalloc against itself: other seeds."""
+    if not n:
+        return []
+    seeds = list(n["per_seed"])
+    bits = list(n["per_seed"][seeds[0]]["vs_seed0"])
+    lines = [
+        "## bitalloc against itself",
+        "",
+        f"`decompose_many` draws random sketches too (its `seed`). Rerun with seeds {', '.join(seeds)} on all "
+        f"{n['matrices']} matrices" + (f" (`{command}`, after the main run)" if command else "") + ". "
+        "Against its own seed-0 run, each cell: entries more than 1% worse / more than 1% better (of all "
+        "entries of that code width); the median of |log(ratio)|; the largest ratio.",
+        "",
+        "| seed | CPU s | against the reference (measured entries) | " + " | ".join(
+            f"{b} against seed 0" for b in bits) + " |",
+        "| ---: | ---: | --- | " + " | ".join("---" for _ in bits) + " |",
+    ]
+    for seed, d in n["per_seed"].items():
+        cells = [f"{v['worse_than_1pct']} / {v['better_than_1pct']} (of {v['n']}) / {v['median_abs_log']:.4f} / "
+                 f"{v['max']:.2f}" for v in d["vs_seed0"].values()]
+        lines.append(f"| {seed} | {d['cpu_s']:.1f} | {_fmt(d['vs_reference'])} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_md(r: dict) -> str:
     t = r["totals"]
     k = "cpu" if _device(r) == "cpu" else "wall"  # the per-matrix times shown
@@ -865,6 +946,7 @@ def render_md(r: dict) -> str:
         "",
         *_goals(r),
         *_noise(r.get("reference_noise")),
+        *_own_noise(r.get("bitalloc_noise"), r.get("bitalloc_noise_command")),
         "## Per matrix",
         "",
         f"| matrix | shape | bitalloc {u} s | reference {u} s (measured / extrapolated) | speedup ({u}) | "
