@@ -97,10 +97,6 @@ STOP_WINDOW = 3.0
 CHOLESKY_QR = True
 
 
-def _quantize(x: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
-    return quantize(x, cfg)
-
-
 def _quantize_residual(x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     """``x - quantize(x, cfg).dequantize()`` bit for bit, without packing (x is already checked)."""
     return quantize_residual(x, cfg, check=False)
@@ -120,7 +116,7 @@ class _DeferredQ:
         self.W, self.l1, self.l2, self.cfg = W, l1, l2, cfg
 
     def __call__(self) -> "QuantizedTensor":
-        return _quantize(self.W - self.l1 @ self.l2, self.cfg)
+        return quantize(self.W - self.l1 @ self.l2, self.cfg)
 
 
 _MALLOC_TUNED = False
@@ -509,8 +505,8 @@ def _store(
     """The factors as the config stores them (bf16-rounded or NF8-decoded), as float32."""
     if cfg.lowrank_bits == 16:
         return L1.bfloat16().float(), L2.bfloat16().float(), None, None
-    q1 = _quantize(L1.T.contiguous(), LOWRANK_NF8)
-    q2 = _quantize(L2.contiguous(), LOWRANK_NF8)
+    q1 = quantize(L1.T.contiguous(), LOWRANK_NF8)
+    q2 = quantize(L2.contiguous(), LOWRANK_NF8)
     return q1.dequantize().float().T.contiguous(), q2.dequantize().float(), q1, q2
 
 
@@ -667,7 +663,7 @@ def _init_factors(init: Any, m: _Matrix, r: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _rank0(m: _Matrix, cfg: QuantConfig) -> Decomposition:
-    q = _quantize(m.orig, cfg)
+    q = quantize(m.orig, cfg)
     err, errf = m.errors(m.W - q.dequantize().float())
     rows, cols = m.W.shape
     empty1 = m.W.new_zeros(rows, 0)
