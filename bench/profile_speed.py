@@ -454,6 +454,45 @@ ABLATIONS = {
 }
 
 
+def _seeds(text: str) -> list[int]:
+    """``"1,2"`` -> ``[1, 2]`` (argparse type; ``''`` = none)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 1,2 ('' for none)")
+
+
+def _device_arg(text: str) -> torch.device:
+    """``--device``: cpu or cuda[:i] (argparse type)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:i")
+    return device
+
+
+def _command() -> str:
+    """This run's command line, as the results record it."""
+    return " ".join([Path(sys.executable).name, "bench/profile_speed.py", *sys.argv[1:]])
+
+
+def _read_results(out: Path, option: str) -> dict:
+    """The results.json that ``option`` adds to (a clear error when there is none)."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{option}: no {path} to add to; run the whole benchmark first (or point --out at its results)")
+    return json.loads(path.read_text())
+
+
+def _write_results(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(render_md(result))
+    log.info("wrote %s", out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few configs and two matrices (development)")
@@ -463,10 +502,10 @@ def main(argv: list[str] | None = None) -> int:
                          "dtypes and 3 scale groups, so every setting is represented)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see results.md)")
     ap.add_argument("--no-ablations", action="store_true")
-    ap.add_argument("--noise-seeds", default="1,2",
+    ap.add_argument("--noise-seeds", type=_seeds, default="1,2",
                     help="rerun the reference with these seeds on the first layer's matrices (its "
                          "run-to-run spread; '' to skip)")
-    ap.add_argument("--bitalloc-seeds", default="1,2",
+    ap.add_argument("--bitalloc-seeds", type=_seeds, default="1,2",
                     help="rerun bitalloc with these seeds on every matrix (its own run-to-run spread; '' to skip)")
     ap.add_argument("--bitalloc-noise-only", action="store_true",
                     help="only the --bitalloc-seeds reruns, merged into the existing results.json (whose "
@@ -479,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the --full-model runs, merged into the existing results.json")
     ap.add_argument("--quant-micro-json", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--render-only", action="store_true", help="rewrite results.md from results.json")
-    ap.add_argument("--device", default="cpu",
+    ap.add_argument("--device", type=_device_arg, default="cpu",
                     help="cpu (default) or cuda[:i]: both methods run there; on CUDA the speedup is "
                          "by wall time, and the quantizer micro-benchmark is skipped (write the "
                          "results elsewhere with --out)")
@@ -503,33 +542,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     if args.render_only:
-        (out / "results.md").write_text(render_md(json.loads((out / "results.json").read_text())))
+        (out / "results.md").write_text(render_md(_read_results(out, "--render-only")))
         return 0
     if args.skip_main:
-        result = json.loads((out / "results.json").read_text())
+        result = _read_results(out, "--skip-main")
         # replaced, not merged: timings from older code or another default space would mislead
         result["full_model"] = run_full_models(args.full_model, args.threads)
-        result["full_model_command"] = " ".join([Path(sys.executable).name, "bench/profile_speed.py", *sys.argv[1:]])
-        (out / "results.json").write_text(json.dumps(result, indent=1))
-        (out / "results.md").write_text(render_md(result))
-        log.info("wrote %s", out)
+        result["full_model_command"] = _command()
+        _write_results(out, result)
         return 0
     load_start = os.getloadavg()
 
     layers = [int(x) for x in args.layers.split(",")]
-    own_seeds = [int(x) for x in args.bitalloc_seeds.split(",") if x.strip()]
     if args.bitalloc_noise_only:
-        result = json.loads((out / "results.json").read_text())
+        result = _read_results(out, "--bitalloc-noise-only")
         mats, _ = load_matrices(layers, args.matrices)
         missing = set(result["per_matrix"]) - set(mats)
         if missing:
             raise SystemExit(f"results.json has matrices outside --layers: {sorted(missing)[:3]}...")
         cfgs = [QuantConfig.from_name(row["config"]) for row in next(iter(result["per_matrix"].values()))["bitalloc"]]
-        result["bitalloc_noise"] = bitalloc_noise(mats, result["per_matrix"], cfgs, own_seeds, verify=True)
-        result["bitalloc_noise_command"] = " ".join([Path(sys.executable).name, "bench/profile_speed.py", *sys.argv[1:]])
-        (out / "results.json").write_text(json.dumps(result, indent=1))
-        (out / "results.md").write_text(render_md(result))
-        log.info("wrote %s", out)
+        result["bitalloc_noise"] = bitalloc_noise(mats, result["per_matrix"], cfgs, args.bitalloc_seeds, verify=True)
+        result["bitalloc_noise_command"] = _command()
+        _write_results(out, result)
         return 0
     if args.save_matrices:
         from safetensors.torch import save_file
@@ -540,18 +574,18 @@ def main(argv: list[str] | None = None) -> int:
         save_file(mats, args.save_matrices)
         log.info("wrote %d matrices to %s", len(mats), args.save_matrices)
         return 0
-    device = torch.device(args.device)
+    device = args.device
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device here; use --device cpu")
+        raise SystemExit(f"--device {device}: no CUDA device here; use --device cpu")
     on_cpu = device.type == "cpu"
     mats, source = load_matrices(layers, args.matrices)
     mats = {k: v.to(device) for k, v in mats.items()}
+    cfgs = config_space("lqlora", ranks=(64,))
     if not on_cpu:  # kernels, cuBLAS/cuSOLVER handles: not in the first matrix's time
         w = next(iter(mats.values()))
-        decompose_many(w, config_space("lqlora", ranks=(64,))[:2])
-        lqlora_reference(w, config_space("lqlora", ranks=(64,))[0], max_iters=2)
+        decompose_many(w, cfgs[:2])
+        lqlora_reference(w, cfgs[0], max_iters=2)
     started = time.perf_counter()
-    cfgs = config_space("lqlora", ranks=(64,))
     if args.quick:
         cfgs = cfgs[::12]
         mats = {k: v for k, v in mats.items() if k.endswith(ABLATION_MATRICES)}
@@ -560,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d matrices, %d configs, reference on %d", len(mats), len(cfgs), len(ref_cfgs))
     first_layer = f"model.layers.{layers[0]}."
 
-    noise_seeds = [int(x) for x in args.noise_seeds.split(",") if x.strip()]
+    noise_seeds = args.noise_seeds
     per_matrix, all_ratios, all_unstored, all_best = {}, [], [], []
     tot = {"ours_wall": 0.0, "ours_cpu": 0.0, "ref_wall": 0.0, "ref_cpu": 0.0, "floor_cpu": 0.0}
     ablations: dict[str, dict] = {}
@@ -659,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "bench/profile_speed.py",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, "bench/profile_speed.py", *sys.argv[1:]]),
+        "command": _command(),
         "machine": {
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": args.threads,
@@ -681,17 +715,14 @@ def main(argv: list[str] | None = None) -> int:
         "error_ratio_vs_reference_unstored_factors": summary(all_unstored),
         "reference_best_iterate_over_last": summary(all_best),
         "reference_noise": reference_noise(per_matrix, noise_seeds),
-        "bitalloc_noise": bitalloc_noise(mats, per_matrix, cfgs, own_seeds),
+        "bitalloc_noise": bitalloc_noise(mats, per_matrix, cfgs, args.bitalloc_seeds),
         "ablations": ablation_rows,
         "quantizer_micro_benchmark": micro,
         "per_matrix": per_matrix,
     }
     if args.full_model:
         result["full_model"] = run_full_models(args.full_model, args.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(render_md(result))
-    log.info("wrote %s", out)
+    _write_results(out, result)
     return 0
 
 
