@@ -126,12 +126,18 @@ def _build(numba: Any, cache: bool) -> SimpleNamespace:
     @numba.njit(fastmath={"nnan", "ninf", "nsz"}, **opt)
     def block_absmax(w, block, out):  # pragma: no cover - compiled
         rows, cols = w.shape
+        blocks = out.shape[1]
+        full = cols // block  # blocks of exactly ``block`` weights: a constant trip count
         for i in range(rows):
-            for b in range(out.shape[1]):
-                lo = b * block
-                hi = min(lo + block, cols)
+            for b in range(full):
+                base = b * block
                 m = np.float32(0.0)
-                for j in range(lo, hi):
+                for j in range(block):
+                    m = max(m, abs(w[i, base + j]))
+                out[i, b] = m
+            for b in range(full, blocks):  # the short last block, if any
+                m = np.float32(0.0)
+                for j in range(b * block, cols):
                     m = max(m, abs(w[i, j]))
                 out[i, b] = m
 
