@@ -323,6 +323,18 @@ def householder_qr():
 
 
 @contextmanager
+def float32_step_target():
+    """Ablation: the warm rank-r step forms its target as one float32 matrix and multiplies
+    it in float32 (before session 8; now split, the dense part through bfloat16 products)."""
+    saved = lowrank.LOWP_RESIDUAL
+    lowrank.LOWP_RESIDUAL = False
+    try:
+        yield
+    finally:
+        lowrank.LOWP_RESIDUAL = saved
+
+
+@contextmanager
 def loop_options(**fields):
     """Ablation: other defaults for fields of the loop's options (``lowrank._Opts``)."""
     saved = lowrank._Opts
@@ -440,6 +452,10 @@ ABLATIONS = {
                                                 "sketch (the default before; now k = r)"),
     "Householder QR": ({}, "the subspace pass orthonormalizes with a Householder QR instead of a "
                            "Cholesky factor of the Gram matrix", householder_qr),
+    "float32 step target": ({}, "the warm step's target formed as one float32 matrix and its "
+                                "two subspace products in float32 (before session 8; now the "
+                                "low-rank terms as factors and W - L - Q through bfloat16 products, "
+                                "on matrices of 2^18+ entries: here q_proj only)", float32_step_target),
     "cheap stop on": ({"cheap_stop": True}, "the factor-movement check before each quantize "
                                             "(never fired here; costs a float64 Gram product)"),
     "twins iterate": ({"twin_iters": 50}, "fp16/fp32 twins iterate instead of reusing factors"),
