@@ -54,6 +54,7 @@ All work is in float32 on W's device; errors are summed in float64.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -508,34 +509,41 @@ def _range_svd(
     1536 x 72 Y): with ``C C^T = Y^T Y`` (float64, k x k), ``Q = Y C^-T`` is orthonormal and
     ``Q^T R = C^-1 Y^T R``, whose SVD comes from its k x k Gram matrix as in :func:`_small_svd`.
     None when Y is too ill-conditioned for that (the caller then orthonormalizes Y).
+
+    Y's Gram matrix is float64 (Q must be orthonormal); that of ``B = Y^T R`` and its
+    eigendecomposition are float32: for any orthogonal eigenvector matrix E the product
+    ``U S V^T`` is ``Q Q^T R`` (V is computed from B and E), so their rounding moves only the
+    balance of the factors and which k - r directions are dropped. Measured on 14 SmolLM2
+    matrices (lqlora, r64): about 3% less time, the same errors within the seed noise.
     """
     Y64 = Y.double()
     C, info = torch.linalg.cholesky_ex(Y64.T @ Y64)
     diag = C.diagonal()
     if int(info) != 0 or not bool(diag.min() > 1e-5 * diag.max()):
         return None
-    B32 = _tmm(Y, R)  # k x n
-    B = B32.double()
-    left = torch.linalg.solve_triangular(C, B @ B.T, upper=False)  # C^-1 (B B^T)
+    B = _tmm(Y, R)  # k x n
+    left = torch.linalg.solve_triangular(C, (B @ B.T).double(), upper=False)  # C^-1 (B B^T)
     gram = torch.linalg.solve_triangular(C, left.T, upper=False)  # C^-1 B B^T C^-T (symmetric)
-    S, evecs, keep = _gram_singular((gram + gram.T) / 2)
+    S, evecs, keep = _gram_singular((gram + gram.T) / 2, dtype=torch.float32)
     T = torch.linalg.solve_triangular(C.T, evecs, upper=True)  # C^-T E: U = Y T
-    # V = B^T T / S (zero columns where not kept) as one float32 product: the squared singular
-    # values above need float64, V does not (it is float32 from here on); as (T^T B)^T,
+    # V = B^T T / S (zero columns where not kept) as one float32 product, as (T^T B)^T
     # because B.T @ T was 4x slower for a wide B
-    V = ((T * (keep / torch.where(keep, S, 1.0))).to(Y.dtype).T @ B32).T
+    V = ((T * (keep / torch.where(keep, S, 1.0))).to(Y.dtype).T @ B).T
     U = Y @ T[:, :r].to(Y.dtype)
     return U, S[:r].to(Y.dtype), V[:, :r], V
 
 
-def _gram_singular(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gram_singular(
+    gram: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Singular values (descending), left vectors and kept mask from a k x k Gram matrix.
 
-    Directions with a singular value below 1e-7 of the largest are not kept (see
-    :func:`_right_vectors`).
+    The eigendecomposition runs in ``dtype`` (default: the Gram matrix's own); the results
+    are in the Gram matrix's dtype. Directions with a singular value below 1e-7 of the largest
+    are not kept (see :func:`_right_vectors`).
     """
-    evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(0), evecs.flip(1)
+    evals, evecs = torch.linalg.eigh(gram if dtype is None else gram.to(dtype))
+    evals, evecs = evals.to(gram.dtype).flip(0), evecs.to(gram.dtype).flip(1)
     S = evals.clamp_min(0).sqrt()
     keep = S > 1e-7 * S[0].clamp_min(torch.finfo(torch.float64).tiny)
     return S, evecs, keep
@@ -910,6 +918,7 @@ def _scale_precision(cfg: QuantConfig) -> tuple[int, int, int]:
     return (cfg.scale_bits, -cfg.scale_block, dtype_bits)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pairs of configs, asked again for every matrix
 def _is_twin(a: QuantConfig, b: QuantConfig) -> bool:
     """Same config up to the dtype of the second-level scales (their Q are nearly identical)."""
     return a.scale_bits != 16 and a != b and a.replace(scale_dtype=b.scale_dtype) == b
@@ -959,6 +968,7 @@ REPAIR_MARGIN = 0.01
 REPAIR_BITS = frozenset({3, 4, 8})
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pairs of configs, asked again for every matrix
 def _coarser_scales(p: QuantConfig, c: QuantConfig) -> bool:
     """Whether ``p`` is ``c`` with scales no more precise (fewer or equal scale bits, equal or
     larger scale groups; the dtype of the second-level scales is not compared), p != c."""
@@ -970,6 +980,7 @@ def _coarser_scales(p: QuantConfig, c: QuantConfig) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pairs of configs, asked again for every matrix
 def _same_quantizer(a: QuantConfig, b: QuantConfig) -> bool:
     """Same Q (codes, blocks, scales), maybe another rank or factor storage."""
     return a.replace(rank=b.rank, lowrank_bits=b.lowrank_bits) == b
