@@ -107,8 +107,35 @@ CHOLESKY_QR = True
 #: with AVX512-BF16 these products are about 4x faster than float32 ones.
 LOWP_RESIDUAL = True
 #: ... for matrices of at least this many entries (below, the extra thin products and
-#: conversions cost more than they save: measured on SmolLM2's 192 x 576 k_proj).
+#: conversions cost more than they save: measured on SmolLM2's 192 x 576 k_proj), and only
+#: where bfloat16 products are native (:func:`_native_bf16`; elsewhere they are emulated
+#: and slower than float32 ones).
 LOWP_MIN_SIZE = 1 << 18
+
+
+def _cpu_has_bf16(cpuinfo: str) -> bool:
+    """Whether a Linux ``/proc/cpuinfo`` lists x86 bfloat16 instructions (AVX512-BF16, AMX)."""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bf16(device_type: str, index: int | None = None) -> bool:
+    """Whether bfloat16 matrix products run natively on this device: a CUDA device of compute
+    capability 8.0 or above, or a CPU that :func:`_cpu_has_bf16` (read once per process; a
+    fixed answer, so a profile's numbers do not depend on a timing)."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_capability(index)[0] >= 8
+    if device_type == "cpu":
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                return _cpu_has_bf16(f.read())
+        except OSError:
+            return False
+    return False
 
 
 def _quantize_residual(x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
@@ -787,8 +814,10 @@ def _step_target(
     cur: _Iterate, prev: _Iterate | None, eta: float, momentum: float
 ) -> "torch.Tensor | _Target":
     """``L + eta (W - L - Q) + momentum (L - L_prev)`` of the iterate ``cur`` (``prev`` None: no
-    momentum), split as :class:`_Target` (:data:`LOWP_RESIDUAL`) or as one matrix."""
-    if not LOWP_RESIDUAL or cur.resid.numel() < LOWP_MIN_SIZE:
+    momentum), split as :class:`_Target` (:data:`LOWP_RESIDUAL`, :data:`LOWP_MIN_SIZE`, native
+    bfloat16 products) or as one matrix."""
+    D = cur.resid
+    if not LOWP_RESIDUAL or D.numel() < LOWP_MIN_SIZE or not _native_bf16(D.device.type, D.device.index):
         target = torch.add(cur.low, cur.resid, alpha=eta)
         if prev is not None:
             target = target + momentum * (cur.low - prev.low)

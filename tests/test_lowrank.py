@@ -436,6 +436,7 @@ def test_step_target_is_split_for_large_matrices_only(monkeypatch):
 
     cur, prev = iterate(64, 64), iterate(64, 64)
     expected = cur.low + 1.5 * cur.resid + 0.3 * (cur.low - prev.low)
+    monkeypatch.setattr(lr, "_native_bf16", lambda *device: True)
     monkeypatch.setattr(lr, "LOWP_MIN_SIZE", 64 * 64)
     split = lr._step_target(cur, prev, 1.5, 0.3)
     assert isinstance(split, lr._Target)
@@ -444,8 +445,23 @@ def test_step_target_is_split_for_large_matrices_only(monkeypatch):
     dense = lr._step_target(cur, prev, 1.5, 0.3)
     assert isinstance(dense, torch.Tensor) and torch.allclose(dense, expected, rtol=0, atol=1e-5)
     monkeypatch.setattr(lr, "LOWP_MIN_SIZE", 0)
+    monkeypatch.setattr(lr, "_native_bf16", lambda *device: False)  # emulated bfloat16: float32
+    assert isinstance(lr._step_target(cur, prev, 1.5, 0.3), torch.Tensor)
+    monkeypatch.setattr(lr, "_native_bf16", lambda *device: True)
     monkeypatch.setattr(lr, "LOWP_RESIDUAL", False)
     assert isinstance(lr._step_target(cur, None, 1.5, 0.3), torch.Tensor)
+
+
+def test_native_bf16_reads_the_cpu_flags():
+    from bitalloc.lowrank import _cpu_has_bf16, _native_bf16
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire = "flags\t: fpu avx512f amx_bf16 amx_tile\n"
+    skylake = "flags\t: fpu avx2 avx512f avx512bw\nbugs\t: avx512_bf16\n"  # not in 'flags'
+    assert _cpu_has_bf16(zen4) and _cpu_has_bf16(sapphire)
+    assert not _cpu_has_bf16(skylake) and not _cpu_has_bf16("")
+    assert _native_bf16("meta") is False
+    assert isinstance(_native_bf16("cpu"), bool)
 
 
 @pytest.mark.parametrize("name, worst", [("nf3-g64-s8x64-r8", 1.03), ("nf8-g64-s8x64-r8", 1.15)])
@@ -457,6 +473,7 @@ def test_split_loop_ends_near_the_float32_one(monkeypatch, name, worst):
     matmul = lr._Target.matmul
     monkeypatch.setattr(lr._Target, "matmul", lambda self, V: calls.append(1) or matmul(self, V))
     monkeypatch.setattr(lr, "LOWP_MIN_SIZE", 0)
+    monkeypatch.setattr(lr, "_native_bf16", lambda *device: True)  # the path, wherever it is fast
     ratios = []
     for seed in (47, 48, 49):
         W = weight(160, 200, seed=seed)  # above the exact-SVD size: the subspace pass runs
