@@ -312,26 +312,21 @@ def previous_nf8_steps():
 
 
 @contextmanager
-def householder_qr():
-    """Ablation: the subspace pass orthonormalizes with a Householder QR (before session 5)."""
-    saved = lowrank.CHOLESKY_QR
-    lowrank.CHOLESKY_QR = False
+def lowrank_setting(name: str, value: Any):
+    """Ablation: another value for a module-level setting of ``bitalloc.lowrank``."""
+    saved = getattr(lowrank, name)
+    setattr(lowrank, name, value)
     try:
         yield
     finally:
-        lowrank.CHOLESKY_QR = saved
+        setattr(lowrank, name, saved)
 
 
-@contextmanager
-def float32_step_target():
-    """Ablation: the warm rank-r step forms its target as one float32 matrix and multiplies
-    it in float32 (before session 8; now split, the dense part through bfloat16 products)."""
-    saved = lowrank.LOWP_RESIDUAL
-    lowrank.LOWP_RESIDUAL = False
-    try:
-        yield
-    finally:
-        lowrank.LOWP_RESIDUAL = saved
+#: The subspace pass orthonormalizes with a Householder QR (before session 5).
+householder_qr = functools.partial(lowrank_setting, "CHOLESKY_QR", False)
+#: The warm step forms its target as one float32 matrix (before session 8; now split, the
+#: dense part through bfloat16 products).
+float32_step_target = functools.partial(lowrank_setting, "LOWP_RESIDUAL", False)
 
 
 @contextmanager

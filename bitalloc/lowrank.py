@@ -818,13 +818,13 @@ def _step_target(
     bfloat16 products) or as one matrix."""
     D = cur.resid
     if not LOWP_RESIDUAL or D.numel() < LOWP_MIN_SIZE or not _native_bf16(D.device.type, D.device.index):
-        target = torch.add(cur.low, cur.resid, alpha=eta)
+        target = torch.add(cur.low, D, alpha=eta)
         if prev is not None:
             target = target + momentum * (cur.low - prev.low)
         return target
     if prev is None:
-        return _Target([(1.0, cur.l1, cur.l2)], eta, cur.resid)
-    return _Target([(1.0 + momentum, cur.l1, cur.l2), (-momentum, prev.l1, prev.l2)], eta, cur.resid)
+        return _Target([(1.0, cur.l1, cur.l2)], eta, D)
+    return _Target([(1.0 + momentum, cur.l1, cur.l2), (-momentum, prev.l1, prev.l2)], eta, D)
 
 
 def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decomposition:
