@@ -464,6 +464,26 @@ def test_native_bf16_reads_the_cpu_flags():
     assert isinstance(_native_bf16("cpu"), bool)
 
 
+def test_native_bf16_without_a_readable_cpuinfo_is_false(monkeypatch):
+    import builtins
+
+    from bitalloc.lowrank import _native_bf16
+
+    real_open = builtins.open
+
+    def no_cpuinfo(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    _native_bf16.cache_clear()
+    try:
+        assert _native_bf16("cpu") is False  # unknown: the float32 target, never an error
+    finally:
+        _native_bf16.cache_clear()
+
+
 @pytest.mark.parametrize("name, worst", [("nf3-g64-s8x64-r8", 1.03), ("nf8-g64-s8x64-r8", 1.15)])
 def test_split_loop_ends_near_the_float32_one(monkeypatch, name, worst):
     """The loop is chaotic (NF8 most): single results move either way; on average they agree."""
