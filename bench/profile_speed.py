@@ -327,6 +327,10 @@ householder_qr = functools.partial(lowrank_setting, "CHOLESKY_QR", False)
 #: The warm step forms its target as one float32 matrix (before session 8; now split, the
 #: dense part through bfloat16 products).
 float32_step_target = functools.partial(lowrank_setting, "LOWP_RESIDUAL", False)
+#: Ablation: NF3/NF4 momentum 0.3 (before session 9; now 0.4 and 0.5).
+previous_nf34_momentum = functools.partial(
+    lowrank_setting, "STEP", {**lowrank.STEP, 3: (1.5, 0.3), 4: (1.5, 0.3)}
+)
 
 
 @contextmanager
@@ -435,6 +439,8 @@ ABLATIONS = {
                                    "tolerance and patience for all code widths", previous_stopping),
     "previous NF8 steps": ({}, "NF8 steps over-relaxed by 1.5 (not 2.5) with tol x 2 (not 4)",
                            previous_nf8_steps),
+    "previous NF3/NF4 momentum": ({}, "momentum 0.3 for NF3 and NF4 (before session 9; now 0.4 "
+                                      "and 0.5)", previous_nf34_momentum),
     "randomized first step": ({}, "the first step of a cold start is a randomized sketch of W (2 "
                                   "power iterations, as LQ-LoRA's) instead of the shared exact SVD, "
                                   "and the second warm-starts from it",
@@ -811,19 +817,20 @@ NOTES = """## Notes
   quantize); other configs start from the nearest solved config (NF2: the nearest coarser
   one), except 2-bit scales of NF3-NF8, which start cold; every cold start shares one first
   step, the exact SVD of W (computed once per matrix), and its second step draws a fresh
-  sketch with 2 power iterations; over-relaxed steps with momentum for 3-8 bits (1.5, NF8
-  2.5), retreating to plain alternation (never below) after a rise; plain steps that rise go
-  on; one subspace pass per later step reusing the last subspace (k = r columns,
-  orthonormalized through a Cholesky factor of their Gram matrix), its small SVD through a
-  float64 Gram eigendecomposition; Q quantized against the stored (bf16) factors with the
-  packing-free quantizer (on the CPU, compiled numba kernels: NF2-NF4 levels by vector
-  compare-and-blend against the midpoints, NF8 by a lookup table of the level below, the
-  level above and the midpoint per bin; no integer codes) and packed only when
-  `Decomposition.q` is read; best iterate; stop when the best fell by less than tol x
-  {NF2: 1, NF3/NF4/NF8: 4} (tol = 1e-2) over 2 steps and by less than 3 times that over 4, a
-  cold start after at least 6 steps; then, for NF3-NF8, a repair pass: a config that ended
-  more than 1% above a config with coarser scales (fewer scale bits or larger scale groups)
-  is solved again from that config's factors, and the lower result kept.
+  sketch with 2 power iterations; over-relaxed steps with momentum for 3-8 bits (1.5 with
+  momentum 0.4 for NF3 and 0.5 for NF4; NF8 2.5 with 0.3), retreating to plain alternation
+  (never below) after a rise; plain steps that rise go on; one subspace pass per later step
+  reusing the last subspace (k = r columns, orthonormalized through a Cholesky factor of
+  their Gram matrix), its small SVD through a float64 Gram eigendecomposition; Q quantized
+  against the stored (bf16) factors with the packing-free quantizer (on the CPU, compiled
+  numba kernels: NF2-NF4 levels by vector compare-and-blend against the midpoints, NF8 by a
+  lookup table of the level below, the level above and the midpoint per bin, the level
+  picked by index arithmetic, not a branch; no integer codes) and packed only when
+  `Decomposition.q` is read; best iterate; stop when the best fell by less than tol x {NF2:
+  1, NF3/NF4/NF8: 4} (tol = 1e-2) over 2 steps and by less than 3 times that over 4, a cold
+  start after at least 6 steps; then, for NF3-NF8, a repair pass: a config that ended more
+  than 1% above a config with coarser scales (fewer scale bits or larger scale groups) is
+  solved again from that config's factors, and the lower result kept.
 - glibc returns freed multi-MB blocks to the OS by default, so each temporary of the loop
   page-faults in again; bitalloc raises the trim threshold (`lowrank._keep_freed_memory`, off
   with `BITALLOC_MALLOC_DEFAULTS=1`). The micro-benchmark table shows what that buys.
