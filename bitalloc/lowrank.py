@@ -139,6 +139,12 @@ def _native_bf16(device_type: str, index: int | None = None) -> bool:
     return False
 
 
+def _minus_low(W: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    """``W - l1 @ l2`` as one fused product (no separate ``l1 @ l2`` and subtraction pass:
+    about 0.1-0.2 ms less per evaluation of a 1536 x 576 matrix here)."""
+    return torch.addmm(W, l1, l2, alpha=-1.0)
+
+
 def _quantize_residual(x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     """``x - quantize(x, cfg).dequantize()`` bit for bit, without packing (x is already checked)."""
     return quantize_residual(x, cfg, check=False)
@@ -158,7 +164,7 @@ class _DeferredQ:
         self.W, self.l1, self.l2, self.cfg = W, l1, l2, cfg
 
     def __call__(self) -> "QuantizedTensor":
-        return quantize(self.W - self.l1 @ self.l2, self.cfg)
+        return quantize(_minus_low(self.W, self.l1, self.l2), self.cfg)
 
 
 _MALLOC_TUNED = False
@@ -332,14 +338,16 @@ class _Matrix:
         self.seed = seed
         # the first rank-r step of every cold start is the same (top-r of W): computed once
         self._cold: dict[Any, tuple[Any, ...]] = {}
-        # the last result with bf16 factors and the product of its factors: a twin or a warm
-        # start from it evaluates the same factors first, so the product need not be redone
-        self.last_low: tuple[Decomposition, torch.Tensor] | None = None
+        # the last result with bf16 factors and W minus the product of its factors: a twin or
+        # a warm start from it evaluates the same factors first, so the product need not be
+        # redone
+        self.last_target: tuple[Decomposition, torch.Tensor] | None = None
 
-    def low_of(self, init: Any, cfg: QuantConfig) -> torch.Tensor | None:
-        """``L1 @ L2`` of ``init``'s stored factors if it is the last result, of the same rank
-        and, like ``cfg``, with bf16 factors (storing them again changes nothing); else None."""
-        last = self.last_low  # only ever set for results with bf16 factors
+    def target_of(self, init: Any, cfg: QuantConfig) -> torch.Tensor | None:
+        """``W - L1 @ L2`` of ``init``'s stored factors if it is the last result, of the same
+        rank and, like ``cfg``, with bf16 factors (storing them again changes nothing); else
+        None."""
+        last = self.last_target  # only ever set for results with bf16 factors
         if last is None or last[0] is not init or cfg.lowrank_bits != 16 or init.rank != cfg.rank:
             return None
         return last[1]
@@ -701,7 +709,7 @@ def _stop_opts(cfg: QuantConfig, tol: float) -> dict[str, Any]:
 @dataclass
 class _Iterate:
     q: Any
-    low: torch.Tensor  # the stored factors' product L1 @ L2
+    target: torch.Tensor  # W - L1 @ L2 of the stored factors (what Q quantizes)
     resid: torch.Tensor  # W - L1 @ L2 - Q
     l1: torch.Tensor
     l2: torch.Tensor
@@ -740,20 +748,21 @@ def _step_size(m: _Matrix, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D:
 
 
 def _evaluate(
-    m: _Matrix, cfg: QuantConfig, L1: torch.Tensor, L2: torch.Tensor, low: torch.Tensor | None = None
+    m: _Matrix, cfg: QuantConfig, L1: torch.Tensor, L2: torch.Tensor,
+    target: torch.Tensor | None = None,
 ) -> _Iterate:
     """Store the factors, quantize the rest against them, and measure the error.
 
-    ``low``, when given, is the product of the stored factors (known from an earlier result).
+    ``target``, when given, is ``W - L1 @ L2`` of the stored factors (known from an earlier
+    result).
     """
     s1, s2, q1, q2 = _store(L1, L2, cfg)
-    if low is None:
-        low = s1 @ s2
-    target = m.W - low
+    if target is None:
+        target = _minus_low(m.W, s1, s2)
     q = _DeferredQ(m.W, s1, s2, cfg)
     resid = _quantize_residual(target, cfg)
     err, errf = m.errors(resid)
-    return _Iterate(q, low, resid, s1, s2, q1, q2, err, errf, L1, L2)
+    return _Iterate(q, target, resid, s1, s2, q1, q2, err, errf, L1, L2)
 
 
 def _init_factors(init: Any, m: _Matrix, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -815,17 +824,17 @@ def _converged(bests: list[float], opts: _Opts) -> bool:
 
 
 def _step_target(
-    cur: _Iterate, prev: _Iterate | None, eta: float, momentum: float
+    W: torch.Tensor, cur: _Iterate, prev: _Iterate | None, eta: float, momentum: float
 ) -> "torch.Tensor | _Target":
     """``L + eta (W - L - Q) + momentum (L - L_prev)`` of the iterate ``cur`` (``prev`` None: no
     momentum), split as :class:`_Target` (:data:`LOWP_RESIDUAL`, :data:`LOWP_MIN_SIZE`, native
     bfloat16 products) or as one matrix."""
     D = cur.resid
     if not LOWP_RESIDUAL or D.numel() < LOWP_MIN_SIZE or not _native_bf16(D.device.type, D.device.index):
-        target = torch.add(cur.low, D, alpha=eta)
-        if prev is not None:
-            target = target + momentum * (cur.low - prev.low)
-        return target
+        step = torch.add(W - cur.target, D, alpha=eta)  # L = W - (W - L)
+        if prev is not None:  # L - L_prev = (W - L_prev) - (W - L)
+            step = step + momentum * (prev.target - cur.target)
+        return step
     if prev is None:
         return _Target([(1.0, cur.l1, cur.l2)], eta, D)
     return _Target([(1.0 + momentum, cur.l1, cur.l2), (-momentum, prev.l1, prev.l2)], eta, D)
@@ -847,7 +856,7 @@ def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decompositio
     basis = None
     if init is not None:
         L1, L2, basis = _init_factors(init, m, r)
-        cur = best = _evaluate(m, cfg, L1, L2, m.low_of(init, cfg))
+        cur = best = _evaluate(m, cfg, L1, L2, m.target_of(init, cfg))
         history.append(cur.objective)
     iters = 0
     min_steps = opts.cold_min_steps if init is None else 0
@@ -859,7 +868,7 @@ def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decompositio
             L1, L2, basis = m.cold_factors(r, opts, gen)
         else:
             # the rank-r step on L + eta (W - L - Q) (+ momentum): eta = 1 is plain alternation
-            target = _step_target(cur, prev if opts.momentum else None, eta, opts.momentum)
+            target = _step_target(m.W, cur, prev if opts.momentum else None, eta, opts.momentum)
             L1, L2, basis = _factors(m, target, r, basis, opts, gen)
         if opts.cheap_stop and cur is not None:
             # cheap check before quantizing again: if the factors barely move, Q will not either
@@ -896,7 +905,7 @@ def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decompositio
         raise ValueError("max_iters must be >= 1 without an init")
     log.debug("%s: %d iterations, objective %.6g", cfg.name, iters, best.objective)
     result = best.result(cfg, iters, history, basis)
-    m.last_low = (result, best.low) if cfg.lowrank_bits == 16 else None
+    m.last_target = (result, best.target) if cfg.lowrank_bits == 16 else None
     return result
 
 
@@ -945,7 +954,7 @@ def _scale_precision(cfg: QuantConfig) -> tuple[int, int, int]:
     """Larger = more precise block scales (fp16 scales, then more scale bits, smaller groups, fp32).
 
     The dtype of the second-level scales comes last, so that each fp16 twin is solved right
-    after its fp32 sibling (and reuses the product of its factors, see ``_Matrix.last_low``).
+    after its fp32 sibling (and reuses the product of its factors, see ``_Matrix.last_target``).
     """
     dtype_bits = 32 if cfg.scale_dtype == "fp32" else 16
     return (cfg.scale_bits, -cfg.scale_block, dtype_bits)

@@ -260,16 +260,16 @@ def test_twins_reuse_the_product_of_their_siblings_factors(monkeypatch):
     W = weight(96, 160, rank=8, seed=13)
     cfgs = [cfg(n) for n in MANY]
     hits = []
-    low_of = lowrank._Matrix.low_of
+    target_of = lowrank._Matrix.target_of
 
     def spy(self, init, c):
-        low = low_of(self, init, c)
-        hits.append(low is not None)
-        return low
+        target = target_of(self, init, c)
+        hits.append(target is not None)
+        return target
 
-    monkeypatch.setattr(lowrank._Matrix, "low_of", spy)
+    monkeypatch.setattr(lowrank._Matrix, "target_of", spy)
     reused = decompose_many(W, cfgs)
-    monkeypatch.setattr(lowrank._Matrix, "low_of", lambda self, init, c: None)
+    monkeypatch.setattr(lowrank._Matrix, "target_of", lambda self, init, c: None)
     redone = decompose_many(W, cfgs)
     assert any(hits)
     assert [d.error for d in reused] == [d.error for d in redone]
@@ -324,6 +324,7 @@ def test_runs_on_cuda():
 
 # ----- fast paths of the loop -----------------------------------------------------------------
 def test_q_is_packed_lazily_and_equals_the_evaluated_one():
+    from bitalloc import lowrank
     from bitalloc.lowrank import _DeferredQ
 
     W = weight(seed=21)
@@ -332,7 +333,10 @@ def test_q_is_packed_lazily_and_equals_the_evaluated_one():
     assert isinstance(d.__dict__["_q"], _DeferredQ)  # nothing packed yet
     q = d.q
     assert q is d.q and not isinstance(d.__dict__["_q"], _DeferredQ)  # packed once, cached
-    assert torch.equal(q.dequantize(), quantize(W - d.l1 @ d.l2, c).dequantize())
+    # the loop quantizes W - L1 L2 as one fused product (lowrank._minus_low), and so does Q
+    target = lowrank._minus_low(W, d.l1, d.l2)
+    assert torch.allclose(target, W - d.l1 @ d.l2, rtol=0, atol=1e-6)
+    assert torch.equal(q.dequantize(), quantize(target, c).dequantize())
     assert d.error == pytest.approx(sq(W - q.dequantize() - d.l1 @ d.l2), rel=1e-6)
     # a Decomposition built by hand keeps a plain QuantizedTensor
     plain = Decomposition(c, q, d.l1, d.l2, d.error, None, 0)
@@ -429,27 +433,30 @@ def test_step_target_is_split_for_large_matrices_only(monkeypatch):
 
     g = torch.Generator().manual_seed(43)
 
+    W = torch.randn(64, 64, generator=g)
+
     def iterate(rows: int, cols: int):
         l1, l2 = torch.randn(rows, 3, generator=g), torch.randn(3, cols, generator=g)
         resid = 1e-3 * torch.randn(rows, cols, generator=g)
-        return lr._Iterate(None, l1 @ l2, resid, l1, l2, None, None, 0.0, None, l1, l2)
+        return lr._Iterate(None, W - l1 @ l2, resid, l1, l2, None, None, 0.0, None, l1, l2)
 
     cur, prev = iterate(64, 64), iterate(64, 64)
-    expected = cur.low + 1.5 * cur.resid + 0.3 * (cur.low - prev.low)
+    low, low_prev = cur.l1 @ cur.l2, prev.l1 @ prev.l2
+    expected = low + 1.5 * cur.resid + 0.3 * (low - low_prev)
     monkeypatch.setattr(lr, "_native_bf16", lambda *device: True)
     monkeypatch.setattr(lr, "LOWP_MIN_SIZE", 64 * 64)
-    split = lr._step_target(cur, prev, 1.5, 0.3)
+    split = lr._step_target(W, cur, prev, 1.5, 0.3)
     assert isinstance(split, lr._Target)
     assert torch.allclose(split.dense(), expected, rtol=0, atol=1e-5)
     monkeypatch.setattr(lr, "LOWP_MIN_SIZE", 64 * 64 + 1)
-    dense = lr._step_target(cur, prev, 1.5, 0.3)
+    dense = lr._step_target(W, cur, prev, 1.5, 0.3)
     assert isinstance(dense, torch.Tensor) and torch.allclose(dense, expected, rtol=0, atol=1e-5)
     monkeypatch.setattr(lr, "LOWP_MIN_SIZE", 0)
     monkeypatch.setattr(lr, "_native_bf16", lambda *device: False)  # emulated bfloat16: float32
-    assert isinstance(lr._step_target(cur, prev, 1.5, 0.3), torch.Tensor)
+    assert isinstance(lr._step_target(W, cur, prev, 1.5, 0.3), torch.Tensor)
     monkeypatch.setattr(lr, "_native_bf16", lambda *device: True)
     monkeypatch.setattr(lr, "LOWP_RESIDUAL", False)
-    assert isinstance(lr._step_target(cur, None, 1.5, 0.3), torch.Tensor)
+    assert isinstance(lr._step_target(W, cur, None, 1.5, 0.3), torch.Tensor)
 
 
 def test_native_bf16_reads_the_cpu_flags():
