@@ -868,8 +868,8 @@ def _solve(m: _Matrix, cfg: QuantConfig, init: Any, opts: _Opts) -> Decompositio
             L1, L2, basis = m.cold_factors(r, opts, gen)
         else:
             # the rank-r step on L + eta (W - L - Q) (+ momentum): eta = 1 is plain alternation
-            target = _step_target(m.W, cur, prev if opts.momentum else None, eta, opts.momentum)
-            L1, L2, basis = _factors(m, target, r, basis, opts, gen)
+            step = _step_target(m.W, cur, prev if opts.momentum else None, eta, opts.momentum)
+            L1, L2, basis = _factors(m, step, r, basis, opts, gen)
         if opts.cheap_stop and cur is not None:
             # cheap check before quantizing again: if the factors barely move, Q will not either
             if _step_size(m, L1, L2, cur.l1_raw, cur.l2_raw) <= 0.1 * opts.tol * cur.objective:

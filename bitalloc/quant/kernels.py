@@ -163,24 +163,27 @@ def round_to_levels(
     out = torch.empty_like(t)
     tn, sn, on = t.numpy(), scales.numpy(), out.numpy()
     levels, mids = nf._cached(bits, "cpu")
-    tables = nf.round_tables(bits) if mids.numel() > MAX_CHAIN_MIDPOINTS else None
-    if tables is None:
+    table = _table_pairs(bits) if mids.numel() > MAX_CHAIN_MIDPOINTS else None
+    if table is None:
         k.round_chain(tn, sn, levels.numpy(), mids.numpy(), residual, on)
         return out
     half = np.float32(nf._LUT_BINS // 2)
     top = np.float32(nf._LUT_BINS - 1)
-    pairs, threshold = _table_pairs(bits)
-    k.round_table(tn, sn, pairs, threshold, half, top, residual, on)
+    k.round_table(tn, sn, *table, half, top, residual, on)
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def _table_pairs(bits: int) -> tuple[np.ndarray, np.ndarray]:
+def _table_pairs(bits: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The lookup table of :func:`bitalloc.quant.nf.round_tables` for the kernel: the levels
-    below and above each bin's midpoint interleaved (``pairs[2 k + (y > threshold[k])]``)."""
+    below and above each bin's midpoint interleaved (``pairs[2 k + (y > threshold[k])]``), and
+    the thresholds; None when the codebook has no table."""
     from bitalloc.quant import nf
 
-    below, above, threshold = nf.round_tables(bits)
+    tables = nf.round_tables(bits)
+    if tables is None:
+        return None
+    below, above, threshold = tables
     pairs = np.empty(2 * below.numel(), np.float32)
     pairs[0::2], pairs[1::2] = below.numpy(), above.numpy()
     return pairs, threshold.numpy()
