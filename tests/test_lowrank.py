@@ -632,6 +632,51 @@ def test_repair_only_ever_lowers_an_error_and_fires_on_clipped_outliers():
         assert a.error == pytest.approx(sq(W - a.q.dequantize() - a.l1 @ a.l2), rel=1e-5)
 
 
+def test_repair_leaves_nf8_with_2_bit_scales_as_solved(monkeypatch):
+    from bitalloc import lowrank
+
+    solves: dict[str, int] = {}
+    real = lowrank._solve
+
+    def counting(m, c, init, opts):
+        solves[c.name] = solves.get(c.name, 0) + 1
+        return real(m, c, init, opts)
+
+    monkeypatch.setattr(lowrank, "_solve", counting)
+    W = weight(96, 128, rank=8, seed=3)
+    W.view(-1)[::37] *= 20  # outliers that coarse scales clip: the repair pass fires
+    cfgs = [c for c in config_space("lqlora", ranks=(8,)) if c.bits in (4, 8) and c.block == 16]
+    decompose_many(W, cfgs)
+    assert all(n == 1 for name, n in solves.items() if cfg(name).bits == 8 and cfg(name).scale_bits == 2)
+    repaired = {cfg(name) for name, n in solves.items() if n > 1}
+    assert {c.bits for c in repaired} == {4, 8}  # the pass ran here, on both code widths
+
+
+def test_coarse_nf8_keeps_its_long_steps_after_a_rise(monkeypatch):
+    from bitalloc import lowrank
+
+    def run(name):
+        etas = []
+        real = lowrank._step_target
+
+        def recording(W, cur, prev, eta, momentum):
+            etas.append(eta)
+            return real(W, cur, prev, eta, momentum)
+
+        monkeypatch.setattr(lowrank, "_step_target", recording)
+        W = weight(96, 128, rank=8, seed=3)
+        W.view(-1)[::37] *= 20
+        d = decompose(W, cfg(name), tol=0.0, max_iters=30)
+        monkeypatch.undo()
+        rises = sum(b > a for a, b in zip(d.history, d.history[1:]))
+        return etas, rises
+
+    etas, rises = run("nf8-g16-s2x64-r8")
+    assert rises >= 1 and set(etas) == {lowrank.STEP[8][0]}  # rose, and never retreated
+    etas, rises = run("nf4-g16-s2x64-r8")  # other codes retreat to plain steps after a rise
+    assert rises >= 1 and min(etas) < lowrank.STEP[4][0]
+
+
 def test_nf2_is_solved_from_the_coarsest_scales_up(monkeypatch):
     from bitalloc import lowrank
 
