@@ -335,9 +335,9 @@ previous_nf34_momentum = functools.partial(
 
 @contextmanager
 def previous_coarse_nf8():
-    """Ablation: NF8 with 2-4 bit scales retreats after a rise with 2 steps of patience, and
-    the repair pass re-solves NF8 configs with 2-bit scales too (before session 10)."""
-    with lowrank_setting("COARSE_NF8_STOP", {}), \
+    """Ablation: NF8 with 2-4 bit scales retreats after a rise, with 2 steps of patience, and
+    the repair pass re-solves NF8 configs of every scale width (before session 10)."""
+    with lowrank_setting("NF8_STOP", {}), \
             lowrank_setting("REPAIR_NF8_SCALE_BITS", frozenset({2, 3, 4, 8})):
         yield
 
@@ -451,9 +451,10 @@ ABLATIONS = {
     "previous NF3/NF4 momentum": ({}, "momentum 0.3 for NF3 and NF4 (before session 9; now 0.4 "
                                       "and 0.5)", previous_nf34_momentum),
     "previous coarse NF8": ({}, "NF8 with 2-4 bit scales retreats to plain steps after a rise "
-                                "and stops after 2 steps without progress, and NF8 configs with "
-                                "2-bit scales are repaired too (before session 10; now no "
-                                "retreat, 3 steps, and no repairs of NF8 with 2-bit scales)",
+                                "and stops after 2 steps without progress, and NF8 configs of "
+                                "every scale width are repaired (before session 10; now no "
+                                "retreat, 3 steps for 2-bit scales, repairs of 3-4 bit scales "
+                                "only)",
                             previous_coarse_nf8),
     "randomized first step": ({}, "the first step of a cold start is a randomized sketch of W (2 "
                                   "power iterations, as LQ-LoRA's) instead of the shared exact SVD, "

@@ -695,21 +695,23 @@ def _step_opts(cfg: QuantConfig, relax: float | None, momentum: float | None) ->
 TOL_FACTOR = {2: 1.0, 3: 4.0, 4: 4.0, 8: 4.0}
 
 
-#: NF8 configs with at most this many scale bits keep their long steps (:data:`COARSE_NF8_STOP`).
-COARSE_NF8_SCALE_BITS = 4
-
-#: Stopping options of NF8 configs with coarse (2-4 bit) block scales (measured in session 10,
-#: 14 SmolLM2 matrices of layers 0-1, lqlora space at rank 64, seeds 0/1/2). Their error keeps
-#: falling for 40-60 steps, but an over-relaxed step that rises (often, on this rugged
-#: landscape) sent the loop back to plain alternation, which crawls. L0 down_proj's
-#: nf8-g16-s2x16-fp32 alone, without a stopping tolerance: 0.82x the reference's error after 60
-#: steps with the retreat, 0.76x after 35 without it. So a rise is taken as it is (no
-#: retreat), and the best iterate must stall for 3 steps, not 2. With
-#: :data:`REPAIR_NF8_SCALE_BITS`: NF8 entries more than 1% above the reference 0/5/1 against
-#: 7/10/6 (of 337), the worst 1.007/1.28/1.17 against 1.41/2.27/2.63, for 4-5% more
-#: quantizations. With 8-bit scales (a smooth landscape) the retreat stays: without it their
-#: errors rose by 9% (geometric mean).
-COARSE_NF8_STOP = {"backtrack": False, "patience": 3}
+#: Stopping options of NF8 configs by scale bits (measured in session 10 on 14 SmolLM2 matrices
+#: of layers 0-1, lqlora space at rank 64, 1326 reference entries, seeds 0/1/2). With 2-4 bit
+#: scales the error keeps falling for 40-60 steps, but an over-relaxed step that rises (often,
+#: on this rugged landscape) sent the loop back to plain alternation, which crawls. L0
+#: down_proj's nf8-g16-s2x16-fp32 alone, without a stopping tolerance: 0.82x the reference's
+#: error after 60 steps with the retreat, 0.76x after 35 without it. So a rise is taken as it
+#: is (no retreat); the cold starts of 2-bit scales also wait 3 steps without progress, not 2.
+#: With :data:`REPAIR_NF8_SCALE_BITS`: NF8 entries more than 1% above the reference 2/6/5
+#: against 7/10/6 (of 337), the worst 1.24/1.36/1.21 against 1.41/2.27/2.63, for 2% more
+#: quantization work (entries x size). 3 steps for 3-4 bit scales too: 0/5/1 such entries, but
+#: 9% more work (19.1x instead of 21.4x in bench/profile_speed.py). 8-bit scales (a smooth
+#: landscape) keep the retreat: without it their errors rose by 9% (geometric mean).
+NF8_STOP = {
+    2: {"backtrack": False, "patience": 3},
+    3: {"backtrack": False},
+    4: {"backtrack": False},
+}
 
 
 def _stop_opts(cfg: QuantConfig, tol: float) -> dict[str, Any]:
@@ -718,12 +720,12 @@ def _stop_opts(cfg: QuantConfig, tol: float) -> dict[str, Any]:
     A rise after an over-relaxed step retreats to plain alternation, never below it; plain
     steps that rise go on from the new iterate (the landscape of NF2 codes and coarse scales
     is noisy, and under-relaxed steps crawl), and the best-iterate rule stops the loop. The
-    tolerance is scaled by :data:`TOL_FACTOR`. NF8 with coarse scales never retreats and
-    waits longer (:data:`COARSE_NF8_STOP`).
+    tolerance is scaled by :data:`TOL_FACTOR`. NF8 with coarse scales never retreats
+    (:data:`NF8_STOP`).
     """
     out: dict[str, Any] = {"plain_floor": True, "tol": tol * TOL_FACTOR.get(cfg.bits, 1.0)}
-    if cfg.bits == 8 and cfg.scale_bits <= COARSE_NF8_SCALE_BITS:
-        out.update(COARSE_NF8_STOP)
+    if cfg.bits == 8:
+        out.update(NF8_STOP.get(cfg.scale_bits, {}))
     return out
 
 
@@ -1030,14 +1032,15 @@ REPAIR_MARGIN = 0.01
 #: 4 s more).
 REPAIR_BITS = frozenset({3, 4, 8})
 
-#: Scale bits of the NF8 configs that the repair pass re-solves: not 2, whose cold starts
-#: descend further since :data:`COARSE_NF8_STOP`. Measured in session 10 on the 14 matrices
-#: named there, seeds 0/1: those repairs cost 1038 and 821 quantizations (of about 27400) and
-#: changed no NF8 entry's standing against the reference (0 and 5 more than 1% above it either
-#: way). Repairs of NF8's 8-bit scales are kept: without them, their geometric-mean ratio to the
-#: reference rose from 0.53 to 0.57; without any NF8 repair, NF8 with 4-bit scales ended up to
-#: 1.6x above the reference.
-REPAIR_NF8_SCALE_BITS = frozenset({3, 4, 8})
+#: Scale bits of the NF8 configs that the repair pass re-solves. Measured in session 10 with
+#: :data:`NF8_STOP` on the 14 matrices named there (3 steps for 3-4 bit scales too), seeds 0/1:
+#: repairing NF8 with 2-bit scales cost 1038 and 821 quantizations (of about 27400) and left
+#: the NF8 entries more than 1% above the reference as they were (0 and 5);
+#: repairing NF8's 8-bit scales cost 2% of the work (entries x size) and brought their
+#: geometric-mean ratio to the reference from 0.57 to 0.53 (they stay far below it: at most
+#: 0.97x without). Without any NF8 repair, NF8 with 4-bit scales ended up to 1.6x above the
+#: reference.
+REPAIR_NF8_SCALE_BITS = frozenset({3, 4})
 
 
 def _repairable(cfg: QuantConfig) -> bool:
