@@ -1087,9 +1087,10 @@ def _repair(
     """Re-solve each config that ended above a config with coarser scales, from its factors.
 
     Coarse scales (2-4 bits over large groups) clip many weights, and the descent from a
-    finer config's optimum can stall well above what the coarser config reached. Configs
-    are visited from the coarsest up, so a repaired config can in turn repair finer ones;
-    the new result is kept only if it is lower.
+    finer config's optimum can stall well above what the coarser config reached. Only configs
+    that :func:`_repairable` allows are re-solved. Configs are visited from the coarsest up,
+    so a repaired config can in turn repair finer ones; the new result is kept only if it is
+    lower.
     """
     for i in reversed(order):
         cfg, cur = cfgs[i], out[i]
@@ -1140,10 +1141,9 @@ def decompose_many(
     quantize against the twin's factors), else the config with the nearest scale bits and
     groups. 2-bit scales of NF3-NF8 start cold instead of from a non-twin (its optimum is a
     poor start there), see :func:`_warm_plan`. Every cold start shares one first step, the
-    exact top-r part of W. With ``repair`` (NF3-NF8, :data:`REPAIR_BITS`; not NF8 with 2-bit
-    scales, :data:`REPAIR_NF8_SCALE_BITS`), a config that ended above a config with coarser
-    scales is solved again from that config's factors (:func:`_repair`), and the lower result
-    kept.
+    exact top-r part of W. With ``repair`` (NF3, NF4, and NF8 with 3-4 bit scales:
+    :func:`_repairable`), a config that ended above a config with coarser scales is solved
+    again from that config's factors (:func:`_repair`), and the lower result kept.
     ``tol`` defaults looser than :func:`decompose`'s, and the subspace passes carry no extra
     columns (``oversample``, :data:`DEFAULT_MANY_OVERSAMPLE`). With ``share=False`` every
     config is solved alone from a cold start, exactly as :func:`decompose` does with the same
