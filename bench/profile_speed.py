@@ -834,7 +834,8 @@ NOTES = """## Notes
   step, the exact SVD of W (computed once per matrix), and its second step draws a fresh
   sketch with 2 power iterations; over-relaxed steps with momentum for 3-8 bits (1.5 with
   momentum 0.4 for NF3 and 0.5 for NF4; NF8 2.5 with 0.3), retreating to plain alternation
-  (never below) after a rise; plain steps that rise go on; one subspace pass per later step
+  (never below) after a rise, except NF8 with 2-4 bit scales, which keeps its steps; plain
+  steps that rise go on; one subspace pass per later step
   reusing the last subspace (k = r columns, orthonormalized through a Cholesky factor of
   their Gram matrix), its small SVD through a float64 Gram eigendecomposition; Q quantized
   against the stored (bf16) factors with the packing-free quantizer (on the CPU, compiled
@@ -842,10 +843,11 @@ NOTES = """## Notes
   lookup table of the level below, the level above and the midpoint per bin, the level
   picked by index arithmetic, not a branch; no integer codes) and packed only when
   `Decomposition.q` is read; best iterate; stop when the best fell by less than tol x {NF2:
-  1, NF3/NF4/NF8: 4} (tol = 1e-2) over 2 steps and by less than 3 times that over 4, a cold
-  start after at least 6 steps; then, for NF3-NF8, a repair pass: a config that ended more
-  than 1% above a config with coarser scales (fewer scale bits or larger scale groups) is
-  solved again from that config's factors, and the lower result kept.
+  1, NF3/NF4/NF8: 4} (tol = 1e-2) over 2 steps (3 for the cold starts of NF8 with 2-bit
+  scales) and by less than 3 times that over 4, a cold start after at least 6 steps; then, for
+  NF3, NF4 and NF8 with 3-4 bit scales, a repair pass: a config that ended more than 1% above
+  a config with coarser scales (fewer scale bits or larger scale groups) is solved again from
+  that config's factors, and the lower result kept.
 - glibc returns freed multi-MB blocks to the OS by default, so each temporary of the loop
   page-faults in again; bitalloc raises the trim threshold (`lowrank._keep_freed_memory`, off
   with `BITALLOC_MALLOC_DEFAULTS=1`). The micro-benchmark table shows what that buys.

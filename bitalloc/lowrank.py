@@ -31,7 +31,8 @@ with these differences from LQ-LoRA's code (each measured in ``bench/profile_spe
   ``L + 1.5 (W - L - Q) + mu (L - L_prev)`` (mu 0.4 for NF3, 0.5 for NF4, 0.3 for NF8, which steps
   2.5 instead of 1.5; fewer iterations *and* lower errors than plain
   alternation); an over-relaxed step that raises the error is undone and retried shorter,
-  never shorter than plain alternation; plain steps that raise it go on from there (the
+  never shorter than plain alternation (except for NF8 with 2-4 bit scales, whose long steps go
+  on after a rise: :data:`NF8_STOP`); plain steps that raise it go on from there (the
   landscape of NF2 codes and coarse scales is noisy), the best iterate being kept;
 * it stops when the best objective fell by less than ``tol`` x :data:`TOL_FACTOR` [bits]
   (relative) over the last two steps and by less than :data:`STOP_WINDOW` times that over
