@@ -343,6 +343,17 @@ def previous_coarse_nf8():
 
 
 @contextmanager
+def session10_loop():
+    """Ablation: the loop of session 10 (a repair on any coarser config 1% lower, NF3's
+    tolerance x 4, 2 steps of patience for NF8 with 3-4 bit scales)."""
+    nf8_stop = {**lowrank.NF8_STOP, 3: {"backtrack": False}, 4: {"backtrack": False}}
+    with lowrank_setting("REPAIR_MARGIN", {3: 0.01, 4: 0.01, 8: 0.01}), \
+            lowrank_setting("TOL_FACTOR", {**lowrank.TOL_FACTOR, 3: 4.0}), \
+            lowrank_setting("NF8_STOP", nf8_stop):
+        yield
+
+
+@contextmanager
 def loop_options(**fields):
     """Ablation: other defaults for fields of the loop's options (``lowrank._Opts``)."""
     saved = lowrank._Opts
@@ -453,9 +464,14 @@ ABLATIONS = {
     "previous coarse NF8": ({}, "NF8 with 2-4 bit scales retreats to plain steps after a rise "
                                 "and stops after 2 steps without progress, and NF8 configs of "
                                 "every scale width are repaired (before session 10; now no "
-                                "retreat, 3 steps for 2-bit scales, repairs of 3-4 bit scales "
-                                "only)",
+                                "retreat and 3 steps for 2-4 bit scales, repairs of 3-4 bit "
+                                "scales only)",
                             previous_coarse_nf8),
+    "session 10 loop": ({}, "repairs on any coarser config 1% lower, NF3 tol x 4, 2 steps of "
+                            "patience for NF8 with 3-4 bit scales (session 10; now repairs on "
+                            "a coarser config 5% (NF3/NF4) or 10% (NF8) lower, NF3 tol x 2, 3 "
+                            "steps for NF8 with 2-4 bit scales)",
+                        session10_loop),
     "randomized first step": ({}, "the first step of a cold start is a randomized sketch of W (2 "
                                   "power iterations, as LQ-LoRA's) instead of the shared exact SVD, "
                                   "and the second warm-starts from it",
@@ -843,11 +859,11 @@ NOTES = """## Notes
   lookup table of the level below, the level above and the midpoint per bin, the level
   picked by index arithmetic, not a branch; no integer codes) and packed only when
   `Decomposition.q` is read; best iterate; stop when the best fell by less than tol x {NF2:
-  1, NF3/NF4/NF8: 4} (tol = 1e-2) over 2 steps (3 for the cold starts of NF8 with 2-bit
-  scales) and by less than 3 times that over 4, a cold start after at least 6 steps; then, for
-  NF3, NF4 and NF8 with 3-4 bit scales, a repair pass: a config that ended more than 1% above
-  a config with coarser scales (fewer scale bits or larger scale groups) is solved again from
-  that config's factors, and the lower result kept.
+  1, NF3: 2, NF4/NF8: 4} (tol = 1e-2) over 2 steps (3 for NF8 with 2-4 bit scales) and by
+  less than 3 times that over twice as many, a cold start after at least 6 steps; then, for
+  NF3, NF4 and NF8 with 3-4 bit scales, a repair pass: a config that ended above a config
+  with coarser scales (fewer scale bits or larger scale groups) by more than 5% (NF3, NF4) or
+  10% (NF8) is solved again from that config's factors, and the lower result kept.
 - glibc returns freed multi-MB blocks to the OS by default, so each temporary of the loop
   page-faults in again; bitalloc raises the trim threshold (`lowrank._keep_freed_memory`, off
   with `BITALLOC_MALLOC_DEFAULTS=1`). The micro-benchmark table shows what that buys.

@@ -620,7 +620,16 @@ def test_coarser_scales_is_a_partial_order_on_scale_precision():
     assert not _coarser_scales(cfg("nf8-g16-s3x64-r4"), fine)  # another rank
 
 
-def test_repair_only_ever_lowers_an_error_and_fires_on_clipped_outliers():
+def _any_margin(monkeypatch):
+    """Repair on any coarser config 1% lower (the margin before session 11): the repair pass
+    then fires on these small test matrices."""
+    from bitalloc import lowrank
+
+    monkeypatch.setattr(lowrank, "REPAIR_MARGIN", {3: 0.01, 4: 0.01, 8: 0.01})
+
+
+def test_repair_only_ever_lowers_an_error_and_fires_on_clipped_outliers(monkeypatch):
+    _any_margin(monkeypatch)
     W = weight(96, 128, rank=8, seed=3)
     W.view(-1)[::37] *= 20  # outliers that coarse scales clip
     cfgs = [c for c in config_space("lqlora", ranks=(8,)) if c.bits in (4, 8) and c.block == 16]
@@ -643,6 +652,7 @@ def test_repair_leaves_nf8_with_2_or_8_bit_scales_as_solved(monkeypatch):
         return real(m, c, init, opts)
 
     monkeypatch.setattr(lowrank, "_solve", counting)
+    _any_margin(monkeypatch)
     W = weight(96, 128, rank=8, seed=3)
     W.view(-1)[::37] *= 20  # outliers that coarse scales clip: the repair pass fires
     cfgs = [c for c in config_space("lqlora", ranks=(8,)) if c.bits in (4, 8) and c.block == 16]
@@ -651,6 +661,40 @@ def test_repair_leaves_nf8_with_2_or_8_bit_scales_as_solved(monkeypatch):
     repaired = {cfg(name) for name, n in solves.items() if n > 1}
     assert {c.bits for c in repaired} == {4, 8}  # the pass ran here, on both code widths
     assert all(c.bits == 4 or c.scale_bits in (3, 4) for c in repaired)
+
+
+def test_repair_waits_for_a_coarser_config_a_margin_lower(monkeypatch):
+    from bitalloc import lowrank
+
+    def repairs(margins):
+        first: dict[str, float] = {}
+        fired = []
+        real = lowrank._solve
+
+        def recording(m, c, init, opts):
+            d = real(m, c, init, opts)
+            if c.name in first:  # a second solve of a config: the repair pass
+                fired.append((c.bits, init.objective / first[c.name]))
+            else:
+                first[c.name] = d.objective
+            return d
+
+        monkeypatch.setattr(lowrank, "_solve", recording)
+        monkeypatch.setattr(lowrank, "REPAIR_MARGIN", margins)
+        W = weight(96, 128, rank=8, seed=3)
+        W.view(-1)[::37] *= 20
+        cfgs = [c for c in config_space("lqlora", ranks=(8,)) if c.bits in (3, 4, 8) and c.block == 16]
+        decompose_many(W, cfgs)
+        monkeypatch.undo()
+        return fired
+
+    loose = repairs({3: 0.01, 4: 0.01, 8: 0.01})
+    assert all(ratio < 0.99 for _, ratio in loose) and {b for b, _ in loose} >= {4, 8}
+    assert len(repairs(dict(lowrank.REPAIR_MARGIN))) < len(loose)  # the defaults skip some
+    mixed = {3: 0.015, 4: 0.03, 8: 0.005}  # margins by code width, each between those ratios
+    fired = repairs(mixed)
+    assert fired and len(fired) < len(loose)
+    assert all(ratio < 1 - mixed[bits] for bits, ratio in fired)
 
 
 def test_coarse_nf8_keeps_its_long_steps_after_a_rise(monkeypatch):
