@@ -454,7 +454,7 @@ ABLATIONS = {
                                  "start (before session 6; now from the coarsest up, warm)",
                              nf2_cold_fine_first),
     "previous tolerances": ({}, "tol x {NF3/NF4: 2, NF8: 0.3} and 3 steps of patience for NF8 "
-                                "(the defaults of session 2; now {NF3/NF4: 4, NF8: 4})", previous_tolerances),
+                                "(the defaults of session 2; now {NF3: 2, NF4/NF8: 4})", previous_tolerances),
     "previous stopping rule": ({}, "halve the step after any rise and give up below 0.2; one "
                                    "tolerance and patience for all code widths", previous_stopping),
     "previous NF8 steps": ({}, "NF8 steps over-relaxed by 1.5 (not 2.5) with tol x 2 (not 4)",
