@@ -467,6 +467,9 @@ ABLATIONS = {
                                 "retreat and 3 steps for 2-4 bit scales, repairs of 3-4 bit "
                                 "scales only)",
                             previous_coarse_nf8),
+    "one NF2 leader start": ({}, "each NF2 group's leader from one cold start (before session "
+                                 "11; now three, the lowest kept)",
+                             functools.partial(lowrank_setting, "LEADER_STARTS", {})),
     "session 10 loop": ({}, "repairs on any coarser config 1% lower, NF3 tol x 4, 2 steps of "
                             "patience for NF8 with 3-4 bit scales (session 10; now repairs on "
                             "a coarser config 5% (NF3/NF4) or 10% (NF8) lower, NF3 tol x 2, 3 "
@@ -844,7 +847,8 @@ NOTES = """## Notes
   and runs in the same process with the same malloc setting and torch thread count, so the
   speedup is that of the algorithm, not of the quantizer.
 - **bitalloc** (`decompose_many`): per (bits, block) group a leader solved cold (the most
-  precise scales; for NF2 the coarsest); every fp16/fp32 twin reuses its twin's factors (one
+  precise scales; for NF2 the coarsest, from three cold starts with other sketches, the lowest
+  kept); every fp16/fp32 twin reuses its twin's factors (one
   quantize); other configs start from the nearest solved config (NF2: the nearest coarser
   one), except 2-bit scales of NF3-NF8, which start cold; every cold start shares one first
   step, the exact SVD of W (computed once per matrix), and its second step draws a fresh
