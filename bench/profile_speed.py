@@ -344,8 +344,8 @@ def previous_coarse_nf8():
 
 @contextmanager
 def session10_loop():
-    """Ablation: the loop of session 10 (a repair on any coarser config 1% lower, NF3's
-    tolerance x 4, 2 steps of patience for NF8 with 3-4 bit scales)."""
+    """Ablation: session 10's repairs and stopping (a repair on any coarser config 1% lower,
+    NF3's tolerance x 4, 2 steps of patience for NF8 with 3-4 bit scales)."""
     nf8_stop = {**lowrank.NF8_STOP, 3: {"backtrack": False}, 4: {"backtrack": False}}
     with lowrank_setting("REPAIR_MARGIN", {3: 0.01, 4: 0.01, 8: 0.01}), \
             lowrank_setting("TOL_FACTOR", {**lowrank.TOL_FACTOR, 3: 4.0}), \
@@ -470,11 +470,13 @@ ABLATIONS = {
     "one NF2 leader start": ({}, "each NF2 group's leader from one cold start (before session "
                                  "11; now three, the lowest kept)",
                              functools.partial(lowrank_setting, "LEADER_STARTS", {})),
-    "session 10 loop": ({}, "repairs on any coarser config 1% lower, NF3 tol x 4, 2 steps of "
-                            "patience for NF8 with 3-4 bit scales (session 10; now repairs on "
-                            "a coarser config 5% (NF3/NF4) or 10% (NF8) lower, NF3 tol x 2, 3 "
-                            "steps for NF8 with 2-4 bit scales)",
-                        session10_loop),
+    "session 10 repairs and stopping": ({}, "repairs on any coarser config 1% lower, NF3 tol x 4, "
+                                            "2 steps of patience for NF8 with 3-4 bit scales "
+                                            "(session 10; now repairs on a coarser config 5% "
+                                            "(NF3/NF4) or 10% (NF8) lower, NF3 tol x 2, 3 steps "
+                                            "for NF8 with 2-4 bit scales; NF2 leaders keep their "
+                                            "three starts here)",
+                                        session10_loop),
     "randomized first step": ({}, "the first step of a cold start is a randomized sketch of W (2 "
                                   "power iterations, as LQ-LoRA's) instead of the shared exact SVD, "
                                   "and the second warm-starts from it",
