@@ -10,7 +10,7 @@
    2.25-4.5 bits/param, for both the Fisher and the plain objective; stop at the first
    size whose worst excess is below ``--tolerance`` (default 1%).
 3. Exact ILP sweeps (2.25:4.5:0.125) of the pool, `lqlora`, a hand-made 32-config grid (the
-   space `reports/quality/` profiles), and the chosen set, both objectives: the objective
+   space the `quality` report profiles), and the chosen set, both objectives: the objective
    relative to `lqlora`'s at every budget, and the extra bits/param each space needs to match `lqlora`.
 4. Cost: the measured profile seconds of each space's rows (the profile records seconds per
    (matrix, config)), and with ``--rank-layers`` a rank-64 profile of those layers for
@@ -49,7 +49,7 @@ log = logging.getLogger("bench.default_space")
 
 BUDGETS = "2.25:4.5:0.125"
 #: A hand-made 32-config grid (NF bits x blocks 16-128, 4/8-bit scales in groups of 256, fp16),
-#: compared as "32-config grid": the space that `reports/quality/` profiles.
+#: compared as "32-config grid": the space the `quality` report profiles.
 GRID_32 = {
     "bits": (2, 3, 4, 8), "scale_bits": (4, 8), "scale_dtype": ("fp16",),
     "block": (16, 32, 64, 128), "scale_block": (256,),
