@@ -1,9 +1,10 @@
 # bitalloc: `make demo` runs the main job on the built-in model, `make test` runs the tests.
-# Both set everything up first (a virtual environment in .venv) on a machine with only Python.
+# Both first set up a virtual environment in .venv; they need only Python >= 3.10.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Pinned so pip takes the CPU wheel on this project's machines instead of a multi-GB CUDA build.
+# The torch that setup installs first: the version the tests run with. Another one (e.g. a CUDA
+# build): make TORCH_SPEC='torch==X' test, on a fresh .venv (make clean first).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.bitalloc-installed
 DEMO_OUT ?= demo-out
@@ -27,9 +28,10 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -ra -m slow
 
 # The main job on the built-in model: profile (default space, Fisher) -> sweep -> solve and apply at
-# three budgets -> evaluate each against the original -> report. WikiText-2 from ../shared/data when
-# present, else text sampled from the model itself (cached, so every model is scored on the same
-# tokens). DEMO_RANKS=auto (the CLI's default) lets the solver choose rank 0 or 8 per matrix; 0 is faster.
+# DEMO_BUDGETS -> evaluate each against the original on DEMO_WINDOWS windows -> report in DEMO_OUT.
+# WikiText-2 from ../shared/data when present, else text sampled from the model itself (cached, so
+# every model is scored on the same tokens). DEMO_RANKS=auto (the CLI's default) lets the solver
+# choose rank 0 or 8 per matrix; DEMO_RANKS=0 profiles quantizers only (faster).
 DEMO_RANKS ?= auto
 DEMO_BUDGETS ?= 2.75 3.25 4.25
 DEMO_TEXT := $(if $(wildcard ../shared/data/wikitext2-valid.tokens),wikitext2,self:16)

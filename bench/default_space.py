@@ -9,9 +9,9 @@
    relative excess of the space's Lagrangian dual over the pool's, across prices spanning
    2.25-4.5 bits/param, for both the Fisher and the plain objective; stop at the first
    size whose worst excess is below ``--tolerance`` (default 1%).
-3. Exact ILP sweeps (2.25:4.5:0.125) of the pool, `lqlora`, the previous provisional
-   `default`, and the chosen set, both objectives: the objective relative to `lqlora`'s at
-   every budget, and the extra bits/param each space needs to match `lqlora`.
+3. Exact ILP sweeps (2.25:4.5:0.125) of the pool, `lqlora`, a hand-made 32-config grid (the
+   space the `quality` report profiles), and the chosen set, both objectives: the objective
+   relative to `lqlora`'s at every budget, and the extra bits/param each space needs to match `lqlora`.
 4. Cost: the measured profile seconds of each space's rows (the profile records seconds per
    (matrix, config)), and with ``--rank-layers`` a rank-64 profile of those layers for
    `lqlora` and the chosen set, side by side.
@@ -48,8 +48,9 @@ from bitalloc.configs import LQLORA_GRID, QuantConfig, _expand_grid, config_spac
 log = logging.getLogger("bench.default_space")
 
 BUDGETS = "2.25:4.5:0.125"
-#: The provisional grid the default space had before this benchmark chose one.
-PREVIOUS_DEFAULT = {
+#: A hand-made 32-config grid (NF bits x blocks 16-128, 4/8-bit scales in groups of 256, fp16),
+#: compared as "32-config grid": the space the `quality` report profiles.
+GRID_32 = {
     "bits": (2, 3, 4, 8), "scale_bits": (4, 8), "scale_dtype": ("fp16",),
     "block": (16, 32, 64, 128), "scale_block": (256,),
 }
@@ -395,10 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     pool = Pool(df)
     chosen, trace = greedy_select(pool, args.tolerance, args.max_size)
     lq = {c.name for c in _expand_grid(LQLORA_GRID, (0,))}
-    prev = {c.name for c in _expand_grid(PREVIOUS_DEFAULT, (0,))}
+    grid32 = {c.name for c in _expand_grid(GRID_32, (0,))}
     tradeoff = prefix_tradeoff(df, pool, chosen, [k for k in (6, 8, 12, 16, 20, 24) if k <= len(chosen)])
     chosen = chosen[: args.size] if args.size else chosen
-    spaces = {"pool": set(pool.configs), "lqlora": lq, "previous default": prev, "chosen": set(chosen)}
+    spaces = {"pool": set(pool.configs), "lqlora": lq, "32-config grid": grid32, "chosen": set(chosen)}
     fronts = compare(df, spaces, pool.objectives)
     rank64 = rank_profile_timing(args, work, chosen) if args.rank_layers else []
     seconds_file = work / "pool-profile-seconds.txt"

@@ -1,4 +1,4 @@
-"""GPU profile throughput on LLaMA-2-7B-shaped synthetic matrices (issue 6).
+"""GPU profile throughput on LLaMA-2-7B-shaped synthetic matrices.
 
 A 7B layer has q, k, v, o (4096 x 4096), gate, up (11008 x 4096) and down (4096 x 11008);
 weights are N(0, 0.02^2). This times ``decompose_many`` (what ``bitalloc profile`` runs per

@@ -230,8 +230,14 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _seconds(value: Any) -> str:
+    """A recorded duration: ``"126.6"`` reads ``126.6 s``; a description is kept as it is."""
+    text = str(value)
+    return f"{text} s" if re.fullmatch(r"\d+(\.\d*)?", text) else text
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """The issue's two goals, checked on the measured rows."""
+    """The two quality goals, checked on the measured rows."""
     orig = next(r["perplexity"] for r in rows if r["kind"] == "original")
     uniform = [r for r in rows if r["kind"] == "uniform" and r.get("perplexity") is not None]
     ours = [r for r in rows if r["kind"] == "bitalloc" and r["objective"] == "fisher" and r["rank_mode"] == "solver"]
@@ -284,7 +290,7 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], out: Path
         "# quality: bitalloc allocations vs uniform quantization on the built-in model", "",
         f"- date: {env['date']}", f"- command: `{env['command']}`", f"- machine: {env['machine']}",
         f"- model: {env['model']}; profile: space `{args.space}`, ranks {args.ranks}, Fisher from "
-        f"{args.samples} x {args.calib_seqlen} tokens of `{args.calib}`; profile wall time {env.get('profile_seconds')} s",
+        f"{args.samples} x {args.calib_seqlen} tokens of `{args.calib}`; profile wall time {_seconds(env.get('profile_seconds'))}",
         f"- evaluation: `{args.data}`, {orig.get('windows')} windows x {args.seqlen} tokens "
         f"({orig.get('tokens')} predicted tokens), GPTQ convention; KL is the mean per-token KL(original || model)",
         "- bits/param: everything stored for the targets (codes, scales, second-level scales, low-rank factors)",

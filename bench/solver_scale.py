@@ -368,7 +368,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 def rerender(out: Path = ROOT / "reports" / "solver_scale") -> None:
-    """Rewrite results.md from results.json (after changing the layout)."""
+    """Rewrite results.md from results.json (a change of layout needs no rerun)."""
     (out / "results.md").write_text(render_markdown(json.loads((out / "results.json").read_text())))
 
 
