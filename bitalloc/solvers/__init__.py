@@ -10,13 +10,11 @@ allocation with its LP bound. Never imports torch.
 
 from __future__ import annotations
 
-from .bounds import apply_bit_bounds, parse_bounds
-from .budgets import parse_budgets
-from .errors import InfeasibleBudgetError, SolverUnavailableError
 from .lagrange import lagrange_hull
 from .pruning import prune_dominated
-from .solution import Solution
+from .solution import InfeasibleBudgetError, Solution, SolverUnavailableError
 from .solve import solve
+from .specs import FUSE_PRESET, apply_bit_bounds, parse_bounds, parse_budgets, tie_groups
 from .sweep import sweep
 from .table import (
     ProfileArrays,
@@ -26,7 +24,6 @@ from .table import (
     solve_table,
     sweep_table,
 )
-from .ties import FUSE_PRESET, tie_groups
 from .validation import BACKENDS
 
 __all__ = [

@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from .backend_result import BackendResult
 from .core_dp import search_optimum
 from .lagrange import LagrangeHull, LagrangeResult
 from .problem import CandidateProblem
+from .solution import BackendResult
 from .submodel import SubModel, build_submodel
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,7 @@ import time
 
 import numpy as np
 
-from .backend_result import BackendResult
-from .errors import SolverUnavailableError
+from .solution import BackendResult, SolverUnavailableError
 from .submodel import SubModel
 
 log = logging.getLogger(__name__)

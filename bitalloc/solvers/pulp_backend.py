@@ -12,9 +12,8 @@ import time
 
 import numpy as np
 
-from .backend_result import BackendResult
-from .errors import SolverUnavailableError
 from .highs_backend import silence_banner, solver_threads
+from .solution import BackendResult, SolverUnavailableError
 from .submodel import SubModel
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InfeasibleBudgetError
 from .exact import solve_exact
 from .lagrange import LagrangeHull
 from .problem import CandidateProblem, build_problem
-from .solution import ABOVE_MAX_NOTE, Solution
+from .solution import ABOVE_MAX_NOTE, InfeasibleBudgetError, Solution
 from .validation import capacity_bits, check_arrays, check_backend, check_budget, check_options
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InfeasibleBudgetError
 from .problem import CandidateProblem, build_problem
-from .solution import Solution
+from .solution import InfeasibleBudgetError, Solution
 from .solve import solve_problem
+from .specs import parse_budgets
 from .validation import check_arrays, check_backend, check_budget, check_options
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,6 @@ def sweep(
     a Solution with status "infeasible" (choice all -1, the minimum budget in ``note``).
     ``time_limit`` applies to each budget; ``prune``/``core`` as in :func:`solve`.
     """
-    from .budgets import parse_budgets
-
     if isinstance(budgets, str):
         budgets = parse_budgets(budgets)
     budgets = [check_budget(b) for b in budgets]

@@ -17,13 +17,11 @@ import numpy as np
 import pandas as pd
 
 from ..configs import QuantConfig
-from .bounds import Bound, apply_bit_bounds, parse_bounds
-from .budgets import parse_budgets
 from .lagrange import lagrange_hull
 from .solution import Solution, json_ready
 from .solve import solve
+from .specs import Bound, apply_bit_bounds, parse_bounds, parse_budgets, tie_groups
 from .sweep import sweep
-from .ties import tie_groups
 
 log = logging.getLogger(__name__)
 
