@@ -18,7 +18,7 @@ import pandas as pd
 
 from bitalloc.atomic import atomic_write_json
 from bitalloc.profiles.store import load_profile
-from bitalloc.solvers import TableSweep, allocation_dict, solve_table, sweep_table
+from bitalloc.solvers import TableSweep, solve_table, sweep_table
 
 ALLOCATION_FORMAT = "bitalloc-allocation"
 ALLOCATION_VERSION = 1
@@ -118,12 +118,11 @@ def solve(
     """
     df, meta, profile_id = _table_and_meta(profile)
     objective = objective or default_objective(df)
-    sol, assignments, extra = solve_table(
-        df, budget, objective=objective, ties_patterns=list(ties), min_bits=list(min_bits),
-        max_bits=list(max_bits), exclude_lowrank_from_budget=exclude_lowrank_from_budget,
+    data = solve_table(
+        df, budget, objective=objective, ties=ties, min_bits=min_bits,
+        max_bits=max_bits, exclude_lowrank_from_budget=exclude_lowrank_from_budget,
         backend=backend, time_limit=time_limit, mip_gap=mip_gap,
-    )
-    data = allocation_dict(sol, assignments, budget, profile_id, **extra)
+    ).to_dict(profile_id)
     data.update(_header(objective, ties, min_bits, max_bits, exclude_lowrank_from_budget, meta))
     return Allocation(data)
 
@@ -160,7 +159,7 @@ def sweep(
     df, meta, profile_id = _table_and_meta(profile)
     objective = objective or default_objective(df)
     raw = sweep_table(
-        df, budgets, objective=objective, ties_patterns=list(ties), min_bits=list(min_bits),
+        df, budgets, objective=objective, ties=ties, min_bits=min_bits,
         max_bits=list(max_bits), exclude_lowrank_from_budget=exclude_lowrank_from_budget,
         backend=backend, time_limit=time_limit, mip_gap=mip_gap,
     )

@@ -174,6 +174,19 @@ def _compile(pattern: str, what: str) -> re.Pattern[str]:
         raise ValueError(f"{what} pattern {pattern!r} is not a valid regex: {exc}") from exc
 
 
+def tie_patterns(patterns: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Tie patterns as a tuple, each a valid regex or the preset item ``"fuse"``."""
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = tuple(patterns)
+    for pattern in out:
+        if pattern != PRESET_TOKEN:
+            _compile(pattern, "tie")
+    return out
+
+
 def expand_tie_patterns(patterns: str | Sequence[str]) -> list[tuple[str, bool]]:
     """Patterns with a flag "from the preset" (preset patterns may match nothing)."""
     if isinstance(patterns, str):
