@@ -13,9 +13,12 @@ import os
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitalloc import __version__
+
+if TYPE_CHECKING:  # the CLI imports the stages lazily, to answer --help fast
+    from bitalloc.allocation import SolveOptions
 
 log = logging.getLogger("bitalloc")
 
@@ -195,18 +198,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _solver_options(args: argparse.Namespace) -> dict[str, Any]:
+def _solve_options(args: argparse.Namespace) -> SolveOptions:
+    """The one SolveOptions of a `solve` or `sweep` command line."""
+    from bitalloc.allocation import SolveOptions
+
     ties = list(args.tie or []) + (["fuse"] if args.fuse else [])
-    return dict(objective=args.objective, ties=ties, min_bits=args.min_bits or [], max_bits=args.max_bits or [],
-                exclude_lowrank_from_budget=args.exclude_lowrank_from_budget, backend=args.backend,
-                time_limit=args.time_limit, mip_gap=args.mip_gap)
+    return SolveOptions(objective=args.objective, ties=tuple(ties), min_bits=tuple(args.min_bits or ()),
+                        max_bits=tuple(args.max_bits or ()), exclude_lowrank_from_budget=args.exclude_lowrank_from_budget,
+                        backend=args.backend, time_limit=args.time_limit, mip_gap=args.mip_gap)
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
     """`bitalloc solve PROFILE --budget B`: the exact allocation at one budget."""
     from bitalloc.allocation import solve
 
-    alloc = solve(args.profile, args.budget, **_solver_options(args))
+    alloc = solve(args.profile, args.budget, _solve_options(args))
     if args.out:
         alloc.save(args.out)
     d = alloc.to_dict()
@@ -235,14 +241,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from bitalloc.allocation import sweep
     from bitalloc.atomic import atomic_write_bytes
 
-    pareto, allocations, _ = sweep(args.profile, args.budgets, **_solver_options(args))
+    pareto, allocations, _ = sweep(args.profile, args.budgets, _solve_options(args))
     if args.out:
         atomic_write_bytes(Path(args.out), pareto.to_csv(index=False).encode())
     if args.allocs:
         folder = Path(args.allocs)
         for alloc in allocations:
-            if alloc.status != "infeasible":
-                alloc.save(folder / f"alloc-{alloc.data['budget']:.4f}.json")
+            if alloc.feasible:
+                alloc.save(folder / f"alloc-{alloc.budget:.4f}.json")
     ilp = pareto[pareto["kind"] == "ilp"]
     if args.json:
         _print_json({"rows": json.loads(pareto.to_json(orient="records"))})
