@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def silence_banner() -> None:
         _BANNER_SHOWN = True
 
 
-def new_highs():
+def new_highs() -> Any:
     """A silent ``highspy.Highs`` with deterministic options."""
     silence_banner()
     h = _highspy().Highs()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ def _pulp():
     return pulp
 
 
-def pulp_solver(solver: str, *, time_limit: float | None = None, mip_gap: float = 0.0, warm_start: bool = False):
+def pulp_solver(solver: str, *, time_limit: float | None = None, mip_gap: float = 0.0, warm_start: bool = False) -> Any:
     """A configured PuLP solver for ``"highs"`` or ``"cbc"``; raises SolverUnavailableError if absent."""
     pulp = _pulp()
     gap_abs = 0.0 if mip_gap == 0 else None

@@ -47,6 +47,7 @@ class ProfileArrays:
 
     @property
     def numel(self) -> np.ndarray:
+        """Parameters per matrix (M,)."""
         return (self.rows * self.cols).astype(np.float64)
 
 
@@ -256,14 +257,17 @@ class TableSweep:
 
     @property
     def budgets(self) -> list[float]:
+        """The budgets, in the order given."""
         return [r.budget for r in self.results]
 
     @property
     def solutions(self) -> list[Solution]:
+        """One Solution per budget."""
         return [r.solution for r in self.results]
 
     @property
     def assignments(self) -> list[dict[str, str]]:
+        """One ``{matrix: config}`` per budget (empty where infeasible)."""
         return [r.assignments for r in self.results]
 
     def frame(self) -> pd.DataFrame:
