@@ -215,22 +215,21 @@ def cmd_solve(args: argparse.Namespace) -> int:
     alloc = solve(args.profile, args.budget, _solve_options(args))
     if args.out:
         alloc.save(args.out)
-    d = alloc.to_dict()
     if args.json:
-        _print_json(d)
+        _print_json(alloc.to_dict())
         return 0
-    gap = "-" if d["gap"] is None else f"{100 * d['gap']:.4f}%"
-    print(_table([(d["budget"], f"{d['bits_per_param']:.4f}", f"{d['objective']:.6g}", d["status"], gap,
-                   f"{d['seconds']:.2f}", d["backend"], d["n_candidates_after_pruning"])],
+    gap = "-" if alloc.gap is None else f"{100 * alloc.gap:.4f}%"
+    print(_table([(alloc.budget, f"{alloc.bits_per_param:.4f}", f"{alloc.objective:.6g}", alloc.status, gap,
+                   f"{alloc.seconds:.2f}", alloc.backend, alloc.n_candidates_after_pruning)],
                  ["budget", "bits/param", "predicted error", "status", "gap", "seconds", "backend", "candidates kept"]))
-    shares = d.get("params_by_bits") or {}
+    shares = alloc.params_by_bits or {}
     print("\nNF bits  matrices  share of params")
-    for bits, count in d["bits_histogram"].items():
+    for bits, count in alloc.bits_histogram.items():
         print(f"{bits:>7}  {count:>8}  {100 * shares.get(bits, 0.0):>14.1f}%")
-    if d.get("note"):
-        print(f"\nnote: {d['note']}")
-    if d["status"] != "optimal":
-        print(f"\nnot proven optimal (status {d['status']}, gap {gap})")
+    if alloc.note:
+        print(f"\nnote: {alloc.note}")
+    if alloc.status != "optimal":
+        print(f"\nnot proven optimal (status {alloc.status}, gap {gap})")
     if args.out:
         print(f"\nallocation written to {args.out}")
     return 0
