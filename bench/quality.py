@@ -121,8 +121,8 @@ def plan(args: argparse.Namespace, profile_dir: Path, work: Path) -> list[dict[s
                 entries.append(entry)
                 continue
             path = alloc.save(alloc_dir / f"{label}.json")
-            entry.update(alloc=str(path), predicted=alloc.data["objective"], solver_status=alloc.status,
-                         solver_seconds=alloc.data["seconds"])
+            entry.update(alloc=str(path), predicted=alloc.objective, solver_status=alloc.status,
+                         solver_seconds=alloc.seconds)
             entries.append(entry)
     order = {("original", None): 0, ("uniform", None): 1, ("bitalloc", "fisher", "solver"): 2,
              ("bitalloc", "fisher", f"fixed-r{r}"): 3, ("bitalloc", "plain", f"fixed-r{r}"): 4}

@@ -28,6 +28,7 @@ _EXPORTS = {
     "solve": "bitalloc.allocation",
     "sweep": "bitalloc.allocation",
     "Allocation": "bitalloc.allocation",
+    "SolveOptions": "bitalloc.allocation",
     "report": "bitalloc.reports",
     "apply_allocation": "bitalloc.apply",
     "load": "bitalloc.apply",

@@ -1,76 +1,175 @@
 """Allocations: the solver run on a profile, as JSON in and out.
 
-``bitalloc.solve(profile, budget)`` reads a profile directory (or a table already loaded),
-solves, and returns an :class:`Allocation` whose :meth:`~Allocation.to_dict` is the
-allocation JSON that ``apply`` and ``report`` read. ``bitalloc.sweep`` does the same over
-many budgets and adds the Lagrangian hull.
+``bitalloc.solve(profile, budget, options)`` reads a profile directory (or a table already
+loaded), solves with one :class:`SolveOptions`, and returns an :class:`Allocation`, whose
+:meth:`~Allocation.to_dict` is the allocation JSON that ``apply`` and ``report`` read.
+``bitalloc.sweep`` does the same over many budgets and adds the Lagrangian hull.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
 from bitalloc.atomic import atomic_write_json
 from bitalloc.profiles.store import load_profile
-from bitalloc.solvers import TableSweep, allocation_dict, solve_table, sweep_table
+from bitalloc.solvers import SolveOptions, TableSolution, TableSweep, default_objective, solve_table, sweep_table
+
+__all__ = ["ALLOCATION_FORMAT", "ALLOCATION_VERSION", "Allocation", "SolveOptions", "default_objective", "solve",
+           "sweep"]
 
 ALLOCATION_FORMAT = "bitalloc-allocation"
 ALLOCATION_VERSION = 1
 
+#: Keys an allocation JSON must have.
+REQUIRED_KEYS = ("budget", "bits_per_param", "assignments")
 
-@dataclass
+
+@dataclass(frozen=True, kw_only=True)
 class Allocation:
     """A chosen config name per matrix, with what the solver says about it.
 
-    ``data`` is the allocation JSON dict: at least ``budget``, ``bits_per_param`` (achieved,
-    everything counted), ``objective``, ``status``, ``gap``, ``seconds``, ``backend``,
-    ``profile`` and ``assignments`` (matrix name -> config name).
+    The fields are the keys of the allocation JSON, in its order. ``bits_per_param``
+    counts every stored bit; ``budget_bits_per_param`` what the budget counted (less when
+    ``exclude_lowrank_from_budget``). ``objective`` is the predicted error, ``bound`` a
+    proven lower bound, ``gap`` their relative difference. ``objective_column``, ``ties``,
+    ``min_bits``, ``max_bits`` and ``exclude_lowrank_from_budget`` are the options as given;
+    ``provenance`` names the profile's model, hash, space and target shapes. Numbers the
+    solver could not give (an infeasible budget) are None. ``extra`` keeps keys this version
+    does not know, so that they survive a load and save.
     """
 
-    data: dict[str, Any] = field(default_factory=dict)
+    budget: float
+    bits_per_param: float | None
+    budget_bits_per_param: float | None = None
+    objective: float | None = None
+    bound: float | None = None
+    status: str | None = None
+    gap: float | None = None
+    seconds: float | None = None
+    backend: str | None = None
+    profile: str | None = None
+    n_matrices: int | None = None
+    n_candidates: int | None = None
+    n_candidates_after_pruning: int | None = None
+    bits_histogram: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+    assignments: dict[str, str] = field(default_factory=dict)
+    objective_column: str | None = None
+    exclude_lowrank_from_budget: bool = False
+    n_configs: int | None = None
+    total_params: int | None = None
+    ties: tuple[Any, ...] = ()
+    min_bits: tuple[Any, ...] = ()
+    max_bits: tuple[Any, ...] = ()
+    params_by_bits: dict[str, float] | None = None  # absent from the JSON when None
+    format: str = ALLOCATION_FORMAT
+    format_version: int = ALLOCATION_VERSION
+    provenance: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        budget = _number(self.budget, "budget")
+        if budget is None or budget <= 0:
+            raise ValueError(f"an allocation's budget must be a positive number of bits/param, got {self.budget!r}")
+        set_(self, "budget", budget)
+        for name in ("bits_per_param", "budget_bits_per_param", "objective", "bound", "gap", "seconds"):
+            set_(self, name, _number(getattr(self, name), name))
+        for name in ("n_matrices", "n_candidates", "n_candidates_after_pruning", "n_configs", "total_params"):
+            value = getattr(self, name)
+            set_(self, name, None if value is None else int(value))
+        if not isinstance(self.assignments, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.assignments.items()):
+            raise ValueError("an allocation's assignments must map matrix names to config names")
+        set_(self, "assignments", dict(self.assignments))
+        for name in ("bits_histogram", "provenance", "extra"):
+            set_(self, name, dict(getattr(self, name) or {}))
+        if self.params_by_bits is not None:
+            set_(self, "params_by_bits", dict(self.params_by_bits))
+        for name in ("ties", "min_bits", "max_bits"):
+            value = getattr(self, name)
+            set_(self, name, (value,) if isinstance(value, str) else tuple(value or ()))
+        set_(self, "exclude_lowrank_from_budget", bool(self.exclude_lowrank_from_budget))
+        set_(self, "note", str(self.note or ""))
+        set_(self, "format_version", int(self.format_version))
 
     @property
-    def assignments(self) -> dict[str, str]:
-        return dict(self.data["assignments"])
-
-    @property
-    def bits_per_param(self) -> float:
-        return float(self.data["bits_per_param"])
-
-    @property
-    def status(self) -> str:
-        return str(self.data["status"])
+    def feasible(self) -> bool:
+        """False for the marker of an infeasible budget in a sweep (no assignments)."""
+        return self.status != "infeasible"
 
     def to_dict(self) -> dict[str, Any]:
-        """The allocation JSON dict."""
-        return dict(self.data)
+        """The allocation JSON dict (``params_by_bits`` only when known, ``extra`` keys last)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or (f.name == "params_by_bits" and value is None):
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else (dict(value) if isinstance(value, dict) else value)
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "the data") -> Allocation:
+        """Read an allocation JSON dict; ``source`` names it in errors."""
+        missing = [k for k in REQUIRED_KEYS if not isinstance(data, Mapping) or k not in data]
+        if missing:
+            raise ValueError(f"{source} is not a bitalloc allocation: missing keys {missing}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        fields = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(**fields, extra=extra)
+
+    @classmethod
+    def from_result(
+        cls, result: TableSolution, profile_id: str, options: SolveOptions, meta: Mapping[str, Any]
+    ) -> Allocation:
+        """One solved budget as an allocation: the solver's answer, ``options`` as given, provenance."""
+        data = result.to_dict(profile_id)
+        data.update({
+            "format": ALLOCATION_FORMAT, "format_version": ALLOCATION_VERSION,
+            "objective_column": options.objective, "ties": list(options.ties), "min_bits": list(options.min_bits),
+            "max_bits": list(options.max_bits), "exclude_lowrank_from_budget": options.exclude_lowrank_from_budget,
+            "provenance": _provenance(meta),
+        })
+        return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the allocation JSON atomically."""
         path = Path(path)
-        atomic_write_json(path, self.data)
+        atomic_write_json(path, self.to_dict())
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Allocation":
+    def load(cls, path: str | os.PathLike[str]) -> Allocation:
         """Read an allocation JSON written by :meth:`save` (or `bitalloc solve --out`)."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path} is not a valid allocation JSON ({exc})") from exc
-        missing = [k for k in ("budget", "bits_per_param", "assignments") if not isinstance(data, dict) or k not in data]
-        if missing:
-            raise ValueError(f"{path} is not a bitalloc allocation: missing keys {missing}")
-        return cls(data)
+        return cls.from_dict(data, source=str(path))
+
+
+def _number(value: Any, name: str) -> float | None:
+    """A float, or None for a missing or non-finite value (JSON has no NaN)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"an allocation's {name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"an allocation's {name} must be a number, got {value!r}") from None
+    return number if math.isfinite(number) else None
 
 
 def _table_and_meta(profile: Any) -> tuple[pd.DataFrame, dict[str, Any], str]:
@@ -82,14 +181,7 @@ def _table_and_meta(profile: Any) -> tuple[pd.DataFrame, dict[str, Any], str]:
     return df, meta, str(profile)
 
 
-def default_objective(df: pd.DataFrame) -> str:
-    """``fisher`` when the profile has Fisher-weighted errors, else ``plain``."""
-    if "error_fisher" in df.columns and pd.to_numeric(df["error_fisher"], errors="coerce").notna().any():
-        return "fisher"
-    return "plain"
-
-
-def _provenance(meta: dict[str, Any]) -> dict[str, Any]:
+def _provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("model", "model_hash", "space", "ranks", "fisher", "calibration", "seed")
     out = {k: meta.get(k) for k in keys if k in meta}
     if isinstance(meta.get("targets"), list):  # shapes let `apply` refuse a model they do not fit
@@ -97,87 +189,45 @@ def _provenance(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def solve(
-    profile: Any,
-    budget: float,
-    *,
-    objective: str | None = None,
-    ties: Sequence[str] = (),
-    min_bits: Sequence[str] = (),
-    max_bits: Sequence[str] = (),
-    exclude_lowrank_from_budget: bool = False,
-    backend: str = "highs",
-    time_limit: float | None = None,
-    mip_gap: float = 0.0,
-) -> Allocation:
+def _options_for(df: pd.DataFrame, options: SolveOptions | None, changes: dict[str, Any]) -> SolveOptions:
+    """``options`` with ``changes``, its objective resolved for this profile."""
+    options = SolveOptions.of(options, **changes)
+    return options if options.objective else options.replace(objective=default_objective(df))
+
+
+def solve(profile: Any, budget: float, options: SolveOptions | None = None, **changes: Any) -> Allocation:
     """Solve a profile (a directory, or a ``(table, meta)`` pair) at ``budget`` bits/param.
 
-    ``objective``: ``fisher`` or ``plain`` (default: fisher when the profile has it);
-    ``ties``: regexes whose matches share a config within each layer (``"fuse"`` = preset);
-    ``min_bits``/``max_bits``: ``"REGEX=BITS"`` floors/ceilings on bits/param.
+    ``options`` is a :class:`SolveOptions`; ``changes`` are its fields given by name
+    (``objective="plain"``, ``ties=["fuse"]``, ``min_bits=["down_proj=4"]``, ...).
     """
     df, meta, profile_id = _table_and_meta(profile)
-    objective = objective or default_objective(df)
-    sol, assignments, extra = solve_table(
-        df, budget, objective=objective, ties_patterns=list(ties), min_bits=list(min_bits),
-        max_bits=list(max_bits), exclude_lowrank_from_budget=exclude_lowrank_from_budget,
-        backend=backend, time_limit=time_limit, mip_gap=mip_gap,
-    )
-    data = allocation_dict(sol, assignments, budget, profile_id, **extra)
-    data.update(_header(objective, ties, min_bits, max_bits, exclude_lowrank_from_budget, meta))
-    return Allocation(data)
-
-
-def _header(objective, ties, min_bits, max_bits, exclude_lowrank, meta) -> dict[str, Any]:
-    return {
-        "format": ALLOCATION_FORMAT, "format_version": ALLOCATION_VERSION,
-        "objective_column": objective, "ties": list(ties), "min_bits": list(min_bits),
-        "max_bits": list(max_bits), "exclude_lowrank_from_budget": bool(exclude_lowrank),
-        "provenance": _provenance(meta),
-    }
+    options = _options_for(df, options, changes)
+    return Allocation.from_result(solve_table(df, budget, options), profile_id, options, meta)
 
 
 def sweep(
-    profile: Any,
-    budgets: Sequence[float] | str,
-    *,
-    objective: str | None = None,
-    ties: Sequence[str] = (),
-    min_bits: Sequence[str] = (),
-    max_bits: Sequence[str] = (),
-    exclude_lowrank_from_budget: bool = False,
-    backend: str = "highs",
-    time_limit: float | None = None,
-    mip_gap: float = 0.0,
+    profile: Any, budgets: Sequence[float] | str, options: SolveOptions | None = None, **changes: Any
 ) -> tuple[pd.DataFrame, list[Allocation], TableSweep]:
     """Exact solves over many budgets (``"2.25:4.5:0.05"`` or a list) plus the Lagrangian hull.
 
-    Returns ``(pareto, allocations, raw)``: ``pareto`` has one ``kind == "ilp"`` row per
-    budget and one ``kind == "hull"`` row per hull vertex; columns ``kind``, ``budget``,
-    ``bits_per_param``, ``objective``, ``bound``, ``status``, ``gap``, ``seconds``,
-    ``objective_column``.
+    Options as in :func:`solve`. Returns ``(pareto, allocations, raw)``: ``pareto`` has one
+    ``kind == "ilp"`` row per budget and one ``kind == "hull"`` row per hull vertex; columns
+    ``kind``, ``budget``, ``bits_per_param``, ``objective``, ``bound``, ``status``, ``gap``,
+    ``seconds``, ``objective_column``.
     """
     df, meta, profile_id = _table_and_meta(profile)
-    objective = objective or default_objective(df)
-    raw = sweep_table(
-        df, budgets, objective=objective, ties_patterns=list(ties), min_bits=list(min_bits),
-        max_bits=list(max_bits), exclude_lowrank_from_budget=exclude_lowrank_from_budget,
-        backend=backend, time_limit=time_limit, mip_gap=mip_gap,
-    )
-    header = _header(objective, ties, min_bits, max_bits, exclude_lowrank_from_budget, meta)
-    allocations = []
-    for data in raw.allocations(profile_id):
-        data.update(header)
-        allocations.append(Allocation(data))
+    options = _options_for(df, options, changes)
+    raw = sweep_table(df, budgets, options)
+    allocations = [Allocation.from_result(r, profile_id, options, meta) for r in raw.results]
     ilp = raw.frame()
     ilp.insert(0, "kind", "ilp")
     hull = raw.hull.copy()
     hull.insert(0, "kind", "hull")
     pareto = pd.concat([ilp, hull], ignore_index=True, sort=False)
-    pareto["objective_column"] = objective
+    pareto["objective_column"] = options.objective
     pareto["profile"] = profile_id
     # provenance, so that `bitalloc report` can refuse a sweep made from another profile
     pareto["model_hash"] = meta.get("model_hash")
     pareto["profile_sha256"] = (meta.get("table") or {}).get("sha256")
     return pareto, allocations, raw
-

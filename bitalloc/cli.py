@@ -13,9 +13,12 @@ import os
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitalloc import __version__
+
+if TYPE_CHECKING:  # the CLI imports the stages lazily, to answer --help fast
+    from bitalloc.allocation import SolveOptions
 
 log = logging.getLogger("bitalloc")
 
@@ -195,36 +198,38 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _solver_options(args: argparse.Namespace) -> dict[str, Any]:
+def _solve_options(args: argparse.Namespace) -> SolveOptions:
+    """The one SolveOptions of a `solve` or `sweep` command line."""
+    from bitalloc.allocation import SolveOptions
+
     ties = list(args.tie or []) + (["fuse"] if args.fuse else [])
-    return dict(objective=args.objective, ties=ties, min_bits=args.min_bits or [], max_bits=args.max_bits or [],
-                exclude_lowrank_from_budget=args.exclude_lowrank_from_budget, backend=args.backend,
-                time_limit=args.time_limit, mip_gap=args.mip_gap)
+    return SolveOptions(objective=args.objective, ties=tuple(ties), min_bits=tuple(args.min_bits or ()),
+                        max_bits=tuple(args.max_bits or ()), exclude_lowrank_from_budget=args.exclude_lowrank_from_budget,
+                        backend=args.backend, time_limit=args.time_limit, mip_gap=args.mip_gap)
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
     """`bitalloc solve PROFILE --budget B`: the exact allocation at one budget."""
     from bitalloc.allocation import solve
 
-    alloc = solve(args.profile, args.budget, **_solver_options(args))
+    alloc = solve(args.profile, args.budget, _solve_options(args))
     if args.out:
         alloc.save(args.out)
-    d = alloc.to_dict()
     if args.json:
-        _print_json(d)
+        _print_json(alloc.to_dict())
         return 0
-    gap = "-" if d["gap"] is None else f"{100 * d['gap']:.4f}%"
-    print(_table([(d["budget"], f"{d['bits_per_param']:.4f}", f"{d['objective']:.6g}", d["status"], gap,
-                   f"{d['seconds']:.2f}", d["backend"], d["n_candidates_after_pruning"])],
+    gap = "-" if alloc.gap is None else f"{100 * alloc.gap:.4f}%"
+    print(_table([(alloc.budget, f"{alloc.bits_per_param:.4f}", f"{alloc.objective:.6g}", alloc.status, gap,
+                   f"{alloc.seconds:.2f}", alloc.backend, alloc.n_candidates_after_pruning)],
                  ["budget", "bits/param", "predicted error", "status", "gap", "seconds", "backend", "candidates kept"]))
-    shares = d.get("params_by_bits") or {}
+    shares = alloc.params_by_bits or {}
     print("\nNF bits  matrices  share of params")
-    for bits, count in d["bits_histogram"].items():
+    for bits, count in alloc.bits_histogram.items():
         print(f"{bits:>7}  {count:>8}  {100 * shares.get(bits, 0.0):>14.1f}%")
-    if d.get("note"):
-        print(f"\nnote: {d['note']}")
-    if d["status"] != "optimal":
-        print(f"\nnot proven optimal (status {d['status']}, gap {gap})")
+    if alloc.note:
+        print(f"\nnote: {alloc.note}")
+    if alloc.status != "optimal":
+        print(f"\nnot proven optimal (status {alloc.status}, gap {gap})")
     if args.out:
         print(f"\nallocation written to {args.out}")
     return 0
@@ -235,14 +240,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from bitalloc.allocation import sweep
     from bitalloc.atomic import atomic_write_bytes
 
-    pareto, allocations, _ = sweep(args.profile, args.budgets, **_solver_options(args))
+    pareto, allocations, _ = sweep(args.profile, args.budgets, _solve_options(args))
     if args.out:
         atomic_write_bytes(Path(args.out), pareto.to_csv(index=False).encode())
     if args.allocs:
         folder = Path(args.allocs)
         for alloc in allocations:
-            if alloc.status != "infeasible":
-                alloc.save(folder / f"alloc-{alloc.data['budget']:.4f}.json")
+            if alloc.feasible:
+                alloc.save(folder / f"alloc-{alloc.budget:.4f}.json")
     ilp = pareto[pareto["kind"] == "ilp"]
     if args.json:
         _print_json({"rows": json.loads(pareto.to_json(orient="records"))})

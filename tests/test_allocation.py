@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from synthetic import synthetic_table, write_synthetic_profile
 
 import bitalloc
-from bitalloc.allocation import Allocation
+from bitalloc.allocation import Allocation, SolveOptions
 from bitalloc.cli import main
 from bitalloc.configs import QuantConfig
 
+#: An allocation file in format 1, written by `bitalloc solve` on ``synthetic_table(n_layers=1)`` with
+#: ``--budget 3.25 --fuse --min-bits down_proj=4 --exclude-lowrank-from-budget``.
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "allocation-v1.json"
+FIXTURE_OPTIONS = SolveOptions(ties=("fuse",), min_bits=("down_proj=4",), exclude_lowrank_from_budget=True)
 CONTRACT_KEYS = ("budget", "bits_per_param", "objective", "status", "gap", "seconds", "backend", "profile", "assignments")
 
 
@@ -86,6 +91,54 @@ def test_allocation_json_round_trip(prof, tmp_path):
         Allocation.load(tmp_path / "other.json")
 
 
+def test_allocation_file_of_format_1_loads_with_every_key():
+    data = json.loads(FIXTURE.read_text())
+    alloc = Allocation.load(FIXTURE)
+    assert alloc.budget == 3.25 and alloc.status == "optimal" and alloc.backend == "highs"
+    assert alloc.ties == ("fuse",) and alloc.min_bits == ("down_proj=4",) and alloc.max_bits == ()
+    assert alloc.exclude_lowrank_from_budget and alloc.objective_column == "fisher"
+    assert alloc.bits_per_param > alloc.budget_bits_per_param  # the factors count in bits_per_param only
+    assert alloc.provenance["model_hash"] == "hash-synthetic" and alloc.extra == {}
+    assert alloc.to_dict() == data and list(alloc.to_dict()) == list(data)
+
+
+def test_the_same_options_give_the_format_1_allocation(tmp_path):
+    prof = write_synthetic_profile(tmp_path / "prof", synthetic_table(n_layers=1))
+    new = bitalloc.solve(prof, 3.25, FIXTURE_OPTIONS).to_dict()
+    old = json.loads(FIXTURE.read_text())
+    for d in (new, old):
+        d.pop("seconds"), d.pop("profile")
+    assert new == old and list(new) == list(old)
+
+
+def test_allocation_fields_and_unknown_keys(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"budget": 3, "bits_per_param": 3.1, "assignments": {"m": "nf3-g64-s8x256-r0"},
+                                "custom": [1, 2]}))
+    alloc = Allocation.load(path)
+    assert alloc.budget == 3.0 and alloc.status is None and alloc.params_by_bits is None
+    assert alloc.to_dict()["custom"] == [1, 2] and "params_by_bits" not in alloc.to_dict()
+    assert Allocation.from_dict(alloc.to_dict()) == alloc
+    with pytest.raises(ValueError, match="budget"):
+        Allocation(budget=-1.0, bits_per_param=None)
+    with pytest.raises(ValueError, match="assignments"):
+        Allocation(budget=3.0, bits_per_param=3.0, assignments={"m": 3})
+    with pytest.raises(ValueError, match="missing keys"):
+        Allocation.from_dict({"budget": 3.0})
+    assert Allocation(budget=3.0, bits_per_param=float("nan")).bits_per_param is None
+
+
+def test_options_object_and_field_names_agree(prof):
+    options = SolveOptions(objective="plain", ties=("fuse",), max_bits=("q_proj=3",))
+    by_object = bitalloc.solve(prof, 3.0, options).to_dict()
+    by_name = bitalloc.solve(prof, 3.0, objective="plain", ties=["fuse"], max_bits=["q_proj=3"]).to_dict()
+    assert by_object["assignments"] == by_name["assignments"]
+    assert by_object["ties"] == ["fuse"] and by_object["max_bits"] == ["q_proj=3"]
+    changed = bitalloc.solve(prof, 3.0, options, max_bits=()).to_dict()
+    assert changed["max_bits"] == [] and changed["objective_column"] == "plain"
+    assert bitalloc.SolveOptions is SolveOptions
+
+
 def test_sweep_profile(prof):
     pareto, allocs, _ = bitalloc.sweep(prof, "2.5:4.5:0.5")
     ilp = pareto[pareto["kind"] == "ilp"]
@@ -93,6 +146,10 @@ def test_sweep_profile(prof):
     assert (ilp["objective"].diff().dropna() <= 1e-9).all()
     assert (pareto["kind"] == "hull").any()
     assert len(allocs) == 5
+    pareto, allocs, _ = bitalloc.sweep(prof, [1.0, 3.0])
+    assert [a.feasible for a in allocs] == [False, True]
+    assert allocs[0].assignments == {} and allocs[0].bits_per_param is None and "minimum feasible" in allocs[0].note
+    assert "params_by_bits" not in allocs[0].to_dict() and "params_by_bits" in allocs[1].to_dict()
 
 
 def test_no_fisher_profile_defaults_to_plain(tmp_path):
@@ -122,6 +179,18 @@ def test_cli_sweep(prof, tmp_path, capsys):
     assert len(list((tmp_path / "allocs").glob("*.json"))) == 9
 
 
+def test_cli_options_reach_the_allocation(prof, tmp_path, capsys):
+    out = tmp_path / "alloc.json"
+    assert main(["-q", "solve", str(prof), "--budget", "3.25", "--fuse", "--tie", "o_proj$", "--min-bits",
+                 "down_proj=4", "--exclude-lowrank-from-budget", "--backend", "lagrange", "--objective", "plain",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["ties"] == ["o_proj$", "fuse"] and data["min_bits"] == ["down_proj=4"]
+    assert data["exclude_lowrank_from_budget"] is True and data["backend"] == "lagrange"
+    assert data["objective_column"] == "plain"
+    assert data["budget_bits_per_param"] <= 3.25 * (1 + 1e-9) < data["bits_per_param"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -131,6 +200,9 @@ def test_cli_sweep(prof, tmp_path, capsys):
         (["--budget", "3", "--min-bits", "down_proj"], "REGEX=BITS"),
         (["--budget", "3", "--backend", "gurobi"], "backend"),
         (["--budget", "3", "--objective", "magic"], "magic"),
+        (["--budget", "3", "--mip-gap", "2"], "mip_gap"),
+        (["--budget", "3", "--time-limit", "0"], "time_limit"),
+        (["--budget", "3", "--tie", "("], "not a valid regex"),
     ],
 )
 def test_cli_solve_bad_input(prof, argv, message, capsys):

@@ -5,28 +5,30 @@ with optional ties (matrices that must share a config) and per-matrix bit floors
 Dominance pruning runs first (lossless). Exact backends (HiGHS through its array API, the
 default; PuLP with HiGHS or CBC) solve the MIP after exact Lagrangian reduced-cost fixing,
 seeded by a bounded dynamic-programming core search; ``lagrange`` gives the convex-hull
-allocation with its LP bound. Never imports torch.
+allocation with its LP bound. One frozen :class:`SolveOptions` carries every setting.
+The solvers see arrays; :func:`solve_table` / :func:`sweep_table` turn a profile table into
+them. Never imports torch.
 """
 
 from __future__ import annotations
 
-from .bounds import apply_bit_bounds, parse_bounds
-from .budgets import parse_budgets
-from .errors import InfeasibleBudgetError, SolverUnavailableError
 from .lagrange import lagrange_hull
+from .options import SolveOptions
 from .pruning import prune_dominated
-from .solution import Solution
+from .solution import InfeasibleBudgetError, Solution, SolverUnavailableError
 from .solve import solve
+from .specs import FUSE_PRESET, apply_bit_bounds, parse_bounds, parse_budgets, tie_groups
 from .sweep import sweep
 from .table import (
     ProfileArrays,
+    TableSolution,
     TableSweep,
     allocation_dict,
+    default_objective,
     profile_arrays,
     solve_table,
     sweep_table,
 )
-from .ties import FUSE_PRESET, tie_groups
 from .validation import BACKENDS
 
 __all__ = [
@@ -35,10 +37,13 @@ __all__ = [
     "InfeasibleBudgetError",
     "ProfileArrays",
     "Solution",
+    "SolveOptions",
     "SolverUnavailableError",
+    "TableSolution",
     "TableSweep",
     "allocation_dict",
     "apply_bit_bounds",
+    "default_objective",
     "lagrange_hull",
     "parse_bounds",
     "parse_budgets",

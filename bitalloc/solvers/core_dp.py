@@ -68,6 +68,7 @@ class _SuffixBound:
         self._refresh()
 
     def mark_processed(self, g: int) -> None:
+        """Leave group ``g`` out of the bound from now on."""
         self.done[g] = True
         self._refresh()
 
@@ -80,6 +81,7 @@ class _SuffixBound:
         self.cdb, self.cde = np.cumsum(self.db), np.cumsum(self.de)
 
     def phi(self, s: np.ndarray) -> np.ndarray:
+        """``phi`` at every entry of ``s`` (see the class docstring)."""
         out = np.zeros_like(s)
         pos = s > 0
         if pos.any() and self.ub.size:

@@ -19,10 +19,11 @@ import time
 
 import numpy as np
 
-from .backend_result import BackendResult
 from .core_dp import search_optimum
 from .lagrange import LagrangeHull, LagrangeResult
+from .options import SolveOptions
 from .problem import CandidateProblem
+from .solution import BackendResult
 from .submodel import SubModel, build_submodel
 
 log = logging.getLogger(__name__)
@@ -93,21 +94,20 @@ def solve_exact(
     hull: LagrangeHull,
     capacity: float,
     lagrange: LagrangeResult,
+    options: SolveOptions,
     *,
-    backend: str,
     incumbent: np.ndarray,
-    warm_start: bool,
-    time_limit: float | None,
-    mip_gap: float,
-    core: bool = True,
 ) -> BackendResult:
     """Optimal (or, on a time limit, best found) pick at ``capacity`` bits.
 
-    ``incumbent`` is a feasible pick; with ``warm_start`` the core search improves it and
-    it seeds the MIP. ``core=False`` skips reduced-cost fixing and the core search: the
-    MIP gets every (pruned) candidate. The returned bound is valid for the whole problem.
+    ``incumbent`` is a feasible pick; with ``options.warm_start`` the core search improves it
+    and it seeds the MIP. ``options.core=False`` skips reduced-cost fixing and the core
+    search: the MIP gets every (pruned) candidate. The returned bound is valid for the whole
+    problem.
     """
     t0 = time.perf_counter()
+    backend, warm_start, core = options.backend, options.warm_start, options.core
+    time_limit, mip_gap = options.time_limit, options.mip_gap
     rc, bound_l = reduced_costs(problem, lagrange.price, capacity)
     floor = max(bound_l, lagrange.bound)
     best, proven = incumbent, False

@@ -13,11 +13,11 @@ import math
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
-from .backend_result import BackendResult
-from .errors import SolverUnavailableError
+from .solution import BackendResult, SolverUnavailableError
 from .submodel import SubModel
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def silence_banner() -> None:
         _BANNER_SHOWN = True
 
 
-def new_highs():
+def new_highs() -> Any:
     """A silent ``highspy.Highs`` with deterministic options."""
     silence_banner()
     h = _highspy().Highs()

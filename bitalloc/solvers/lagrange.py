@@ -79,6 +79,7 @@ class LagrangeHull:
 
     @property
     def n_segments(self) -> int:
+        """Segments of the hull, over all groups."""
         return int(self.seg_from.shape[0])
 
     def points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

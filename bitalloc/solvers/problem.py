@@ -38,14 +38,17 @@ class CandidateProblem:
 
     @property
     def n_groups(self) -> int:
+        """Groups: one per untied matrix or tie."""
         return len(self.members)
 
     @property
     def n_candidates(self) -> int:
+        """Candidates left after pruning, over all groups."""
         return int(self.cand_col.shape[0])
 
     @cached_property
     def total_params(self) -> float:
+        """Parameters of every matrix."""
         return float(self.inputs.numel.sum())
 
     @cached_property

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 import numpy as np
 
-from .backend_result import BackendResult
-from .errors import SolverUnavailableError
 from .highs_backend import silence_banner, solver_threads
+from .solution import BackendResult, SolverUnavailableError
 from .submodel import SubModel
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def _pulp():
     return pulp
 
 
-def pulp_solver(solver: str, *, time_limit: float | None = None, mip_gap: float = 0.0, warm_start: bool = False):
+def pulp_solver(solver: str, *, time_limit: float | None = None, mip_gap: float = 0.0, warm_start: bool = False) -> Any:
     """A configured PuLP solver for ``"highs"`` or ``"cbc"``; raises SolverUnavailableError if absent."""
     pulp = _pulp()
     gap_abs = 0.0 if mip_gap == 0 else None

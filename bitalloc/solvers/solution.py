@@ -1,4 +1,4 @@
-"""The result of one solve: the allocation, its cost, and how sure the solver is."""
+"""What the solvers return: a :class:`Solution`, a backend's raw answer, and the errors they raise."""
 
 from __future__ import annotations
 
@@ -13,6 +13,25 @@ import numpy as np
 ABOVE_MAX_NOTE = (
     "budget above the most expensive allocation; every matrix takes its least-error config"
 )
+
+
+class InfeasibleBudgetError(ValueError):
+    """The budget is below the cheapest allocation; ``min_budget`` is the least feasible one."""
+
+    def __init__(self, budget: float, min_budget: float) -> None:
+        self.budget = float(budget)
+        self.min_budget = float(min_budget)
+        # When 4 decimals round the minimum down, also say which 4-decimal budget works.
+        rounded_up = math.ceil(self.min_budget * 1e4 - 1e-9) / 1e4
+        hint = "" if f"{rounded_up:.4f}" == f"{self.min_budget:.4f}" else f"; use >= {rounded_up:.4f}"
+        super().__init__(
+            f"budget {self.budget:.4f} bits/param is infeasible: the minimum feasible budget "
+            f"is {self.min_budget:.4f} bits/param (the cheapest config for every matrix{hint})"
+        )
+
+
+class SolverUnavailableError(RuntimeError):
+    """A requested solver backend is not installed or cannot run here."""
 
 
 @dataclass
@@ -83,3 +102,22 @@ def json_ready(value: Any) -> Any:
         value = float(value)
         return value if math.isfinite(value) else None
     return value
+
+
+@dataclass
+class BackendResult:
+    """Raw answer of a backend.
+
+    ``pick``: one candidate index per group, or None when no allocation was found.
+    ``status``: "optimal" (proven within the requested gap), "time_limit" or "failed".
+    ``bound``: the solver's proven lower bound on the model, in error units (NaN if none).
+    """
+
+    pick: np.ndarray | None
+    status: str
+    bound: float = math.nan
+    seconds: float = 0.0
+    detail: str = ""
+    columns: int = 0  # the most columns a MIP held
+    rounds: int = 0  # MIPs solved
+    timings: dict[str, float] = field(default_factory=dict)

@@ -9,12 +9,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InfeasibleBudgetError
 from .exact import solve_exact
 from .lagrange import LagrangeHull
+from .options import SolveOptions
 from .problem import CandidateProblem, build_problem
-from .solution import ABOVE_MAX_NOTE, Solution
-from .validation import capacity_bits, check_arrays, check_backend, check_budget, check_options
+from .solution import ABOVE_MAX_NOTE, InfeasibleBudgetError, Solution
+from .validation import capacity_bits, check_arrays, check_budget
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +29,27 @@ def solve(
     budget: float,
     *,
     ties: Sequence[Sequence[int]] | None = None,
-    backend: str = "highs",
-    time_limit: float | None = None,
-    mip_gap: float = 0.0,
-    prune: bool = True,
-    warm_start: bool = True,
-    core: bool = True,
+    options: SolveOptions | None = None,
     matrix_names: Sequence[str] | None = None,
+    **changes: Any,
 ) -> Solution:
     """Choose one config per matrix minimizing Σ error under ``budget`` bits per parameter.
 
     ``error`` and ``storage_bits`` are M x C (NaN/inf = config unavailable), ``numel`` the
     parameter count of each matrix, ``ties`` groups of matrix indices that must take the
-    same column. Backends: "highs" (default), "pulp-highs", "pulp-cbc" (exact MIPs), and
-    "lagrange" (hull greedy with a lower bound). ``warm_start`` seeds the MIP solver with
-    the Lagrangian allocation; ``matrix_names`` only improve error messages. Raises
-    :class:`InfeasibleBudgetError` below the cheapest allocation, ValueError on bad input.
+    same column. ``options`` (a :class:`SolveOptions`, with ``changes`` applied, e.g.
+    ``backend="pulp-cbc"``) sets the backend: "highs" (default), "pulp-highs", "pulp-cbc"
+    (exact MIPs), or "lagrange" (hull greedy with a lower bound); its time limit, gap and
+    ``warm_start``/``prune``/``core`` switches. ``matrix_names`` only improve error messages.
+    Raises :class:`InfeasibleBudgetError` below the cheapest allocation, ValueError on bad input.
     """
     t0 = time.perf_counter()
-    backend = check_backend(backend)
+    options = SolveOptions.of(options, **changes)
     budget = check_budget(budget)
-    time_limit, mip_gap = check_options(time_limit, mip_gap)
     inputs = check_arrays(error, storage_bits, numel, ties, matrix_names)
-    problem = build_problem(inputs, prune=prune)
+    problem = build_problem(inputs, prune=options.prune)
     t_prepared = time.perf_counter()
-    solution, _ = solve_problem(
-        problem, budget, backend=backend, time_limit=time_limit, mip_gap=mip_gap,
-        warm_start=warm_start, core=core,
-    )
+    solution, _ = solve_problem(problem, budget, options)
     solution.seconds = time.perf_counter() - t0
     solution.timings["prepare"] = t_prepared - t0
     solution.timings["total"] = solution.seconds
@@ -66,12 +59,8 @@ def solve(
 def solve_problem(
     problem: CandidateProblem,
     budget: float,
+    options: SolveOptions,
     *,
-    backend: str,
-    time_limit: float | None,
-    mip_gap: float,
-    warm_start: bool = True,
-    core: bool = True,
     start: np.ndarray | None = None,
 ) -> tuple[Solution, np.ndarray]:
     """Solve a prepared problem at one budget; returns the solution and its per-group pick.
@@ -79,6 +68,7 @@ def solve_problem(
     ``start`` is a per-group pick (e.g. the previous budget's) used as incumbent if it fits.
     """
     t0 = time.perf_counter()
+    backend = options.backend
     params = problem.total_params
     capacity = capacity_bits(budget, params)
     min_bits = problem.pick_bits(problem.cheapest_pick)
@@ -104,7 +94,7 @@ def solve_problem(
             incumbent = start
     objective = problem.pick_error(incumbent)
 
-    if backend == "lagrange" or (core and _gap(objective, heuristic.bound) <= OPTIMAL_RTOL * 1e-3):
+    if backend == "lagrange" or (options.core and _gap(objective, heuristic.bound) <= OPTIMAL_RTOL * 1e-3):
         # The lagrange backend stops here; so does any backend when the bound is met.
         status = "optimal" if _gap(objective, heuristic.bound) <= OPTIMAL_RTOL else "feasible"
         sol = _make_solution(problem, incumbent, budget, backend, status, heuristic.bound, t0)
@@ -115,10 +105,7 @@ def solve_problem(
             sol.note = "the Lagrangian allocation meets the LP bound: optimal without a MIP"
         return sol, incumbent
 
-    result = solve_exact(
-        problem, hull, capacity, heuristic, backend=backend, incumbent=incumbent,
-        warm_start=warm_start, time_limit=time_limit, mip_gap=mip_gap, core=core,
-    )
+    result = solve_exact(problem, hull, capacity, heuristic, options, incumbent=incumbent)
     pick, status, note = result.pick, result.status, ""
     if pick is None:
         pick, status = incumbent, "failed"

@@ -33,6 +33,7 @@ class SubModel:
 
     @property
     def n_cols(self) -> int:
+        """Candidate columns left in the MIP."""
         return int(self.cand.shape[0])
 
     def starts(self) -> np.ndarray:

@@ -9,11 +9,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InfeasibleBudgetError
+from .options import SolveOptions
 from .problem import CandidateProblem, build_problem
-from .solution import Solution
+from .solution import InfeasibleBudgetError, Solution
 from .solve import solve_problem
-from .validation import check_arrays, check_backend, check_budget, check_options
+from .specs import parse_budgets
+from .validation import check_arrays, check_budget
 
 log = logging.getLogger(__name__)
 
@@ -25,49 +26,30 @@ def sweep(
     budgets: Sequence[float] | str,
     *,
     ties: Sequence[Sequence[int]] | None = None,
-    backend: str = "highs",
-    warm_start: bool = True,
-    time_limit: float | None = None,
-    mip_gap: float = 0.0,
-    prune: bool = True,
-    core: bool = True,
+    options: SolveOptions | None = None,
     matrix_names: Sequence[str] | None = None,
+    **changes: Any,
 ) -> list[Solution]:
     """Solve at every budget (a list or a :func:`parse_budgets` string); one Solution each, in input order.
 
     Validation, pruning and the Lagrangian hull are built once; budgets are solved in
     increasing order, each warm-started from the best of the previous allocation and the
-    Lagrangian one when ``warm_start``. A budget below the cheapest allocation gives
+    Lagrangian one when ``options.warm_start``. A budget below the cheapest allocation gives
     a Solution with status "infeasible" (choice all -1, the minimum budget in ``note``).
-    ``time_limit`` applies to each budget; ``prune``/``core`` as in :func:`solve`.
+    ``options.time_limit`` applies to each budget; otherwise as in :func:`solve`.
     """
-    from .budgets import parse_budgets
-
+    options = SolveOptions.of(options, **changes)
     if isinstance(budgets, str):
         budgets = parse_budgets(budgets)
     budgets = [check_budget(b) for b in budgets]
     if not budgets:
         raise ValueError("sweep needs at least one budget")
-    backend = check_backend(backend)
-    time_limit, mip_gap = check_options(time_limit, mip_gap)
     inputs = check_arrays(error, storage_bits, numel, ties, matrix_names)
-    problem = build_problem(inputs, prune=prune)
-    return sweep_problem(
-        problem, budgets, backend=backend, warm_start=warm_start, time_limit=time_limit,
-        mip_gap=mip_gap, core=core,
-    )
+    problem = build_problem(inputs, prune=options.prune)
+    return sweep_problem(problem, budgets, options)
 
 
-def sweep_problem(
-    problem: CandidateProblem,
-    budgets: Sequence[float],
-    *,
-    backend: str,
-    warm_start: bool,
-    time_limit: float | None,
-    mip_gap: float,
-    core: bool = True,
-) -> list[Solution]:
+def sweep_problem(problem: CandidateProblem, budgets: Sequence[float], options: SolveOptions) -> list[Solution]:
     """Sweep a prepared problem (see :func:`sweep`)."""
     previous: np.ndarray | None = None
     results: list[Solution | None] = [None] * len(budgets)
@@ -75,13 +57,10 @@ def sweep_problem(
         t0 = time.perf_counter()
         budget = budgets[i]
         try:
-            sol, pick = solve_problem(
-                problem, budget, backend=backend, time_limit=time_limit, mip_gap=mip_gap,
-                warm_start=warm_start, core=core, start=previous if warm_start else None,
-            )
+            sol, pick = solve_problem(problem, budget, options, start=previous if options.warm_start else None)
         except InfeasibleBudgetError as exc:
             log.warning("sweep: %s", exc)
-            results[i] = _infeasible(problem, budget, backend, exc, time.perf_counter() - t0)
+            results[i] = _infeasible(problem, budget, options.backend, exc, time.perf_counter() - t0)
             continue
         sol.seconds = time.perf_counter() - t0
         results[i] = sol

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from ..configs import QuantConfig
-from .bounds import Bound, apply_bit_bounds, parse_bounds
-from .budgets import parse_budgets
 from .lagrange import lagrange_hull
+from .options import SolveOptions
 from .solution import Solution, json_ready
 from .solve import solve
+from .specs import Bound, apply_bit_bounds, parse_bounds, parse_budgets, tie_groups
 from .sweep import sweep
-from .ties import tie_groups
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,7 @@ class ProfileArrays:
 
     @property
     def numel(self) -> np.ndarray:
+        """Parameters per matrix (M,)."""
         return (self.rows * self.cols).astype(np.float64)
 
 
@@ -135,106 +135,140 @@ def profile_arrays(
     )
 
 
-@dataclass
-class _Prepared:
+def default_objective(df: pd.DataFrame) -> str:
+    """``fisher`` when the profile has Fisher-weighted errors, else ``plain``."""
+    if "error_fisher" in df.columns and pd.to_numeric(df["error_fisher"], errors="coerce").notna().any():
+        return "fisher"
+    return "plain"
+
+
+@dataclass(frozen=True)
+class TableSolution:
+    """One budget solved on a profile table: the Solution, named, with what the table adds.
+
+    ``assignments`` maps matrix names to config names (empty when the budget is
+    infeasible); ``tie_groups`` lists the tied matrix names; ``min_bits`` / ``max_bits`` are
+    the parsed ``(regex, bits)`` bounds; ``params_by_bits`` is the share of parameters per
+    NF code width (None when infeasible). :meth:`to_dict` is the allocation JSON dict.
+    """
+
+    budget: float
+    solution: Solution
+    assignments: dict[str, str]
+    objective_column: str
+    exclude_lowrank_from_budget: bool
+    n_configs: int
+    total_params: int
+    tie_groups: list[list[str]]
+    min_bits: list[Bound]
+    max_bits: list[Bound]
+    params_by_bits: dict[str, float] | None = None
+
+    def to_dict(self, profile_id: str) -> dict[str, Any]:
+        """The allocation JSON dict of this answer (see :func:`allocation_dict`)."""
+        extra: dict[str, Any] = {
+            "objective_column": self.objective_column,
+            "exclude_lowrank_from_budget": self.exclude_lowrank_from_budget,
+            "n_configs": self.n_configs,
+            "total_params": self.total_params,
+            "ties": self.tie_groups,
+            "min_bits": [list(b) for b in self.min_bits],
+            "max_bits": [list(b) for b in self.max_bits],
+        }
+        if self.params_by_bits is not None:
+            extra["params_by_bits"] = self.params_by_bits
+        return allocation_dict(self.solution, self.assignments, self.budget, profile_id, **extra)
+
+
+@dataclass(frozen=True)
+class TableProblem:
+    """A profile table as the solver's arrays, with ties and bit bounds applied by name."""
+
     arrays: ProfileArrays
-    error: np.ndarray
-    bits: np.ndarray
+    error: np.ndarray  # (M, C) the objective, NaN outside the bounds
+    bits: np.ndarray  # (M, C) the bits the budget counts, NaN outside the bounds
     ties: list[list[int]]
     min_bits: list[Bound]
     max_bits: list[Bound]
 
+    @classmethod
+    def build(cls, df: pd.DataFrame, options: SolveOptions) -> TableProblem:
+        """Pivot ``df`` with ``options``' objective, budget convention, ties and bounds."""
+        objective = options.objective or default_objective(df)
+        arrays = profile_arrays(
+            df, objective=objective, exclude_lowrank_from_budget=options.exclude_lowrank_from_budget
+        )
+        ties = tie_groups(arrays.matrices, options.ties) if options.ties else []
+        floors, ceilings = parse_bounds(options.min_bits), parse_bounds(options.max_bits)
+        error, bits = arrays.error, arrays.budget_bits
+        if floors or ceilings:
+            allowed = apply_bit_bounds(bits / arrays.numel[:, None], arrays.matrices, floors, ceilings)
+            error = np.where(allowed, error, np.nan)
+            bits = np.where(allowed, bits, np.nan)
+        return cls(arrays, error, bits, ties, floors, ceilings)
 
-def _prepare(
-    df: pd.DataFrame,
-    *,
-    objective: str,
-    ties_patterns: str | Sequence[str],
-    min_bits: Any,
-    max_bits: Any,
-    exclude_lowrank_from_budget: bool,
-) -> _Prepared:
-    arrays = profile_arrays(df, objective=objective, exclude_lowrank_from_budget=exclude_lowrank_from_budget)
-    ties = tie_groups(arrays.matrices, ties_patterns) if ties_patterns else []
-    floors, ceilings = parse_bounds(min_bits), parse_bounds(max_bits)
-    error, bits = arrays.error, arrays.budget_bits
-    if floors or ceilings:
-        allowed = apply_bit_bounds(bits / arrays.numel[:, None], arrays.matrices, floors, ceilings)
-        error = np.where(allowed, error, np.nan)
-        bits = np.where(allowed, bits, np.nan)
-    return _Prepared(arrays, error, bits, ties, floors, ceilings)
-
-
-def _extra(prep: _Prepared) -> dict[str, Any]:
-    a = prep.arrays
-    return {
-        "objective_column": a.objective_column,
-        "exclude_lowrank_from_budget": a.exclude_lowrank_from_budget,
-        "n_configs": len(a.configs),
-        "total_params": int(a.numel.sum()),
-        "ties": [[a.matrices[m] for m in tie] for tie in prep.ties],
-        "min_bits": [list(b) for b in prep.min_bits],
-        "max_bits": [list(b) for b in prep.max_bits],
-    }
-
-
-def _finish(prep: _Prepared, sol: Solution) -> tuple[Solution, dict[str, str], dict[str, Any]]:
-    a = prep.arrays
-    extra = _extra(prep)
-    if not sol.feasible:
-        return sol, {}, extra
-    rows = np.arange(len(a.matrices))
-    full = float(a.storage_bits[rows, sol.choice].sum()) / float(a.numel.sum())
-    sol.full_bits_per_param = full
-    assignments = {a.matrices[m]: a.configs[c] for m, c in enumerate(sol.choice.tolist())}
-    extra["budget_bits_per_param"] = sol.bits_per_param
-    extra["params_by_bits"] = _params_by_bits(assignments, dict(zip(a.matrices, a.numel.tolist())))
-    return sol, assignments, extra
+    def named(self, budget: float, sol: Solution) -> TableSolution:
+        """``sol`` with names, every stored bit counted (``sol.full_bits_per_param`` is set)."""
+        a = self.arrays
+        assignments: dict[str, str] = {}
+        params_by_bits = None
+        if sol.feasible:
+            rows = np.arange(len(a.matrices))
+            sol.full_bits_per_param = float(a.storage_bits[rows, sol.choice].sum()) / float(a.numel.sum())
+            assignments = {a.matrices[m]: a.configs[c] for m, c in enumerate(sol.choice.tolist())}
+            params_by_bits = _params_by_bits(assignments, dict(zip(a.matrices, a.numel.tolist())))
+        return TableSolution(
+            budget=float(budget),
+            solution=sol,
+            assignments=assignments,
+            objective_column=a.objective_column,
+            exclude_lowrank_from_budget=a.exclude_lowrank_from_budget,
+            n_configs=len(a.configs),
+            total_params=int(a.numel.sum()),
+            tie_groups=[[a.matrices[m] for m in tie] for tie in self.ties],
+            min_bits=list(self.min_bits),
+            max_bits=list(self.max_bits),
+            params_by_bits=params_by_bits,
+        )
 
 
 def solve_table(
-    df: pd.DataFrame,
-    budget: float,
-    *,
-    objective: str = "fisher",
-    ties_patterns: str | Sequence[str] = (),
-    min_bits: Any = (),
-    max_bits: Any = (),
-    exclude_lowrank_from_budget: bool = False,
-    backend: str = "highs",
-    time_limit: float | None = None,
-    mip_gap: float = 0.0,
-) -> tuple[Solution, dict[str, str], dict[str, Any]]:
-    """Solve a profile table at ``budget`` bits/param.
+    df: pd.DataFrame, budget: float, options: SolveOptions | None = None, **changes: Any
+) -> TableSolution:
+    """Solve a profile table at ``budget`` bits/param with ``options`` (``changes`` applied).
 
-    Returns the Solution (with ``full_bits_per_param`` counting every stored bit), the
-    assignments ``{matrix name: config name}``, and an ``extra`` dict meant for
-    ``allocation_dict(solution, assignments, budget, profile_id, **extra)``.
-    ``ties_patterns``: regexes (or "fuse" for :data:`FUSE_PRESET`); ``min_bits`` /
-    ``max_bits``: ``"REGEX=BITS"`` specs.
+    The answer's ``solution.full_bits_per_param`` counts every stored bit; its
+    ``to_dict(profile_id)`` is the allocation JSON dict.
     """
-    prep = _prepare(
-        df, objective=objective, ties_patterns=ties_patterns, min_bits=min_bits,
-        max_bits=max_bits, exclude_lowrank_from_budget=exclude_lowrank_from_budget,
-    )
-    a = prep.arrays
-    sol = solve(
-        prep.error, prep.bits, a.numel, budget, ties=prep.ties, backend=backend,
-        time_limit=time_limit, mip_gap=mip_gap, matrix_names=a.matrices,
-    )
-    return _finish(prep, sol)
+    options = SolveOptions.of(options, **changes)
+    problem = TableProblem.build(df, options)
+    a = problem.arrays
+    sol = solve(problem.error, problem.bits, a.numel, budget, ties=problem.ties, options=options,
+                matrix_names=a.matrices)
+    return problem.named(budget, sol)
 
 
 @dataclass
 class TableSweep:
-    """The answer of :func:`sweep_table`: one Solution and assignments per budget, plus the hull."""
+    """The answer of :func:`sweep_table`: one :class:`TableSolution` per budget, plus the hull."""
 
-    budgets: list[float]
-    solutions: list[Solution]
-    assignments: list[dict[str, str]]
+    results: list[TableSolution]
     hull: pd.DataFrame
-    extra: dict[str, Any] = field(default_factory=dict)
-    extras: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def budgets(self) -> list[float]:
+        """The budgets, in the order given."""
+        return [r.budget for r in self.results]
+
+    @property
+    def solutions(self) -> list[Solution]:
+        """One Solution per budget."""
+        return [r.solution for r in self.results]
+
+    @property
+    def assignments(self) -> list[dict[str, str]]:
+        """One ``{matrix: config}`` per budget (empty where infeasible)."""
+        return [r.assignments for r in self.results]
 
     def frame(self) -> pd.DataFrame:
         """One row per budget: achieved bits, objective, bound, status, gap, seconds."""
@@ -257,49 +291,23 @@ class TableSweep:
 
     def allocations(self, profile_id: str) -> list[dict[str, Any]]:
         """Allocation JSON dicts, one per budget."""
-        return [
-            allocation_dict(s, a, b, profile_id, **e)
-            for s, a, b, e in zip(self.solutions, self.assignments, self.budgets, self.extras)
-        ]
+        return [r.to_dict(profile_id) for r in self.results]
 
 
 def sweep_table(
-    df: pd.DataFrame,
-    budgets: Sequence[float] | str,
-    *,
-    objective: str = "fisher",
-    ties_patterns: str | Sequence[str] = (),
-    min_bits: Any = (),
-    max_bits: Any = (),
-    exclude_lowrank_from_budget: bool = False,
-    backend: str = "highs",
-    warm_start: bool = True,
-    time_limit: float | None = None,
-    mip_gap: float = 0.0,
+    df: pd.DataFrame, budgets: Sequence[float] | str, options: SolveOptions | None = None, **changes: Any
 ) -> TableSweep:
     """Sweep budgets (a list or ``"2.25:4.5:0.05"``) over a profile table; see :func:`solve_table`."""
+    options = SolveOptions.of(options, **changes)
     if isinstance(budgets, str):
         budgets = parse_budgets(budgets)
     budgets = list(budgets)
-    prep = _prepare(
-        df, objective=objective, ties_patterns=ties_patterns, min_bits=min_bits,
-        max_bits=max_bits, exclude_lowrank_from_budget=exclude_lowrank_from_budget,
-    )
-    a = prep.arrays
-    solutions = sweep(
-        prep.error, prep.bits, a.numel, budgets, ties=prep.ties, backend=backend,
-        warm_start=warm_start, time_limit=time_limit, mip_gap=mip_gap, matrix_names=a.matrices,
-    )
-    finished = [_finish(prep, s) for s in solutions]
-    hull = lagrange_hull(prep.error, prep.bits, a.numel, prep.ties, matrix_names=a.matrices)
-    return TableSweep(
-        budgets=budgets,
-        solutions=[f[0] for f in finished],
-        assignments=[f[1] for f in finished],
-        hull=hull,
-        extra=_extra(prep),
-        extras=[f[2] for f in finished],
-    )
+    problem = TableProblem.build(df, options)
+    a = problem.arrays
+    solutions = sweep(problem.error, problem.bits, a.numel, budgets, ties=problem.ties, options=options,
+                      matrix_names=a.matrices)
+    hull = lagrange_hull(problem.error, problem.bits, a.numel, problem.ties, matrix_names=a.matrices)
+    return TableSweep([problem.named(b, s) for b, s in zip(budgets, solutions)], hull)
 
 
 def _nf_bits(config: str) -> str:

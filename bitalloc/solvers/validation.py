@@ -33,10 +33,12 @@ class CheckedInputs:
 
     @property
     def n_matrices(self) -> int:
+        """Rows of the arrays."""
         return self.error.shape[0]
 
     @property
     def n_configs(self) -> int:
+        """Columns of the arrays."""
         return self.error.shape[1]
 
     def label(self, m: int) -> str:

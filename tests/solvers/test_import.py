@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_import_does_not_pull_torch():
     code = (
         "import sys; import bitalloc.solvers as s; "
-        "from bitalloc.solvers import solve, sweep, solve_table, lagrange_hull; "
+        "from bitalloc.solvers import SolveOptions, solve, sweep, solve_table, lagrange_hull; "
         "import bitalloc.solvers.highs_backend, bitalloc.solvers.pulp_backend, bitalloc.solvers.core_dp; "
         "print('torch' in sys.modules)"
     )

@@ -11,6 +11,7 @@ import pytest
 from bitalloc.configs import QuantConfig
 from bitalloc.solvers import (
     FUSE_PRESET,
+    SolveOptions,
     allocation_dict,
     apply_bit_bounds,
     parse_bounds,
@@ -71,8 +72,8 @@ def test_fisher_requested_without_fisher_errors():
         solve_table(df, 4.0, objective="fisher")
     with pytest.raises(ValueError, match="'magic'"):
         solve_table(df, 4.0, objective="magic")
-    sol, assignments, extra = solve_table(df, 4.0, objective="plain")
-    assert extra["objective_column"] == "error" and sol.status == "optimal"
+    res = solve_table(df, 4.0, objective="plain")
+    assert res.objective_column == "error" and res.solution.status == "optimal"
 
 
 def test_exclude_lowrank_from_budget():
@@ -81,12 +82,11 @@ def test_exclude_lowrank_from_budget():
     j = CONFIGS.index("nf2-g64-s8x256-r8")
     lowrank = QuantConfig.from_name(CONFIGS[j]).lowrank_storage_bits(64, 64)
     assert a.storage_bits[0, j] - a.budget_bits[0, j] == lowrank
-    counted, _, _ = solve_table(df, 3.5, objective="plain")
-    excluded, _, extra = solve_table(df, 3.5, objective="plain", exclude_lowrank_from_budget=True)
+    counted = solve_table(df, 3.5, objective="plain").solution
+    excluded = solve_table(df, 3.5, SolveOptions(objective="plain", exclude_lowrank_from_budget=True)).solution
     assert excluded.objective <= counted.objective
     assert excluded.bits_per_param <= 3.5 * (1 + 1e-12)
     assert excluded.full_bits_per_param >= excluded.bits_per_param
-    assert extra["budget_bits_per_param"] == excluded.bits_per_param
 
 
 def test_tie_groups_by_layer_key():
@@ -112,10 +112,10 @@ def test_fuse_preset_skips_unmatched_patterns():
 
 def test_solve_table_with_ties_and_bounds():
     df = make_table()
-    sol, assignments, extra = solve_table(
-        df, 3.2, objective="plain", ties_patterns=[r"self_attn\.[qkv]_proj", r"mlp\.(gate|up)_proj"],
-        min_bits=["down_proj=4"], max_bits=[r"layers\.1\.self_attn\.o_proj=3"],
-    )
+    options = SolveOptions(objective="plain", ties=(r"self_attn\.[qkv]_proj", r"mlp\.(gate|up)_proj"),
+                           min_bits=("down_proj=4",), max_bits=(r"layers\.1\.self_attn\.o_proj=3",))
+    res = solve_table(df, 3.2, options)
+    sol, assignments = res.solution, res.assignments
     for layer in range(2):
         assert len({assignments[f"model.layers.{layer}.self_attn.{k}_proj"] for k in "qkv"}) == 1
         assert len({assignments[f"model.layers.{layer}.mlp.{k}_proj"] for k in ("gate", "up")}) == 1
@@ -123,8 +123,10 @@ def test_solve_table_with_ties_and_bounds():
         assert down.bits_per_param(64, 128) >= 4
     assert QuantConfig.from_name(assignments["model.layers.1.self_attn.o_proj"]).bits_per_param(64, 64) <= 3
     assert sol.bits_per_param <= 3.2 * (1 + 1e-12)
-    assert extra["ties"][0] == [f"model.layers.0.self_attn.{k}_proj" for k in "qkv"]
-    assert extra["min_bits"] == [["down_proj", 4.0]]
+    assert res.tie_groups[0] == [f"model.layers.0.self_attn.{k}_proj" for k in "qkv"]
+    assert res.min_bits == [("down_proj", 4.0)]
+    d = res.to_dict("p")
+    assert d["ties"] == res.tie_groups and d["min_bits"] == [["down_proj", 4.0]]
 
 
 def test_bounds_grammar_and_empty_matrices():
@@ -144,16 +146,21 @@ def test_bounds_grammar_and_empty_matrices():
 
 def test_floor_unavailable_to_one_tie_member_removes_it_for_the_group():
     df = make_table()
-    sol, assignments, _ = solve_table(df, 4.0, objective="plain", ties_patterns=[r"self_attn\.[qkv]_proj"],
-                                      min_bits=[r"layers\.0\.self_attn\.k_proj=5"])
+    assignments = solve_table(df, 4.0, objective="plain", ties=[r"self_attn\.[qkv]_proj"],
+                              min_bits=[r"layers\.0\.self_attn\.k_proj=5"]).assignments
     for k in "qkv":
         assert QuantConfig.from_name(assignments[f"model.layers.0.self_attn.{k}_proj"]).bits == 8
 
 
 def test_allocation_dict_contract_and_json():
     df = make_table()
-    sol, assignments, extra = solve_table(df, 3.5, objective="plain", exclude_lowrank_from_budget=True)
-    d = allocation_dict(sol, assignments, 3.5, "prof-1", **extra)
+    res = solve_table(df, 3.5, objective="plain", exclude_lowrank_from_budget=True)
+    sol, assignments = res.solution, res.assignments
+    base = allocation_dict(sol, assignments, 3.5, "prof-1")
+    d = res.to_dict("prof-1")
+    assert d == {**base, "objective_column": "error", "exclude_lowrank_from_budget": True,
+                 "n_configs": len(CONFIGS), "total_params": 2 * sum(r * c for r, c in KINDS.values()),
+                 "ties": [], "min_bits": [], "max_bits": [], "params_by_bits": res.params_by_bits}
     for key in ("budget", "bits_per_param", "objective", "status", "gap", "seconds", "backend", "profile",
                 "assignments", "bits_histogram", "n_candidates_after_pruning"):
         assert key in d
@@ -167,7 +174,7 @@ def test_allocation_dict_contract_and_json():
 
 def test_sweep_table():
     df = make_table()
-    res = sweep_table(df, "2.5:4.5:0.5", objective="plain", ties_patterns="fuse")
+    res = sweep_table(df, "2.5:4.5:0.5", objective="plain", ties="fuse")
     frame = res.frame()
     assert frame["budget"].tolist() == [2.5, 3.0, 3.5, 4.0, 4.5]
     assert (frame["objective"].diff().dropna() <= 1e-9).all()
