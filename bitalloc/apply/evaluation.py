@@ -48,14 +48,6 @@ def evaluation_labels(spec: str | os.PathLike[str] | None) -> dict[str, Any]:
     }
 
 
-def _json_value(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-
 def evaluate_model(
     spec: str | os.PathLike[str] | None,
     *,
@@ -100,7 +92,7 @@ def evaluate_model(
         result["label"] = label
     if append is not None:
         with open(append, "a", encoding="utf-8") as f:
-            f.write(json.dumps(result, default=_json_value) + "\n")
+            f.write(json.dumps(result, default=str) + "\n")
     return result
 
 

@@ -27,7 +27,7 @@ from bitalloc.allocation import Allocation
 from bitalloc.atomic import atomic_write_json
 from bitalloc.configs import QuantConfig
 from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_VERSION, INFO_FILE, MODEL_FILE,
-                                   factor_key, file_sizes, q_key)
+                                   factor_key, file_sizes, is_applied_dir, q_key)
 from bitalloc.apply.peft_adapter import task_type_for, write_adapter
 from bitalloc.identity import BUILTIN_ALIAS, model_fingerprint, model_id
 from bitalloc.lowrank import decompose
@@ -173,6 +173,9 @@ def apply_allocation(
     _check_output(out, force)
     provenance = header.get("provenance", {})
     spec = model if model is not None else provenance.get("model")
+    if spec is not None and is_applied_dir(spec):
+        raise ValueError(f"{spec} is a `bitalloc apply` output, not a model to quantize; pass the model it was "
+                         "made from (its bitalloc.json names it under 'model')")
     dev = resolve_device(device)
     net, tokenizer = load_model(spec, dtype="auto")
     model_hash = model_fingerprint(net)

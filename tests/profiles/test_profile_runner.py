@@ -302,3 +302,27 @@ def test_cuda_device_without_cuda(tmp_path, monkeypatch, capsys):
     assert main(["-q", "profile", "--no-fisher", "--device", "cuda:0", "--out", str(tmp_path / "x")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_request_is_frozen_and_checked_when_made(tmp_path):
+    import dataclasses
+
+    request = ProfileRequest(out=tmp_path / "p", ranks=[0, 8])
+    assert request.ranks == (0, 8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.seed = 1
+    for bad, message in [(dict(samples=0), "samples"), (dict(seqlen=2.5), "seqlen"), (dict(fisher_mode="fast"), "mode"),
+                         (dict(shard="3/2"), "shard"), (dict(ranks="some"), "ranks"), (dict(jobs="2"), "jobs"),
+                         (dict(seed=None), "seed")]:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(request, **bad)
+
+
+def test_request_calibration_fills_the_device_defaults():
+    from bitalloc.identity import BUILTIN_ALIAS
+    from bitalloc.models import Calibration
+
+    request = ProfileRequest(calib="data.txt", samples=3)
+    assert request.calibration("cpu") == Calibration.for_device("cpu", source="data.txt", samples=3)
+    assert request.calibration("cpu").seqlen == Calibration.for_device("cpu").seqlen
+    assert ProfileRequest().model_id == BUILTIN_ALIAS
