@@ -8,9 +8,10 @@ import math
 import os
 import platform
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -91,6 +92,22 @@ class ProfileRequest:
     def model_id(self) -> str:
         """The model's name in meta.json and in the Fisher cache key."""
         return model_id(self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as JSON data (paths as strings, ranks as a list or ``"auto"``)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["out"] = os.fspath(self.out)
+        data["space"] = os.fspath(self.space)
+        data["ranks"] = self.ranks if isinstance(self.ranks, str) else list(self.ranks)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProfileRequest:
+        """Read :meth:`to_dict`'s form; ValueError for unknown keys."""
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown profile request fields: {', '.join(unknown)}")
+        return cls(**data)
 
     def calibration(self, device: torch.device | str) -> Calibration:
         """The calibration settings of this run on ``device`` (the device's defaults where unset)."""

@@ -309,6 +309,10 @@ def test_request_is_frozen_and_checked_when_made(tmp_path):
 
     request = ProfileRequest(out=tmp_path / "p", ranks=[0, 8])
     assert request.ranks == (0, 8)
+    data = json.loads(json.dumps(request.to_dict()))
+    assert ProfileRequest.from_dict(data) == dataclasses.replace(request, out=str(request.out))
+    with pytest.raises(ValueError, match="extra"):
+        ProfileRequest.from_dict({**data, "extra": {}})
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.seed = 1
     for bad, message in [(dict(samples=0), "samples"), (dict(seqlen=2.5), "seqlen"), (dict(fisher_mode="fast"), "mode"),
