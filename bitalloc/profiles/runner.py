@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bitalloc import __version__
-from bitalloc.configs import QuantConfig, config_space, resolve_ranks
+from bitalloc.configs import QuantConfig, config_space, parse_ranks, resolve_ranks
 from bitalloc.identity import model_fingerprint, model_id
 from bitalloc.lowrank import decompose_many
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
@@ -48,7 +48,7 @@ class ProfileRequest:
     """Everything that defines a profile run (the CLI's flags), checked when made.
 
     ``calib``, ``samples``, ``seqlen`` and ``fisher_mode`` left None take the device's
-    defaults (see :meth:`calibration`). ``ranks`` is a sequence of ranks or ``"auto"``;
+    defaults (see :meth:`calibration`). ``ranks`` is a sequence of ranks, ``"0,8"`` or ``"auto"``;
     ``shard`` is ``"i/n"`` or None; ``jobs`` None or 0 lets the profiler choose.
     """
 
@@ -81,11 +81,9 @@ class ProfileRequest:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int)):
             raise ValueError(f"--jobs must be an integer >= 0 (0 = one per CPU core), got {self.jobs!r}")
-        if isinstance(self.ranks, str):
-            if self.ranks != "auto":
-                raise ValueError(f"ranks must be a sequence of ranks or 'auto', got {self.ranks!r}")
-        else:
-            object.__setattr__(self, "ranks", tuple(self.ranks))
+        # "0,8" and "auto" as --ranks writes them; a sequence of ints as it is
+        ranks = parse_ranks(self.ranks) if isinstance(self.ranks, str) else tuple(int(r) for r in self.ranks)
+        object.__setattr__(self, "ranks", ranks)
         parse_shard(self.shard)  # a clear error now rather than after the model is loaded
 
     @property

@@ -308,7 +308,7 @@ def test_request_is_frozen_and_checked_when_made(tmp_path):
     import dataclasses
 
     request = ProfileRequest(out=tmp_path / "p", ranks=[0, 8])
-    assert request.ranks == (0, 8)
+    assert request.ranks == (0, 8) == ProfileRequest(ranks="0,8").ranks
     data = json.loads(json.dumps(request.to_dict()))
     assert ProfileRequest.from_dict(data) == dataclasses.replace(request, out=str(request.out))
     with pytest.raises(ValueError, match="extra"):
@@ -316,7 +316,7 @@ def test_request_is_frozen_and_checked_when_made(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.seed = 1
     for bad, message in [(dict(samples=0), "samples"), (dict(seqlen=2.5), "seqlen"), (dict(fisher_mode="fast"), "mode"),
-                         (dict(shard="3/2"), "shard"), (dict(ranks="some"), "ranks"), (dict(jobs="2"), "jobs"),
+                         (dict(shard="3/2"), "shard"), (dict(ranks="some"), "--ranks"), (dict(jobs="2"), "jobs"),
                          (dict(seed=None), "seed")]:
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(request, **bad)
