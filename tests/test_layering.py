@@ -25,7 +25,7 @@ PACKAGE = ROOT / "bitalloc"
 STAGES = ("base", "configs", "quant", "lowrank", "models", "profiles", "solvers", "allocation", "apply",
           "adapters", "reports", "cli", "package")
 #: First name under ``bitalloc`` -> stage; the stage of every other name is the name itself.
-BASE_MODULES = {"atomic": "base", "identity": "base", "__init__": "package"}
+BASE_MODULES = {"atomic": "base", "identity": "base"}
 #: What any module may take from ``bitalloc/__init__.py`` itself (it defines it; importing it
 #: pulls in no stage).
 ROOT_NAMES = {"__version__"}
@@ -48,9 +48,15 @@ RULES = (
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__" and len(parts) > 1 and parts != ["bitalloc", "__init__"]:
+    if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
+
+
+def _is_module(dotted: str) -> bool:
+    """Whether ``dotted`` names a module or package of the source tree."""
+    path = ROOT.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or path.is_dir()
 
 
 def stage_of(module: str) -> str:
@@ -98,12 +104,10 @@ def _imports(module: str, path: Path) -> list[tuple[int, str, list[str], bool]]:
                 source = _resolve(module, path, child)
                 if source == "bitalloc" or source.startswith("bitalloc."):
                     names = [a.name for a in child.names]
-                    # ``from bitalloc.quant import nf`` imports the module bitalloc.quant.nf
-                    submodules = [f"{source}.{n}" for n in names if (PACKAGE.parent / f"{source}.{n}".replace(".", "/")).with_suffix(".py").is_file()
-                                  or (PACKAGE.parent / f"{source}.{n}".replace(".", "/")).is_dir()]
                     found.append((child.lineno, source, names, nested))
-                    for sub in submodules:
-                        found.append((child.lineno, sub, [], nested))
+                    # ``from bitalloc.quant import nf`` imports the module bitalloc.quant.nf too
+                    found.extend((child.lineno, f"{source}.{n}", [], nested) for n in names
+                                 if _is_module(f"{source}.{n}"))
             visit(child, inner)
 
     visit(tree, False)
@@ -115,7 +119,7 @@ MODULES = _modules()
 
 def test_the_walk_sees_the_stages():
     names = {m for m, _ in MODULES}
-    assert {"bitalloc.__init__", "bitalloc.cli", "bitalloc.identity", "bitalloc.models.loading", "bitalloc.apply.loader"} <= names
+    assert {"bitalloc", "bitalloc.cli", "bitalloc.identity", "bitalloc.models.loading", "bitalloc.apply.loader"} <= names
     assert stage_of("bitalloc.models.calibration") == "models" and stage_of("bitalloc.identity") == "base"
     assert stage_of("bitalloc.adapters.config") == "adapters" and stage_of("bitalloc") == "package"
 

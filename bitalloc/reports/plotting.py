@@ -3,7 +3,7 @@
 Figures are :class:`matplotlib.figure.Figure` objects with an Agg canvas attached, so
 rendering never touches a display or pyplot's global figure list (nothing to close, no leak,
 whatever backend the caller's pyplot uses): the Agg backend without a global
-``matplotlib.use`` switch that would change an interactive session's backend.
+``matplotlib.use`` switch that would change an interactive program's backend.
 """
 
 from __future__ import annotations
