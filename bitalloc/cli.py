@@ -123,7 +123,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """`bitalloc apply ALLOC.json --out DIR` (or `--uniform CONFIG`): write the quantized model directory."""
-    from bitalloc.apply import apply_allocation, read_info
+    from bitalloc.apply import applied_summary, apply_allocation
 
     if args.allocation is None and args.uniform is None:
         raise ValueError("give an allocation JSON (from `bitalloc solve --out`) or --uniform CONFIG")
@@ -133,17 +133,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
         fisher=False if args.no_fisher else None, force=args.force, ignore_model_hash=args.ignore_model_hash,
         seed=args.seed, progress=not args.quiet,
     )
-    info = read_info(out)
-    summary = {k: info[k] for k in ("model", "bits_per_param", "bits_per_param_on_disk", "target_params",
-                                   "non_target_params", "fisher", "adapter", "dequantized", "seconds")}
-    summary["out"] = str(out)
-    summary["targets"] = len(info["targets"])
+    summary = applied_summary(out)
     if args.json:
         _print_json(summary)
         return 0
-    print(f"wrote {out}: {summary['targets']} targets at {info['bits_per_param']:.4f} bits/param "
-          f"({info['bits_per_param_on_disk']:.4f} on disk), adapter: {'yes' if info['adapter'] else 'no'}, "
-          f"{info['seconds']:.1f} s")
+    print(f"wrote {out}: {summary['targets']} targets at {summary['bits_per_param']:.4f} bits/param "
+          f"({summary['bits_per_param_on_disk']:.4f} on disk), adapter: {'yes' if summary['adapter'] else 'no'}, "
+          f"{summary['seconds']:.1f} s")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Models: loading (built-in alias, .gguf, local directory, hub id), target discovery,
-calibration and evaluation text, perplexity and KL divergence."""
+"""Models: loading (built-in alias, .gguf, local directory, hub id), the device, target discovery,
+calibration and evaluation text, calibration settings and the Fisher estimate (and its cache),
+perplexity and KL divergence."""
 
 from bitalloc.identity import BUILTIN_ALIAS
 from bitalloc.models.builtin import BuiltinModelMissingError

@@ -145,6 +145,7 @@ def check_ranks_fit(targets, shapes, configs: Sequence[QuantConfig]) -> None:
 
 
 def describe_meta_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two profiles' meta.json in the keys a resume needs equal (``""`` when nothing)."""
     parts = []
     for key in RESUME_KEYS:
         if old.get(key) != new.get(key):

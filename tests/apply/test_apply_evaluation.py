@@ -68,3 +68,11 @@ def test_apply_refuses_an_applied_dir_as_its_model(applied, tmp_path):
     with pytest.raises(ValueError, match="`bitalloc apply` output"):
         apply_allocation(uniform="nf4-g16-s16-r0", model=str(applied), out=tmp_path / "again", device="cpu",
                          progress=False)
+
+
+def test_applied_summary_is_the_headline_of_bitalloc_json(applied):
+    from bitalloc.apply import applied_summary, read_info
+
+    summary, info = applied_summary(applied), read_info(applied)
+    assert summary["out"] == str(applied) and summary["targets"] == len(info["targets"]) == 14
+    assert summary["bits_per_param"] == info["bits_per_param"] and summary["adapter"] is False
