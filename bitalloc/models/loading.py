@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from bitalloc.identity import BUILTIN_ALIAS
 from bitalloc.models.builtin import builtin_gguf_path
 from bitalloc.models.device import resolve_device
 from bitalloc.models.gguf_cache import cached_gguf_dir, forget_quantization
+from bitalloc.models.targets import TARGET_TYPES
 from bitalloc.models.hub import (
     ModelNotFoundError,
     accepted_forms_text,
@@ -130,12 +132,37 @@ def load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype | str, **kw
     config = AutoConfig.from_pretrained(source, **kwargs)
     auto_class = auto_class_for(config)
     try:
-        return auto_class.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+        model, info = auto_class.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
+                                                 **kwargs)
     except ValueError as err:
         if auto_class is AutoModel:
             raise
         logger.warning("%s cannot load %s (%s); loading the bare model", auto_class.__name__, source, err)
-        return AutoModel.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+        model, info = AutoModel.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
+                                                **kwargs)
+    check_layers_loaded(model, info.get("missing_keys", ()), source)
+    return model
+
+
+def check_layers_loaded(model: torch.nn.Module, missing_keys: Iterable[str], source: str | os.PathLike) -> None:
+    """Raise ModelNotFoundError when the checkpoint held none of the model's Linear/Conv1D weights
+    (the output layer, often tied to the input embedding, aside).
+
+    Such a directory (its ``config.json`` with weights stored under other names, e.g. packed
+    codes) would otherwise load as a randomly initialized model. A checkpoint lacking only
+    some layers (a new task head) loads, with transformers' report of what it initialized.
+    """
+    missing = set(missing_keys)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = [f"{name}.weight" for name, module in model.named_modules()
+              if isinstance(module, TARGET_TYPES) and module is not head
+              and isinstance(getattr(module, "weight", None), torch.Tensor)]
+    if layers and all(key in missing for key in layers):
+        raise ModelNotFoundError(
+            f"{source} holds none of the weights of its {len(layers)} Linear/Conv1D layers (e.g. {layers[0]}): it is "
+            "not a Hugging Face checkpoint of this model. A `bitalloc apply` output loads with bitalloc.load "
+            "(`bitalloc eval` and `bitalloc info` take it as it is)."
+        )
 
 
 def load_tokenizer(source: str | os.PathLike, **kwargs: Any) -> Any | None:

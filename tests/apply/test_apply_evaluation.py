@@ -76,3 +76,10 @@ def test_applied_summary_is_the_headline_of_bitalloc_json(applied):
     summary, info = applied_summary(applied), read_info(applied)
     assert summary["out"] == str(applied) and summary["targets"] == len(info["targets"]) == 14
     assert summary["bits_per_param"] == info["bits_per_param"] and summary["adapter"] is False
+
+
+def test_the_model_loader_refuses_an_applied_dir_with_a_pointer(applied):
+    from bitalloc.models import ModelNotFoundError, load_model
+
+    with pytest.raises(ModelNotFoundError, match="bitalloc.load"):
+        load_model(str(applied))

