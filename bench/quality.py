@@ -177,7 +177,7 @@ def _done_labels(work: Path) -> dict[str, dict[str, Any]]:
 
 # ----- stage 4: evaluate -----------------------------------------------------------------------------------
 def evaluate_all(args: argparse.Namespace, entries: list[dict[str, Any]], work: Path) -> list[dict[str, Any]]:
-    from bitalloc.apply import read_info
+    from bitalloc.apply import load_model_or_applied, read_info
     from bitalloc.models import evaluate, load_model
     from bitalloc.models.text import load_text, token_windows
 
@@ -203,7 +203,7 @@ def evaluate_all(args: argparse.Namespace, entries: list[dict[str, Any]], work: 
         else:
             if not (Path(e["dir"]) / "bitalloc.json").is_file():
                 _run(_cli(*_apply_command(args, e)))
-            model, _ = load_model(e["dir"], device=device)
+            model, _ = load_model_or_applied(e["dir"], device=device)
             bits = read_info(e["dir"])["bits_per_param"]
         reference = None if model is original or args.no_kl else original
         result = evaluate(model, tokenizer, ids, args.seqlen, None, kl_to=reference, progress=False)

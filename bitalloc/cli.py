@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitalloc import __version__
+from bitalloc.identity import BUILTIN_ALIAS
 
 if TYPE_CHECKING:  # the CLI imports the stages lazily, to answer --help fast
     from bitalloc.allocation import SolveOptions
 
 log = logging.getLogger("bitalloc")
 
-BUILTIN_HELP = "model: a Hugging Face hub id, a local directory, a .gguf file, or the built-in alias smollm2-135m (default)"
+BUILTIN_HELP = f"model: a Hugging Face hub id, a local directory, a .gguf file, or the built-in alias {BUILTIN_ALIAS} (default)"
 
 
 # ----- output helpers --------------------------------------------------------------------
@@ -50,10 +50,9 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 # ----- subcommands -----------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     """`bitalloc info [MODEL]`: targets, shapes, parameter counts."""
-    from bitalloc.models import load_model, model_summary
+    from bitalloc.apply import model_info
 
-    model, _ = load_model(args.model)
-    summary = model_summary(model, include=args.include, exclude=args.exclude)
+    summary = model_info(args.model, include=args.include, exclude=args.exclude)
     if args.json:
         _print_json(summary)
         return 0
@@ -67,63 +66,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_labels(spec: str | None) -> dict[str, Any]:
-    """What an evals.jsonl line says about the model evaluated (an applied dir or a plain model)."""
-    from bitalloc.apply import is_applied_dir, read_info
-
-    if spec is None or not is_applied_dir(spec):
-        return {"label": spec or "smollm2-135m", "kind": "original", "baseline": True, "bits_per_param": None,
-                "budget": None, "objective": None, "source_model": None}
-    info = read_info(spec)
-    header = info.get("allocation") or {}
-    uniform = header.get("uniform")
-    return {
-        "label": os.path.basename(os.path.normpath(spec)),
-        "kind": "uniform" if uniform else "bitalloc",
-        "baseline": bool(uniform),
-        "bits_per_param": info["bits_per_param"],
-        "budget": header.get("budget"),
-        "objective": None if uniform else header.get("objective_column"),
-        "config": uniform,
-        "source_model": info.get("model"),
-    }
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     """`bitalloc eval [MODEL|DIR] --data SRC ...`: perplexity (GPTQ convention) and KL to a reference.
 
     An applied directory (from `bitalloc apply`) is evaluated as Q + L1 L2, and its KL is taken
     to the model it was made from unless --kl-to names another or --no-kl is given.
     """
-    from bitalloc.models import evaluate, load_model
-    from bitalloc.models.text import is_self_source
+    from bitalloc.apply import evaluate_model
 
-    labels = _eval_labels(args.model)
-    if args.append:  # fail before the (long) evaluation, not after it
-        open(args.append, "a", encoding="utf-8").close()
-    model, tokenizer = load_model(args.model, device=args.device)
-    kl_to = args.kl_to
-    if kl_to is None and labels["source_model"] and not args.no_kl:
-        kl_to = labels["source_model"]
-    reference = None
-    if kl_to is not None and not args.no_kl:
-        reference, _ = load_model(kl_to, device=args.device)
-    text_model = None
-    if is_self_source(args.data) and labels["source_model"] and reference is None:
-        # self:N text of an applied directory is sampled from the model it was made from
-        text_model, _ = load_model(labels["source_model"], device=args.device)
-    result = evaluate(
-        model, tokenizer, data=args.data, seqlen=args.seqlen, windows=args.windows, kl_to=reference,
-        text_model=text_model,
-    )
-    result["model"] = args.model or "smollm2-135m"
-    result["kl_to"] = kl_to if reference is not None else None
-    result.update({k: v for k, v in labels.items() if k != "source_model"})
-    if args.label:
-        result["label"] = args.label
-    if args.append:
-        with open(args.append, "a", encoding="utf-8") as f:
-            f.write(json.dumps(result, default=_json_default) + "\n")
+    result = evaluate_model(args.model, data=args.data, seqlen=args.seqlen, windows=args.windows, kl_to=args.kl_to,
+                            kl=not args.no_kl, label=args.label, append=args.append, device=args.device)
     if args.json:
         _print_json(result)
         return 0
@@ -174,7 +126,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """`bitalloc apply ALLOC.json --out DIR` (or `--uniform CONFIG`): write the quantized model directory."""
-    from bitalloc.apply import apply_allocation, read_info
+    from bitalloc.apply import applied_summary, apply_allocation
 
     if args.allocation is None and args.uniform is None:
         raise ValueError("give an allocation JSON (from `bitalloc solve --out`) or --uniform CONFIG")
@@ -184,17 +136,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
         fisher=False if args.no_fisher else None, force=args.force, ignore_model_hash=args.ignore_model_hash,
         seed=args.seed, progress=not args.quiet,
     )
-    info = read_info(out)
-    summary = {k: info[k] for k in ("model", "bits_per_param", "bits_per_param_on_disk", "target_params",
-                                   "non_target_params", "fisher", "adapter", "dequantized", "seconds")}
-    summary["out"] = str(out)
-    summary["targets"] = len(info["targets"])
+    summary = applied_summary(out)
     if args.json:
         _print_json(summary)
         return 0
-    print(f"wrote {out}: {summary['targets']} targets at {info['bits_per_param']:.4f} bits/param "
-          f"({info['bits_per_param_on_disk']:.4f} on disk), adapter: {'yes' if info['adapter'] else 'no'}, "
-          f"{info['seconds']:.1f} s")
+    print(f"wrote {out}: {summary['targets']} targets at {summary['bits_per_param']:.4f} bits/param "
+          f"({summary['bits_per_param_on_disk']:.4f} on disk), adapter: {'yes' if summary['adapter'] else 'no'}, "
+          f"{summary['seconds']:.1f} s")
     return 0
 
 

@@ -105,3 +105,19 @@ def read_info(path: str | os.PathLike[str], *, check_files: bool = True) -> dict
                 f"{folder} is incomplete or damaged ({'; '.join(problems[:5])}); run `bitalloc apply` again"
             )
     return info
+
+
+#: The ``bitalloc.json`` entries that :func:`applied_summary` reports.
+SUMMARY_KEYS = ("model", "bits_per_param", "bits_per_param_on_disk", "target_params", "non_target_params", "fisher",
+                "adapter", "dequantized", "seconds")
+
+
+def applied_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The headline of an applied directory: :data:`SUMMARY_KEYS` of its ``bitalloc.json``,
+    ``out`` (the directory) and ``targets`` (how many)."""
+    info = read_info(path)
+    summary = {k: info[k] for k in SUMMARY_KEYS}
+    summary["out"] = str(path)
+    summary["targets"] = len(info["targets"])
+    return summary
+

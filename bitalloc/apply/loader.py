@@ -17,13 +17,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from bitalloc.apply.layout import ADAPTER_DIR, ARRAY_TO_BUFFER, MODEL_FILE, AppliedModelError, read_info
+from bitalloc.apply.layout import ADAPTER_DIR, ARRAY_TO_BUFFER, MODEL_FILE, AppliedModelError, is_applied_dir, read_info
 from bitalloc.apply.quantized_linear import QuantizedLinear
 from bitalloc.configs import QuantConfig
+from bitalloc.models import load_model, resolve_device
+from bitalloc.models.loading import auto_class_for, check_finite, load_tokenizer, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load", "load_applied"]
+__all__ = ["load", "load_applied", "load_model_or_applied"]
 
 
 def _no_init_weights():
@@ -36,8 +38,6 @@ def _no_init_weights():
 
 def _skeleton(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoConfig
-
-    from bitalloc.models.loading import auto_class_for
 
     config = AutoConfig.from_pretrained(folder)
     cls = auto_class_for(config)
@@ -52,8 +52,6 @@ def _skeleton(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _resolve_dtype(dtype: Any, info: dict[str, Any]) -> torch.dtype:
-    from bitalloc.models.loading import resolve_dtype
-
     if dtype is None or dtype == "auto":
         dtype = info.get("dtype", "float32")
     value = resolve_dtype(dtype)
@@ -75,8 +73,6 @@ def load_applied(path: str | os.PathLike[str], adapter: bool = True, *, device: 
     ``cache_weights`` (default here) keeps each dequantized weight after its first use, so
     evaluation runs at dense speed at the memory cost of a dense model.
     """
-    from bitalloc.models.loading import load_tokenizer
-
     model = load(path, adapter=adapter, device=device, dtype=dtype, cache_weights=cache_weights)
     return model, load_tokenizer(Path(path))
 
@@ -93,8 +89,6 @@ def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | t
     The model is in eval mode on ``device``. Raises AppliedModelError (a
     ValueError) for a directory that is not a complete ``bitalloc apply`` output.
     """
-    from bitalloc.models.loading import resolve_device
-
     folder = Path(path)
     info = read_info(folder)
     compute_dtype = _resolve_dtype(dtype, info)
@@ -155,3 +149,21 @@ def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | t
         model.to(target_device)
         model.eval()
     return model
+
+
+def load_model_or_applied(spec: str | os.PathLike[str] | None, *, device: str | torch.device = "cpu",
+                          dtype: str | torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` of a model specification or of an applied directory.
+
+    An applied directory (one holding ``bitalloc.json``) is loaded for inference as
+    ``Q + L1 L2`` (:func:`load_applied`, adapter attached); anything else goes to
+    :func:`bitalloc.models.load_model`. ``dtype`` None means float32, ``"auto"`` the
+    checkpoint's (for an applied directory: its source model's).
+    """
+    if spec is None or not is_applied_dir(spec):
+        return load_model(spec, device=device, dtype=dtype)
+    torch_dtype = resolve_dtype(dtype)
+    model, tokenizer = load_applied(spec, adapter=True, device=device,
+                                    dtype=None if torch_dtype == "auto" else torch_dtype)
+    check_finite(model)
+    return model, tokenizer

@@ -20,14 +20,19 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from bitalloc import __version__
 from bitalloc.allocation import Allocation
 from bitalloc.atomic import atomic_write_json
 from bitalloc.configs import QuantConfig
 from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_VERSION, INFO_FILE, MODEL_FILE,
-                                   factor_key, file_sizes, q_key)
+                                   factor_key, file_sizes, is_applied_dir, q_key)
 from bitalloc.apply.peft_adapter import task_type_for, write_adapter
+from bitalloc.identity import BUILTIN_ALIAS, model_fingerprint, model_id
+from bitalloc.lowrank import decompose
+from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
+from bitalloc.models.targets import TARGET_TYPES, float_target_weight
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +73,6 @@ def _check_output(out: Path, force: bool) -> None:
 
 def _targets_for(model: torch.nn.Module, assignments: dict[str, str] | None, header: Mapping[str, Any],
                  include: Any, exclude: Any) -> list[tuple[str, torch.nn.Module, QuantConfig]]:
-    from bitalloc.models import find_targets, target_weight
-    from bitalloc.models.targets import TARGET_TYPES
-
     if assignments is None:
         cfg = QuantConfig.from_name(header["uniform"])
         return [(n, m, cfg) for n, m in find_targets(model, include=include, exclude=exclude)]
@@ -125,10 +127,8 @@ def _fisher(model, tokenizer, targets, provenance: Mapping[str, Any], model_hash
     calibration = provenance.get("calibration")
     if not provenance.get("fisher") or not calibration:
         return None
-    from bitalloc.profiles.runner import calibration_fisher
-
-    return calibration_fisher(model, tokenizer, [(n, m) for n, m, _ in targets], calibration,
-                              model_id=provenance.get("model") or "smollm2-135m",
+    return calibration_fisher(model, tokenizer, [(n, m) for n, m, _ in targets], Calibration.from_dict(calibration),
+                              model_id=model_id(provenance.get("model")),
                               model_hash=provenance.get("model_hash") or model_hash,
                               seed=int(provenance.get("seed") or 0), device=device, progress=progress)
 
@@ -167,18 +167,15 @@ def apply_allocation(
     targets of a ``uniform`` run. Returns the directory. Raises ValueError for an allocation
     made for another model, FileExistsError for a non-empty ``out`` without ``force``.
     """
-    from bitalloc.lowrank import decompose
-    from bitalloc.models import load_model, target_weight
-    from bitalloc.models.targets import float_target_weight
-    from bitalloc.models.fisher import model_fingerprint
-    from bitalloc.profiles.runner import resolve_device
-
     started = time.perf_counter()
     assignments, header = _assignments(allocation, uniform)
     out = Path(out)
     _check_output(out, force)
     provenance = header.get("provenance", {})
     spec = model if model is not None else provenance.get("model")
+    if spec is not None and is_applied_dir(spec):
+        raise ValueError(f"{spec} is a `bitalloc apply` output, not a model to quantize; pass the model it was "
+                         "made from (its bitalloc.json names it under 'model')")
     dev = resolve_device(device)
     net, tokenizer = load_model(spec, dtype="auto")
     model_hash = model_fingerprint(net)
@@ -251,7 +248,7 @@ def apply_allocation(
                 log.warning("not writing generation_config.json: %s", exc)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        base = spec or getattr(net.config, "_name_or_path", "") or "smollm2-135m"
+        base = spec or getattr(net.config, "_name_or_path", "") or BUILTIN_ALIAS
         if dequantized:
             _write_dequantized(tmp / DEQUANTIZED_DIR, net, tensors, set(arrays), dense, targets, tokenizer)
             base = str((out / DEQUANTIZED_DIR).resolve())
@@ -263,7 +260,7 @@ def apply_allocation(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "bitalloc_version": __version__,
-            "model": spec or "smollm2-135m",
+            "model": model_id(spec),
             "model_hash": model_hash,
             "model_class": type(net).__name__,
             "dtype": str(compute_dtype).removeprefix("torch."),
@@ -296,8 +293,6 @@ def apply_allocation(
 def _write_dequantized(folder: Path, net: torch.nn.Module, tensors: Mapping[str, torch.Tensor], packed: set[str],
                        dense: Mapping[str, torch.Tensor], targets, tokenizer) -> None:
     """A plain Hugging Face checkpoint: non-targets as they are, each Q dequantized to bf16."""
-    from transformers.pytorch_utils import Conv1D
-
     folder.mkdir(parents=True)
     plain = {k: v for k, v in tensors.items() if k not in packed}
     for name, module, _ in targets:

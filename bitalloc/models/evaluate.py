@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bitalloc.models.causal import check_seqlen, eval_mode, require_causal_lm
-from bitalloc.models.text import is_self_source, load_text, token_windows
+from bitalloc.models.loading import load_model
+from bitalloc.models.self_text import self_windows
+from bitalloc.models.text import is_self_source, load_text, parse_self_source, token_windows
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +182,6 @@ def evaluate(
     """
     started = time.perf_counter()
     if not isinstance(kl_to, (torch.nn.Module, type(None))):
-        from bitalloc.models.loading import load_model
-
         kl_to, _ = load_model(kl_to, device=next(model.parameters()).device)
     if isinstance(data, torch.Tensor):
         ids = _check_windows(data)[: windows or None]
@@ -211,9 +211,6 @@ def evaluate(
 def _self_ids(data: Any, windows: int | None, seqlen: int, sampler: torch.nn.Module, tokenizer: Any,
               progress: bool) -> torch.LongTensor:
     """The windows of a ``self:N`` source: N (else ``windows``) sequences sampled from ``sampler``."""
-    from bitalloc.models.self_text import self_windows
-    from bitalloc.models.text import parse_self_source
-
     _, count = parse_self_source(os.fspath(data).strip().lower())
     if count == 0:
         raise ValueError(f"{os.fspath(data)!r}: need at least one sampled window (self:N with N >= 1)")

@@ -7,8 +7,7 @@ directory, and loads that afterwards. The cache entry's key includes the file's 
 modification time, so a changed file is converted anew. Entries are written into a temporary
 directory and renamed into place, so an interrupted conversion never leaves a half-written entry.
 
-The cache lives in ``$BITALLOC_CACHE`` when set, else ``$XDG_CACHE_HOME/bitalloc``, else
-``~/.cache/bitalloc``.
+The cache lives in ``gguf/`` under :func:`bitalloc.identity.cache_root`.
 """
 
 from __future__ import annotations
@@ -24,20 +23,13 @@ from pathlib import Path
 
 import torch
 
+from bitalloc.identity import cache_root
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 CACHE_MARKER = "bitalloc-gguf.json"
 STALE_TMP_SECONDS = 6 * 3600
-
-
-def cache_root() -> Path:
-    """The bitalloc cache directory (not created here)."""
-    if os.environ.get("BITALLOC_CACHE"):
-        return Path(os.environ["BITALLOC_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "bitalloc"
-    return Path("~/.cache/bitalloc").expanduser()
 
 
 def gguf_cache_key(gguf_path: str | os.PathLike) -> str:

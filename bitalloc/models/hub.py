@@ -14,6 +14,8 @@ import re
 import socket
 from urllib.parse import urlparse
 
+from bitalloc.identity import BUILTIN_ALIAS
+
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 3.0
@@ -23,7 +25,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9](?:[\w.\-]*[A-Za-z0-9_])?(?:/[A-Za-z0-9](?:[\
 _probe_results: dict[tuple[str, int], bool] = {}
 
 ACCEPTED_MODEL_FORMS = (
-    "the built-in alias 'smollm2-135m' (or no model at all)",
+    f"the built-in alias '{BUILTIN_ALIAS}' (or no model at all)",
     "a local Hugging Face model directory (config.json + weights)",
     "a path to a .gguf file",
     "a Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M' (from the local HF cache, or "

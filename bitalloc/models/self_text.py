@@ -18,14 +18,16 @@ from typing import Any
 
 import torch
 
+from bitalloc.atomic import atomic_write_bytes
+from bitalloc.identity import cache_root, model_fingerprint
+from bitalloc.models.sampling import sample_sequences
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 
 
 def _cache_file(model_hash: str, n: int, seqlen: int, seed: int) -> Path:
-    from bitalloc.models.gguf_cache import cache_root
-
     payload = json.dumps({"format": CACHE_FORMAT, "model_hash": model_hash, "n": n, "seqlen": seqlen,
                           "seed": seed}, sort_keys=True)
     key = hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -40,10 +42,6 @@ def self_windows(
     A cache entry that cannot be read or has the wrong shape is resampled with a warning; a
     cache that cannot be written gives a warning, not an error.
     """
-    from bitalloc.atomic import atomic_write_bytes
-    from bitalloc.models.fisher import model_fingerprint
-    from bitalloc.models.sampling import sample_sequences
-
     path = _cache_file(model_fingerprint(model), n, seqlen, seed)
     if path.is_file():
         try:

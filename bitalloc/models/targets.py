@@ -75,7 +75,9 @@ def find_targets(
     input_embedding, output_embedding = _embedding_modules(model)
     embeddings = {id(m) for m in (input_embedding, output_embedding) if m is not None}
 
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, TARGET_TYPES)]
+    # a layer without a weight matrix (bitalloc's QuantizedLinear keeps packed codes instead) is no target
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, TARGET_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)]
     if includes:
         selected = [(n, m) for n, m in candidates if _matches(n, includes)]
     else:

@@ -42,8 +42,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from bitalloc.atomic import atomic_write_bytes
-from bitalloc.configs import BUILTIN_SPACES
-from bitalloc.profiles.runner import ProfileRequest
+from bitalloc.configs import BUILTIN_SPACES, config_space, resolve_ranks
+from bitalloc.identity import BUILTIN_ALIAS, model_fingerprint
+from bitalloc.models import Calibration, find_targets, load_model, resolve_device, target_weight
+from bitalloc.models.calibration import fisher_cache_dir
+from bitalloc.profiles.runner import ProfileRequest, check_ranks_fit, describe_meta_difference, profile, request_fisher
+from bitalloc.profiles.shards import merge_profiles
 from bitalloc.profiles.store import META_FILE, ProfileError, load_profile, read_meta
 
 log = logging.getLogger(__name__)
@@ -127,9 +131,7 @@ def _sha256(data: bytes) -> str:
 
 # ----- the Fisher estimate, shipped once --------------------------------------------------
 def _fisher_dir() -> Path:
-    from bitalloc.models.gguf_cache import cache_root
-
-    return cache_root() / "fisher"
+    return fisher_cache_dir()
 
 
 def _fisher_snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -175,13 +177,6 @@ def _prepare_task(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, by
 
 
 def _prepare(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, bytes]]:
-    from bitalloc.configs import config_space, resolve_ranks
-    from bitalloc.models import find_targets, load_model, target_weight
-    from bitalloc.models.fisher import model_fingerprint
-    from bitalloc.profiles.runner import (
-        _fisher_for, calibration_settings, check_ranks_fit, fisher_cache_files, resolve_device,
-    )
-
     device = resolve_device(request.device)
     model, tokenizer = load_model(request.model)
     targets = find_targets(model, include=request.include, exclude=request.exclude)
@@ -197,13 +192,12 @@ def _prepare(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, bytes]]
     }
     files: dict[str, bytes] = {}
     if request.fisher:
-        calibration = calibration_settings(request, device)
-        info["calibration"] = calibration
+        calibration = request.calibration(device)
+        info["calibration"] = calibration.to_dict()
         started = time.perf_counter()
-        _fisher_for(model, tokenizer, targets, calibration, request, model_hash, device)
+        request_fisher(request, model, tokenizer, targets, calibration, model_hash, device)
         info["fisher_seconds"] = time.perf_counter() - started
-        tensors, sidecar = fisher_cache_files(calibration, model_id=request.model or "smollm2-135m",
-                                              model_hash=model_hash, seed=request.seed)
+        tensors, sidecar = calibration.cache_files(model_id=request.model_id, model_hash=model_hash, seed=request.seed)
         if tensors.is_file() and sidecar.is_file():
             files = {tensors.name: tensors.read_bytes(), sidecar.name: sidecar.read_bytes()}
             info["fisher_files"] = {name: _sha256(blob) for name, blob in files.items()}
@@ -215,8 +209,6 @@ def _prepare(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, bytes]]
 def _shard_task(request: ProfileRequest, seed_files: Mapping[str, bytes], fisher: Mapping[str, Any],
                 decompose_fn: Callable[..., Sequence[Any]] | None = None) -> dict[str, Any]:
     """Profile one shard in a temporary directory and return its files (and any error)."""
-    from bitalloc.profiles.runner import profile
-
     started = time.perf_counter()
     result: dict[str, Any] = {"host": socket.gethostname(), "error": None, "files": {}, "fisher_fetched": False,
                               "fisher_estimated": []}
@@ -279,7 +271,7 @@ def _existing_shard_count(root: Path) -> int | None:
 
 
 def _expected_meta(request: ProfileRequest, info: Mapping[str, Any], i: int, n: int) -> dict[str, Any]:
-    return {"model": request.model or "smollm2-135m", "model_hash": info["model_hash"], "targets": info["targets"],
+    return {"model": request.model_id, "model_hash": info["model_hash"], "targets": info["targets"],
             "space": str(request.space), "ranks": info["ranks"], "configs": info["configs"],
             "fisher": bool(request.fisher), "calibration": info["calibration"], "seed": request.seed,
             "shard": f"{i}/{n}"}
@@ -287,8 +279,6 @@ def _expected_meta(request: ProfileRequest, info: Mapping[str, Any], i: int, n: 
 
 def _shard_state(folder: Path, expected: dict[str, Any]) -> tuple[bool, dict[str, bytes]]:
     """``(finished, files to resume from)`` of the driver's copy of one shard."""
-    from bitalloc.profiles.runner import describe_meta_difference
-
     if not folder.exists():
         return False, {}
     if not (folder / META_FILE).is_file():
@@ -351,7 +341,7 @@ def profile_with_ray(
     if request.resume and not root.is_dir():
         raise ProfileError(f"--resume given but there are no shards to resume in {root}")
     base = dataclasses.replace(
-        request, model=_absolute_if_local(request.model, ("smollm2-135m",)),
+        request, model=_absolute_if_local(request.model, (BUILTIN_ALIAS,)),
         calib=_absolute_if_local(request.calib, ("wikitext2", "wikitext-2", "wikitext", "c4")),
         space=_absolute_if_local(str(request.space), tuple(BUILTIN_SPACES)), progress=False, resume=False,
         shard=None, jobs=1,  # a task has one CPU (or GPU): no worker processes inside it
@@ -387,8 +377,8 @@ def profile_with_ray(
                  ", Fisher estimate ready" if info["fisher_files"] else "")
         base = dataclasses.replace(base, ranks=tuple(info["ranks"]))  # "auto" resolved once, for every shard
         if info["calibration"] is not None:  # the shards must use exactly these settings
-            cal = info["calibration"]
-            base = dataclasses.replace(base, samples=cal["samples"], seqlen=cal["seqlen"], fisher_mode=cal["mode"])
+            cal = Calibration.from_dict(info["calibration"])
+            base = dataclasses.replace(base, samples=cal.samples, seqlen=cal.seqlen, fisher_mode=cal.mode)
 
         n = shards or _existing_shard_count(root) or int(gpus if device == "cuda" else cpus) or 1
         if n > n_targets:
@@ -420,8 +410,6 @@ def profile_with_ray(
             f"{len(failures)} of {n} shards failed: {lines}. The {kept} finished shards (and the finished "
             f"matrices of the failed ones) are kept in {root}; rerun the same command to resume."
         )
-    from bitalloc.profiles.shards import merge_profiles
-
     return merge_profiles(dirs, out)
 
 

@@ -8,16 +8,22 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from bitalloc import __version__
-from bitalloc.configs import QuantConfig, config_space, resolve_ranks
+from bitalloc.configs import QuantConfig, config_space, parse_ranks, resolve_ranks
+from bitalloc.identity import model_fingerprint, model_id
+from bitalloc.lowrank import decompose_many
+from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
+from bitalloc.models.fisher import FISHER_MODES
+from bitalloc.models.targets import float_target_weight
 from bitalloc.profiles.shards import parse_shard, shard_indices
 from bitalloc.profiles.store import (
     PROFILE_FORMAT,
@@ -37,9 +43,14 @@ log = logging.getLogger(__name__)
 RESUME_KEYS = ("model_hash", "targets", "configs", "fisher", "calibration", "seed", "shard")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProfileRequest:
-    """Everything that defines a profile run (the CLI's flags)."""
+    """Everything that defines a profile run (the CLI's flags), checked when made.
+
+    ``calib``, ``samples``, ``seqlen`` and ``fisher_mode`` left None take the device's
+    defaults (see :meth:`calibration`). ``ranks`` is a sequence of ranks, ``"0,8"`` or ``"auto"``;
+    ``shard`` is ``"i/n"`` or None; ``jobs`` None or 0 lets the profiler choose.
+    """
 
     model: str | None = None
     out: str | os.PathLike[str] = "profile"
@@ -48,7 +59,7 @@ class ProfileRequest:
     seqlen: int | None = None
     fisher: bool = True
     fisher_mode: str | None = None
-    space: str = "default"
+    space: str | os.PathLike[str] = "default"
     ranks: Sequence[int] | str = "auto"
     include: str | None = None
     exclude: str | None = None
@@ -58,20 +69,48 @@ class ProfileRequest:
     seed: int = 0
     progress: bool = True
     jobs: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("samples", "seqlen"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.fisher_mode is not None and self.fisher_mode not in FISHER_MODES:
+            raise ValueError(f"unknown Fisher mode {self.fisher_mode!r}; use one of {', '.join(FISHER_MODES)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int)):
+            raise ValueError(f"--jobs must be an integer >= 0 (0 = one per CPU core), got {self.jobs!r}")
+        # "0,8" and "auto" as --ranks writes them; a sequence of ints as it is
+        ranks = parse_ranks(self.ranks) if isinstance(self.ranks, str) else tuple(int(r) for r in self.ranks)
+        object.__setattr__(self, "ranks", ranks)
+        parse_shard(self.shard)  # a clear error now rather than after the model is loaded
 
-def resolve_device(device: str | None) -> torch.device:
-    """``auto`` -> cuda when present, else cpu; ``cpu``/``cuda``/``cuda:i`` checked."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"invalid --device {device!r}: use auto, cpu, cuda or cuda:i") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
-    return dev
+    @property
+    def model_id(self) -> str:
+        """The model's name in meta.json and in the Fisher cache key."""
+        return model_id(self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as JSON data (paths as strings, ranks as a list or ``"auto"``)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["out"] = os.fspath(self.out)
+        data["space"] = os.fspath(self.space)
+        data["ranks"] = self.ranks if isinstance(self.ranks, str) else list(self.ranks)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProfileRequest:
+        """Read :meth:`to_dict`'s form; ValueError for unknown keys."""
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown profile request fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def calibration(self, device: torch.device | str) -> Calibration:
+        """The calibration settings of this run on ``device`` (the device's defaults where unset)."""
+        return Calibration.for_device(device, source=self.calib, samples=self.samples, seqlen=self.seqlen,
+                                      mode=self.fisher_mode)
 
 
 def _matrix_rows(index: int, name: str, W: torch.Tensor, configs: Sequence[QuantConfig],
@@ -106,6 +145,7 @@ def check_ranks_fit(targets, shapes, configs: Sequence[QuantConfig]) -> None:
 
 
 def describe_meta_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two profiles' meta.json in the keys a resume needs equal (``""`` when nothing)."""
     parts = []
     for key in RESUME_KEYS:
         if old.get(key) != new.get(key):
@@ -157,11 +197,6 @@ def profile(request: ProfileRequest,
     written once all matrices of the run (or shard) are done. ``decompose_fn(W, configs,
     fisher=F)`` defaults to :func:`bitalloc.lowrank.decompose_many`.
     """
-    from bitalloc.lowrank import decompose_many
-    from bitalloc.models import find_targets, load_model, target_weight
-    from bitalloc.models.targets import float_target_weight
-    from bitalloc.models.fisher import model_fingerprint
-
     decompose_fn = decompose_fn or decompose_many
     out = Path(request.out)
     shard = parse_shard(request.shard)
@@ -177,22 +212,23 @@ def profile(request: ProfileRequest,
     configs = config_space(request.space, ranks=ranks)
     work = shard_indices(len(targets), shard)
     check_ranks_fit(targets, shapes, configs)
-    calibration = calibration_settings(request, device) if request.fisher else None
+    calibration = request.calibration(device) if request.fisher else None
     meta: dict[str, Any] = {
         "format": PROFILE_FORMAT, "format_version": PROFILE_VERSION,
-        "model": request.model or "smollm2-135m", "model_hash": model_fingerprint(model),
+        "model": request.model_id, "model_hash": model_fingerprint(model),
         "targets": [{"name": n, "rows": r, "cols": c} for (n, _), (r, c) in zip(targets, shapes)],
         "include": request.include, "exclude": request.exclude,
         "space": str(request.space), "ranks": list(ranks),
         "configs": [c.name for c in configs],
-        "fisher": bool(request.fisher), "calibration": calibration,
+        "fisher": bool(request.fisher), "calibration": None if calibration is None else calibration.to_dict(),
         "seed": request.seed, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
         "work": work, "device": str(device), "versions": _versions(), "complete": False,
     }
     done = _prepare_directory(out, meta, request.resume)
     todo = [i for i in work if i not in done]
 
-    fisher = _fisher_for(model, tokenizer, targets, calibration, request, meta["model_hash"], device) if todo else None
+    fisher = (request_fisher(request, model, tokenizer, targets, calibration, meta["model_hash"], device)
+              if todo and calibration is not None else None)
     numels = [shapes[i][0] * shapes[i][1] for i in todo]
     jobs = (resolve_jobs(request.jobs, device, len(todo), sum(numels) * len(configs), max(numels, default=0))
             if decompose_fn is decompose_many else 1)
@@ -328,8 +364,6 @@ def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], job
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    from bitalloc.lowrank import decompose_many
-
     pending = list(todo)
     running: dict[cf.Future, int] = {}
     with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
@@ -350,89 +384,31 @@ def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], job
             raise
 
 
-def calibration_settings(request: ProfileRequest, device: torch.device) -> dict[str, Any]:
-    from bitalloc.models.fisher import default_fisher_settings
-
-    defaults = default_fisher_settings(device)
-    samples = int(request.samples or defaults["samples"])
-    return {
-        "source": request.calib or f"self:{samples}",
-        "samples": samples,
-        "seqlen": int(request.seqlen or defaults["seqlen"]),
-        "mode": request.fisher_mode or defaults["mode"],
-        "batch_size": int(defaults.get("batch_size") or 1),
-    }
-
-
-def _fisher_for(model, tokenizer, targets, calibration, request, model_hash, device):
-    """The Fisher estimate of the targets (cached by model, data, samples, seqlen, mode, seed)."""
-    if calibration is None:
-        return None
-    return calibration_fisher(model, tokenizer, targets, calibration, model_id=request.model or "smollm2-135m",
+def request_fisher(request: ProfileRequest, model: torch.nn.Module, tokenizer: Any,
+                   targets: Sequence[tuple[str, torch.nn.Module]], calibration: Calibration, model_hash: str,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """The Fisher estimate of a profile run (cached by model, data, samples, seqlen, mode, seed)."""
+    return calibration_fisher(model, tokenizer, targets, calibration, model_id=request.model_id,
                               model_hash=model_hash, seed=request.seed, device=device, progress=request.progress)
-
-
-def fisher_key_fields(calibration: dict[str, Any], *, model_id: str, model_hash: str, seed: int) -> dict[str, Any]:
-    """The Fisher cache key fields of a profile with ``calibration`` (its meta's dict)."""
-    return {
-        "model_id": model_id, "model_hash": model_hash,
-        "data": calibration["source"], "samples": calibration["samples"], "seqlen": calibration["seqlen"],
-        "mode": calibration["mode"], "seed": seed,
-    }
-
-
-def fisher_cache_files(calibration: dict[str, Any], *, model_id: str, model_hash: str, seed: int) -> tuple[Path, Path]:
-    """``(tensors, sidecar)``: where the Fisher estimate of a profile with ``calibration`` is cached."""
-    from bitalloc.models.fisher import fisher_cache_key, fisher_cache_paths
-    from bitalloc.models.gguf_cache import cache_root
-
-    fields = fisher_key_fields(calibration, model_id=model_id, model_hash=model_hash, seed=seed)
-    key = fisher_cache_key(**fields, batch_size=calibration.get("batch_size"))
-    return fisher_cache_paths(cache_root() / "fisher", key)
 
 
 def prepare_fisher(request: ProfileRequest) -> dict[str, Any] | None:
     """Estimate (or find cached) the Fisher estimate a profile run with ``request`` will use.
 
     Run it once before starting ``--shard i/n`` processes so that they all read the cache
-    instead of each estimating it. Returns ``{"calibration", "model_hash", "files",
-    "seconds"}`` (``files``: the cache's tensor and sidecar paths), or None with ``--no-fisher``.
+    instead of each estimating it. Returns ``{"calibration"`` (a :class:`Calibration`),
+    ``"model_hash", "files", "seconds"}`` (``files``: the cache's tensor and sidecar paths),
+    or None with ``--no-fisher``.
     """
-    from bitalloc.models import find_targets, load_model
-    from bitalloc.models.fisher import model_fingerprint
-
     if not request.fisher:
         return None
     device = resolve_device(request.device)
     model, tokenizer = load_model(request.model)
     targets = find_targets(model, include=request.include, exclude=request.exclude)
-    calibration = calibration_settings(request, device)
+    calibration = request.calibration(device)
     model_hash = model_fingerprint(model)
     started = time.perf_counter()
-    _fisher_for(model, tokenizer, targets, calibration, request, model_hash, device)
-    files = fisher_cache_files(calibration, model_id=request.model or "smollm2-135m", model_hash=model_hash,
-                               seed=request.seed)
+    request_fisher(request, model, tokenizer, targets, calibration, model_hash, device)
+    files = calibration.cache_files(model_id=request.model_id, model_hash=model_hash, seed=request.seed)
     return {"calibration": calibration, "model_hash": model_hash, "files": files,
             "seconds": time.perf_counter() - started}
-
-
-def calibration_fisher(model: torch.nn.Module, tokenizer: Any, targets: Sequence[tuple[str, torch.nn.Module]],
-                       calibration: dict[str, Any], *, model_id: str, model_hash: str, seed: int,
-                       device: torch.device | str, progress: bool = True) -> dict[str, torch.Tensor]:
-    """The Fisher estimate a profile with ``calibration`` (its meta's dict) uses, from the cache when there.
-
-    ``bitalloc apply`` calls this with an allocation's provenance, so it reuses the profile's
-    cached estimate instead of recomputing it.
-    """
-    from bitalloc.models import calibration_tokens
-    from bitalloc.models.fisher import load_or_estimate_fisher
-    from bitalloc.models.gguf_cache import cache_root
-
-    def tokens() -> torch.Tensor:
-        return calibration_tokens(calibration["source"], model, tokenizer, calibration["seqlen"],
-                                  calibration["samples"], seed=seed)
-
-    key_fields = fisher_key_fields(calibration, model_id=model_id, model_hash=model_hash, seed=seed)
-    return load_or_estimate_fisher(model, tokens, targets, cache_dir=cache_root() / "fisher",
-                                   key_fields=key_fields, batch_size=calibration.get("batch_size"),
-                                   device=device, progress=progress)

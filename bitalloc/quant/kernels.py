@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bitalloc.quant import nf
+
 log = logging.getLogger(__name__)
 
 #: Codebooks with at most this many midpoints are rounded by compare-and-blend (NF2-NF4);
@@ -157,8 +159,6 @@ def round_to_levels(
     ``t`` is a contiguous float32 CPU matrix and ``scales`` its per-element scales (the block
     scales expanded to ``t``'s shape, contiguous); bit-identical to the tensor code.
     """
-    from bitalloc.quant import nf
-
     k = _compiled()
     out = torch.empty_like(t)
     tn, sn, on = t.numpy(), scales.numpy(), out.numpy()
@@ -178,8 +178,6 @@ def _table_pairs(bits: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The lookup table of :func:`bitalloc.quant.nf.round_tables` for the kernel: the levels
     below and above each bin's midpoint interleaved (``pairs[2 k + (y > threshold[k])]``), and
     the thresholds; None when the codebook has no table."""
-    from bitalloc.quant import nf
-
     tables = nf.round_tables(bits)
     if tables is None:
         return None

@@ -4,25 +4,16 @@ the committed benchmark results.
 - :func:`report` writes ``DIR/report.md`` with the Pareto figure (predicted error and, with
   evals, measured perplexity/KL against bits/param), an allocation map per allocation and a
   sensitivity figure; ``bitalloc report`` is its command.
-- :func:`write_index` regenerates ``reports/README.md`` from every ``reports/*/results.md``.
+- :func:`bitalloc.reports.index.write_index` regenerates ``reports/README.md`` from every
+  ``reports/*/results.md`` (``python -m bitalloc.reports.index``; not re-exported here, so that
+  running that module finds it not yet imported).
 - :func:`split_name` / :func:`layer_grid` derive layers and matrix kinds from target names.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from .data import load_evals
 from .markdown import report
 from .names import layer_grid, split_name
 
-__all__ = ["layer_grid", "load_evals", "report", "split_name", "write_index"]
-
-
-def __getattr__(name: str) -> Any:
-    # lazy, so that `python -m bitalloc.reports.index` does not find its module imported already
-    if name == "write_index":
-        from .index import write_index
-
-        return write_index
-    raise AttributeError(f"module 'bitalloc.reports' has no attribute {name!r}")
+__all__ = ["layer_grid", "load_evals", "report", "split_name"]

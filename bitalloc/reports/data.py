@@ -18,6 +18,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from bitalloc.allocation import Allocation
+from bitalloc.allocation import sweep as run_sweep
+from bitalloc.profiles.store import load_profile
+from bitalloc.solvers import lagrange_hull, profile_arrays
+
 log = logging.getLogger(__name__)
 
 #: Objective names and the profile columns they read.
@@ -81,8 +86,6 @@ class ProfileInfo:
 
 def profile_info(profile: str | os.PathLike[str]) -> ProfileInfo:
     """Load a profile directory for reporting."""
-    from bitalloc.profiles.store import load_profile
-
     df, meta = load_profile(profile)
     if df.empty:
         raise ValueError(f"profile {profile} has no rows")
@@ -290,8 +293,6 @@ def _feasible_ilp(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _hull(df: pd.DataFrame, objective: str) -> pd.DataFrame:
-    from bitalloc.solvers import lagrange_hull, profile_arrays
-
     a = profile_arrays(df, objective=objective)
     return lagrange_hull(a.error, a.storage_bits, a.numel, matrix_names=a.matrices)
 
@@ -309,8 +310,6 @@ def pareto_curves(
     Computed curves solve the profile exactly (HiGHS, no ties or bounds) at ``budgets``
     (default :func:`default_budgets`) and take the whole Lagrangian hull.
     """
-    from bitalloc.allocation import sweep as run_sweep
-
     curves = []
     for objective in objectives:
         if sweep is not None and (sweep["objective_column"] == objective).any():
@@ -409,8 +408,6 @@ def load_allocation(path: str | os.PathLike[str], info: ProfileInfo) -> dict[str
     Its ``provenance.model_hash`` (when recorded) must match the profile's, and every
     (matrix, config) it assigns must be in the profile.
     """
-    from bitalloc.allocation import Allocation
-
     data = Allocation.load(path).to_dict()
     expect = info.meta.get("model_hash")
     got = (data.get("provenance") or {}).get("model_hash")

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bitalloc.atomic import atomic_write_bytes
+
 log = logging.getLogger("bitalloc.reports.index")  # the same name when run with -m
 
 INDEX_FILE = "README.md"
@@ -37,8 +39,6 @@ def write_index(reports_dir: str | os.PathLike[str] = "reports", *, bench_dir: s
     ``bench_dir`` (default: ``bench`` next to ``reports_dir``) is searched for the script
     that writes a folder when its ``results.json`` records no ``command``.
     """
-    from bitalloc.atomic import atomic_write_bytes
-
     root = Path(reports_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"reports folder {root} does not exist")

@@ -12,8 +12,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from bitalloc import __version__
 from bitalloc.atomic import atomic_write_bytes
 
+from .allocation_map import allocation_figure
 from .data import (
     OBJECTIVES,
     Curve,
@@ -29,6 +31,8 @@ from .data import (
     resolve_objectives,
     uniform_points,
 )
+from .pareto import pareto_figure
+from .sensitivity import sensitivity_figure
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +59,6 @@ def report(
     ``allocs``: allocation JSON files of that profile, one map each. ``objectives``: ``plain``
     and/or ``fisher`` (default: those the profile has; a missing Fisher curve is noted).
     """
-    from .allocation_map import allocation_figure
-    from .pareto import pareto_figure
-    from .sensitivity import sensitivity_figure
-
     out = Path(out)
     info = profile_info(profile)
     chosen, notes = resolve_objectives(info, objectives)
@@ -144,8 +144,6 @@ def _figure(png: Path, out: Path, alt: str) -> list[str]:
 
 # ----- sections ----------------------------------------------------------------------------
 def _header(info: ProfileInfo, sweep, evals, objectives: list[str], notes: list[str]) -> list[str]:
-    from bitalloc import __version__
-
     meta = info.meta
     ranks = meta.get("ranks")
     fisher = "yes" if "fisher" in info.objectives else "no"

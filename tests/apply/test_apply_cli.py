@@ -61,7 +61,7 @@ def test_eval_append_to_an_unwritable_path_fails_before_evaluating(tiny_llama_di
     def no_evaluation(*args, **kwargs):
         raise AssertionError("evaluated although the --append file cannot be written")
 
-    monkeypatch.setattr("bitalloc.models.evaluate", no_evaluation)
+    monkeypatch.setattr("bitalloc.apply.evaluation.evaluate", no_evaluation)
     folder = tmp_path / "a-directory"
     folder.mkdir()
     assert main(["eval", str(tiny_llama_dir), "--seqlen", "32", "--append", str(folder)]) == 2
@@ -70,19 +70,19 @@ def test_eval_append_to_an_unwritable_path_fails_before_evaluating(tiny_llama_di
 
 def test_eval_dir_on_self_text_samples_the_source_model_once(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     """Without any text, `eval DIR --data self:N` scores every model on the source model's samples."""
-    from bitalloc.models import sampling
+    from bitalloc.models import self_text
 
     out = tmp_path / "nf3"
     assert main(["-q", "apply", "--uniform", "nf3-g16-s16-r0", "--model", str(tiny_llama_dir), "--out", str(out)]) == 0
     capsys.readouterr()
     sampled = []
-    real = sampling.sample_sequences
+    real = self_text.sample_sequences
     from bitalloc.apply import QuantizedLinear
 
     def quantized_model(m) -> bool:
         return any(isinstance(mod, QuantizedLinear) for mod in m.modules())
 
-    monkeypatch.setattr(sampling, "sample_sequences",
+    monkeypatch.setattr(self_text, "sample_sequences",
                         lambda m, *a, **kw: sampled.append(quantized_model(m)) or real(m, *a, **kw))
     base = ["--data", "self:3", "--seqlen", "24", "--json"]
     assert main(["-q", "eval", str(out), "--no-kl", *base]) == 0

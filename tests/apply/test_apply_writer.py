@@ -91,7 +91,9 @@ def test_end_to_end_profile_solve_apply_load_eval(applied, tiny_text_file):
 
     from bitalloc.models import evaluate
 
-    model_full, tok = load_model(str(out))
+    from bitalloc.apply import load_model_or_applied
+
+    model_full, tok = load_model_or_applied(str(out))
     result = evaluate(model_full, tok, data=str(tiny_text_file), seqlen=32, windows=2, kl_to=str(model_dir),
                       progress=False)
     assert result["perplexity"] > 1 and result["kl"] > 0
@@ -209,7 +211,7 @@ def test_fisher_allocation_reuses_the_cached_estimate(tiny_llama_dir, tmp_path, 
     def no_estimate(*args, **kwargs):
         raise AssertionError("apply recomputed the Fisher estimate instead of reading the profile's cache")
 
-    monkeypatch.setattr("bitalloc.models.fisher.estimate_fisher", no_estimate)
+    monkeypatch.setattr("bitalloc.models.fisher_cache.estimate_fisher", no_estimate)
     out = apply_allocation(alloc, out=tmp_path / "q", progress=False)
     info = read_info(out)
     assert info["fisher"] is True

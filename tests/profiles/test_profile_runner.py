@@ -211,7 +211,7 @@ def test_nan_matrix_named(tiny_builders, tiny_tokenizer, tmp_path, space_file, m
     model = tiny_builders.llama(len(tiny_tokenizer))
     name = "model.layers.1.mlp.up_proj"
     model.get_submodule(name).weight.data[0, 0] = float("nan")
-    monkeypatch.setattr("bitalloc.models.load_model", lambda spec=None, **kw: (model, tiny_tokenizer))
+    monkeypatch.setattr("bitalloc.profiles.runner.load_model", lambda spec=None, **kw: (model, tiny_tokenizer))
     with pytest.raises(ValueError, match=name):
         profile(_request("whatever", tmp_path / "p", space_file))
 
@@ -228,7 +228,7 @@ def test_empty_space_file(tiny_llama_dir, tmp_path, capsys):
 @pytest.fixture
 def fisher_calls(monkeypatch) -> dict[str, int]:
     """Counts the Fisher estimations (cache misses) of this test."""
-    import bitalloc.models.fisher as fisher_mod
+    import bitalloc.models.fisher_cache as fisher_mod
 
     calls = {"n": 0}
     real = fisher_mod.estimate_fisher
@@ -263,10 +263,10 @@ def test_prepare_fisher_caches_what_the_profile_then_reads(tiny_llama_dir, tiny_
     ready = prepare_fisher(request)
     tensors, sidecar = ready["files"]
     assert tensors.is_file() and sidecar.is_file() and calls["n"] == 1
-    assert ready["calibration"]["samples"] == 4
+    assert ready["calibration"].samples == 4
     _, meta = load_profile(profile(request))
     assert calls["n"] == 1  # the profile (or its shards) read the prepared estimate
-    assert meta["calibration"] == ready["calibration"] and meta["model_hash"] == ready["model_hash"]
+    assert meta["calibration"] == ready["calibration"].to_dict() and meta["model_hash"] == ready["model_hash"]
     assert prepare_fisher(_request(tiny_llama_dir, tmp_path / "q", space_file, fisher=False)) is None
 
 
@@ -297,10 +297,36 @@ def test_bad_jobs_is_refused_before_anything_runs(tmp_path, value, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_cuda_device_without_cuda(monkeypatch):
-    from bitalloc.profiles import resolve_device
-
+def test_cuda_device_without_cuda(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    with pytest.raises(ValueError, match="no CUDA device"):
-        resolve_device("cuda:0")
-    assert str(resolve_device("auto")) == "cpu"
+    assert main(["-q", "profile", "--no-fisher", "--device", "cuda:0", "--out", str(tmp_path / "x")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_request_is_frozen_and_checked_when_made(tmp_path):
+    import dataclasses
+
+    request = ProfileRequest(out=tmp_path / "p", ranks=[0, 8])
+    assert request.ranks == (0, 8) == ProfileRequest(ranks="0,8").ranks
+    data = json.loads(json.dumps(request.to_dict()))
+    assert ProfileRequest.from_dict(data) == dataclasses.replace(request, out=str(request.out))
+    with pytest.raises(ValueError, match="extra"):
+        ProfileRequest.from_dict({**data, "extra": {}})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.seed = 1
+    for bad, message in [(dict(samples=0), "samples"), (dict(seqlen=2.5), "seqlen"), (dict(fisher_mode="fast"), "mode"),
+                         (dict(shard="3/2"), "shard"), (dict(ranks="some"), "--ranks"), (dict(jobs="2"), "jobs"),
+                         (dict(seed=None), "seed")]:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(request, **bad)
+
+
+def test_request_calibration_fills_the_device_defaults():
+    from bitalloc.identity import BUILTIN_ALIAS
+    from bitalloc.models import Calibration
+
+    request = ProfileRequest(calib="data.txt", samples=3)
+    assert request.calibration("cpu") == Calibration.for_device("cpu", source="data.txt", samples=3)
+    assert request.calibration("cpu").seqlen == Calibration.for_device("cpu").seqlen
+    assert ProfileRequest().model_id == BUILTIN_ALIAS

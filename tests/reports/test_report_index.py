@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bitalloc.reports import write_index
+from bitalloc.reports.index import write_index
 from bitalloc.reports.index import main
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32  # the index only links figures, it does not read them

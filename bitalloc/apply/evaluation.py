@@ -1,0 +1,103 @@
+"""Evaluating a model or an applied directory: what ``bitalloc eval`` and ``bitalloc info`` do.
+
+An applied directory is evaluated as ``Q + L1 L2``. Its KL divergence is taken to the
+original model it was made from (unless another reference is named or KL is switched off),
+and ``self:N`` text is sampled from that original model, so that every quantized variant of
+a model is scored on the same tokens (the samples are cached, see
+:mod:`bitalloc.models.self_text`). A result can be appended as one JSON line to an evals
+file, the file ``bitalloc report --evals`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from bitalloc.apply.layout import is_applied_dir, read_info
+from bitalloc.apply.loader import load_model_or_applied
+from bitalloc.identity import model_id
+from bitalloc.models import evaluate, model_summary
+from bitalloc.models.text import is_self_source
+
+__all__ = ["evaluate_model", "evaluation_labels", "model_info"]
+
+
+def evaluation_labels(spec: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """What an evals line says about the model ``spec`` (an applied directory or a plain model).
+
+    Keys: ``label``, ``kind`` (``original``, ``uniform`` or ``bitalloc``), ``baseline``,
+    ``bits_per_param``, ``budget``, ``objective``, ``source_model`` (the model an applied
+    directory was made from; None for a plain model) and, for an applied directory, ``config``.
+    """
+    if spec is None or not is_applied_dir(spec):
+        return {"label": model_id(spec), "kind": "original", "baseline": True, "bits_per_param": None,
+                "budget": None, "objective": None, "source_model": None}
+    info = read_info(spec)
+    header = info.get("allocation") or {}
+    uniform = header.get("uniform")
+    return {
+        "label": os.path.basename(os.path.normpath(spec)),
+        "kind": "uniform" if uniform else "bitalloc",
+        "baseline": bool(uniform),
+        "bits_per_param": info["bits_per_param"],
+        "budget": header.get("budget"),
+        "objective": None if uniform else header.get("objective_column"),
+        "config": uniform,
+        "source_model": info.get("model"),
+    }
+
+
+def evaluate_model(
+    spec: str | os.PathLike[str] | None,
+    *,
+    data: str = "wikitext2",
+    seqlen: int = 2048,
+    windows: int | None = None,
+    kl_to: str | None = None,
+    kl: bool = True,
+    label: str | None = None,
+    append: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Perplexity (GPTQ convention) and KL divergence of a model or an applied directory.
+
+    ``kl_to`` names the KL reference (a model or an applied directory); unset, an applied
+    directory's reference is its original model and a plain model has none; ``kl=False``
+    switches KL off. ``data`` is a text source or ``self:N`` (for an applied directory
+    sampled from its original model). ``append`` adds the result as one JSON line to that
+    file, which is checked to be writable before the evaluation starts. Returns the result:
+    :func:`bitalloc.models.evaluate`'s keys plus ``model``, ``kl_to`` and the
+    :func:`evaluation_labels` (``label`` overridden by ``label``).
+    """
+    labels = evaluation_labels(spec)
+    if append is not None:  # fail before the (long) evaluation, not after it
+        open(append, "a", encoding="utf-8").close()
+    model, tokenizer = load_model_or_applied(spec, device=device)
+    source = labels["source_model"]
+    if kl_to is None and source and kl:
+        kl_to = source
+    reference = None
+    if kl_to is not None and kl:
+        reference, _ = load_model_or_applied(kl_to, device=device)
+    text_model = None
+    if is_self_source(data) and source and reference is None:
+        text_model, _ = load_model_or_applied(source, device=device)
+    result = evaluate(model, tokenizer, data=data, seqlen=seqlen, windows=windows, kl_to=reference,
+                      text_model=text_model)
+    result["model"] = model_id(spec)
+    result["kl_to"] = kl_to if reference is not None else None
+    result.update({k: v for k, v in labels.items() if k != "source_model"})
+    if label:
+        result["label"] = label
+    if append is not None:
+        with open(append, "a", encoding="utf-8") as f:
+            f.write(json.dumps(result, default=str) + "\n")
+    return result
+
+
+def model_info(spec: str | os.PathLike[str] | None, *, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+    """The targets, shapes and parameter counts of a model or an applied directory
+    (:func:`bitalloc.models.model_summary` of what :func:`load_model_or_applied` loads)."""
+    model, _ = load_model_or_applied(spec)
+    return model_summary(model, include=include, exclude=exclude)

@@ -1,0 +1,125 @@
+"""Calibration settings of a Fisher estimate, and the estimate a profile (and apply) uses.
+
+A :class:`Calibration` says which text the Fisher estimate is computed on and how: the text
+source, the number of sequences and their length, the Fisher mode and its batch size. It is
+stored as the ``calibration`` entry of a profile's ``meta.json`` (and, through the
+allocation's provenance, of an applied directory's ``bitalloc.json``), with the keys
+``source``, ``samples``, ``seqlen``, ``mode`` and ``batch_size``.
+
+:func:`calibration_fisher` gives the estimate for a model, from the cache under
+:func:`bitalloc.identity.cache_root` when there: ``bitalloc apply`` reuses the estimate its
+profile computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitalloc.identity import cache_root
+from bitalloc.models.fisher import FISHER_MODES, default_fisher_settings
+from bitalloc.models.fisher_cache import fisher_cache_key, fisher_cache_paths, load_or_estimate_fisher
+from bitalloc.models.text import calibration_tokens
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"calibration {what} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The text and settings of a Fisher estimate.
+
+    ``source`` is a text source as :func:`bitalloc.models.calibration_tokens` reads it
+    (``wikitext2``, ``c4``, a file, ``self:N``); ``samples`` sequences of ``seqlen`` tokens;
+    ``mode`` one of :data:`bitalloc.models.fisher.FISHER_MODES`; ``batch_size`` sequences per
+    pass (None: the mode's default; files written before it was recorded lack it).
+    """
+
+    source: str
+    samples: int
+    seqlen: int
+    mode: str
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError(f"calibration source must be a non-empty string, got {self.source!r}")
+        _positive_int(self.samples, "samples")
+        _positive_int(self.seqlen, "seqlen")
+        if self.mode not in FISHER_MODES:
+            raise ValueError(f"unknown Fisher mode {self.mode!r}; use one of {', '.join(FISHER_MODES)}")
+        if self.batch_size is not None:
+            _positive_int(self.batch_size, "batch_size")
+
+    @classmethod
+    def for_device(cls, device: str | torch.device | None, *, source: str | None = None, samples: int | None = None,
+                   seqlen: int | None = None, mode: str | None = None) -> Calibration:
+        """The given settings, the rest from :func:`default_fisher_settings` of ``device``.
+
+        ``source`` defaults to ``self:<samples>`` (text sampled from the model itself).
+        """
+        defaults = default_fisher_settings(device)
+        count = int(samples or defaults["samples"])
+        return cls(source=source or f"self:{count}", samples=count, seqlen=int(seqlen or defaults["seqlen"]),
+                   mode=mode or defaults["mode"], batch_size=int(defaults.get("batch_size") or 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``meta.json``'s ``calibration``); ``batch_size`` only when known."""
+        data: dict[str, Any] = {"source": self.source, "samples": self.samples, "seqlen": self.seqlen,
+                                "mode": self.mode}
+        if self.batch_size is not None:
+            data["batch_size"] = self.batch_size
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        """Read :meth:`to_dict`'s form; ValueError naming what is missing or wrong."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"calibration settings must be a JSON object, got {type(data).__name__}")
+        missing = [k for k in ("source", "samples", "seqlen", "mode") if k not in data]
+        if missing:
+            raise ValueError(f"calibration settings lack {', '.join(missing)}: {dict(data)!r}")
+        return cls(source=data["source"], samples=data["samples"], seqlen=data["seqlen"], mode=data["mode"],
+                   batch_size=data.get("batch_size"))
+
+    def key_fields(self, *, model_id: str, model_hash: str, seed: int) -> dict[str, Any]:
+        """The Fisher cache key fields of an estimate with these settings (see :func:`fisher_cache_key`)."""
+        return {"model_id": model_id, "model_hash": model_hash, "data": self.source, "samples": self.samples,
+                "seqlen": self.seqlen, "mode": self.mode, "seed": seed}
+
+    def cache_files(self, *, model_id: str, model_hash: str, seed: int) -> tuple[Path, Path]:
+        """``(tensors, sidecar)``: where the Fisher estimate with these settings is cached."""
+        fields = self.key_fields(model_id=model_id, model_hash=model_hash, seed=seed)
+        return fisher_cache_paths(fisher_cache_dir(), fisher_cache_key(**fields, batch_size=self.batch_size))
+
+
+def fisher_cache_dir() -> Path:
+    """The folder of cached Fisher estimates."""
+    return cache_root() / "fisher"
+
+
+def calibration_fisher(model: torch.nn.Module, tokenizer: Any, targets: Sequence[tuple[str, torch.nn.Module]],
+                       calibration: Calibration, *, model_id: str, model_hash: str, seed: int,
+                       device: str | torch.device | None,
+                       progress: bool = True) -> dict[str, torch.Tensor]:
+    """The Fisher estimate of ``targets`` with ``calibration``, from the cache when there.
+
+    The cache key is ``model_id``, ``model_hash``, the calibration settings and ``seed`` (the
+    seed that draws the calibration sequences): a profile and an ``apply`` of its allocation
+    name the same estimate. Returns ``{target name: float32 (out, in) tensor}``.
+    """
+
+    def tokens() -> torch.Tensor:
+        return calibration_tokens(calibration.source, model, tokenizer, calibration.seqlen, calibration.samples,
+                                  seed=seed)
+
+    key_fields = calibration.key_fields(model_id=model_id, model_hash=model_hash, seed=seed)
+    return load_or_estimate_fisher(model, tokens, targets, cache_dir=fisher_cache_dir(), key_fields=key_fields,
+                                   batch_size=calibration.batch_size, device=device, progress=progress)
