@@ -31,15 +31,6 @@ BASE_MODULES = {"atomic": "base", "identity": "base"}
 ROOT_NAMES = {"__version__"}
 #: Modules that may import bitalloc modules inside functions.
 LAZY_IMPORTERS = {"bitalloc.cli"}
-#: Function-level imports of the solvers package, module -> imported modules, until the
-#: solvers import them at module level. An entry that no longer matches fails the test:
-#: delete it then.
-SOLVER_LAZY_IMPORTS = {
-    "bitalloc.solvers.exact": {"bitalloc.solvers.highs_backend", "bitalloc.solvers.pulp_backend"},
-    "bitalloc.solvers.lagrange": {"bitalloc.solvers.problem", "bitalloc.solvers.validation"},
-    "bitalloc.solvers.sweep": {"bitalloc.solvers.budgets"},
-}
-
 RULES = (
     f"stage order: {' -> '.join(STAGES[1:-2])} (with {', '.join(sorted(k for k, v in BASE_MODULES.items() if v == 'base'))} "
     "at the bottom for every stage, and the cli and bitalloc/__init__.py on top)"
@@ -145,19 +136,7 @@ def nested_imports(module: str, path: Path) -> list[str]:
     """The imports of bitalloc modules inside functions or classes of ``path``."""
     if module in LAZY_IMPORTERS:
         return []
-    allowed = SOLVER_LAZY_IMPORTS.get(module, set())
-    return [f"line {line}: {target}" for line, target, _, inside in _imports(module, path)
-            if inside and target not in allowed]
-
-
-def test_the_solver_exceptions_are_still_needed():
-    paths = dict(MODULES)
-    stale = {}
-    for module, allowed in SOLVER_LAZY_IMPORTS.items():
-        nested = {t for _, t, _, inside in _imports(module, paths[module]) if inside} if module in paths else set()
-        if allowed - nested:
-            stale[module] = sorted(allowed - nested)
-    assert not stale, f"delete these entries of SOLVER_LAZY_IMPORTS in tests/test_layering.py: {stale}"
+    return [f"line {line}: {target}" for line, target, _, inside in _imports(module, path) if inside]
 
 
 def private_imports(module: str, path: Path) -> list[str]:

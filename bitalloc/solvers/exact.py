@@ -20,9 +20,11 @@ import time
 import numpy as np
 
 from .core_dp import search_optimum
+from .highs_backend import solve_highs
 from .lagrange import LagrangeHull, LagrangeResult
 from .options import SolveOptions
 from .problem import CandidateProblem
+from .pulp_backend import solve_pulp
 from .solution import BackendResult
 from .submodel import SubModel, build_submodel
 
@@ -48,12 +50,8 @@ def run_backend(
 ) -> BackendResult:
     """Solve one MIP with the named exact backend (``heuristics`` only matters for highs)."""
     if backend == "highs":
-        from .highs_backend import solve_highs
-
         return solve_highs(sub, start=start, time_limit=time_limit, mip_gap=mip_gap, heuristics=heuristics)
     if backend in ("pulp-highs", "pulp-cbc"):
-        from .pulp_backend import solve_pulp
-
         return solve_pulp(sub, backend.split("-", 1)[1], start=start, time_limit=time_limit, mip_gap=mip_gap)
     raise ValueError(f"{backend!r} is not an exact backend; use one of {list(EXACT_BACKENDS)}")
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .problem import CandidateProblem
+from .problem import CandidateProblem, build_problem
+from .validation import check_arrays
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -182,9 +183,6 @@ def lagrange_hull(
     (LP) lower bound on the optimum at any budget.
     """
     import pandas as pd
-
-    from .problem import build_problem
-    from .validation import check_arrays
 
     problem = build_problem(check_arrays(error, storage_bits, numel, ties, matrix_names), prune=prune)
     hull = LagrangeHull(problem)
