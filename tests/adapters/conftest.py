@@ -1,49 +1,13 @@
-"""Tiny seeded LoRA adapters saved with peft on a tiny seeded Llama model."""
+"""Fixtures of the adapter tests: tiny seeded PEFT LoRA adapters of one tiny Llama."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_base(seed: int = 0):
-    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads) with seeded weights, float32, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
-
-
-def make_adapter(folder: Path, *, seed: int, r: int = 8, alpha: float = 16, rslora: bool = False,
-                 decay: float = 0.7, base_name: str = "tiny-llama", targets=TARGETS) -> Path:
-    """A LoRA adapter with random non-zero factors (decaying spectrum), saved with save_pretrained."""
-    from peft import LoraConfig, get_peft_model
-
-    model = tiny_base()
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
-                        lora_dropout=0.0, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    weights = decay ** torch.arange(r, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_A" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-            elif "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05 * weights)
-    peft_model.save_pretrained(str(folder))
-    cfg_path = folder / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = base_name
-    cfg_path.write_text(json.dumps(cfg))
-    return folder
+from adapter_helpers import make_adapter
 
 
 @pytest.fixture(scope="session")
