@@ -18,7 +18,7 @@ from bitalloc.adapters.config import (
     lora_params,
 )
 from bitalloc.adapters.peft_io import AdapterError, LoraAdapter, LoraModule, read_adapter, read_adapters
-from bitalloc.adapters.profile import AdapterProfile, AdapterProfileError, load_adapter_profile, profile_adapters
+from bitalloc.adapters.profile import AdapterProfile, AdapterProfileError, load_adapter_profile, profile_adapters, profile_batch
 from bitalloc.adapters.solve import AdapterAllocation, fleet_min_budget, solve_adapters
 from bitalloc.adapters.split import SplitFactors, config_errors, svd_split
 
@@ -44,6 +44,7 @@ __all__ = [
     "load_adapter_profile",
     "lora_params",
     "profile_adapters",
+    "profile_batch",
     "read_adapter",
     "read_adapters",
     "solve_adapters",

@@ -83,6 +83,18 @@ def _batches(items: list[tuple[int, LoraModule]], rows: int, cols: int, rank: in
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def profile_batch(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, configs: Sequence[AdapterQuantConfig]
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Errors (N x C) and singular values (N x r) of N modules of one shape and rank.
+
+    ``lora_a``: (N, r, cols), ``lora_b``: (N, rows, r), ``scale``: (N,) float64. The kernel
+    :func:`profile_modules` runs on each batch, public for streaming callers (benchmarks).
+    """
+    split = svd_split(lora_a, lora_b, scale)
+    return config_errors(split, configs), split.s
+
+
 def profile_modules(
     adapters: Sequence[LoraAdapter], space: AdapterSpace
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -105,10 +117,9 @@ def profile_modules(
             a = torch.stack([m.lora_a for _, m in batch])
             b = torch.stack([m.lora_b for _, m in batch])
             scale = torch.tensor([m.scale for _, m in batch], dtype=torch.float64)
-            split = svd_split(a, b, scale)
-            error = config_errors(split, configs)
+            error, sv = profile_batch(a, b, scale, configs)
             for k, i in enumerate(idx.tolist()):
-                singular[i] = split.s[k].tolist()
+                singular[i] = sv[k].tolist()
             n, c = error.shape
             frames.append(pd.DataFrame({
                 "index": np.repeat(idx, c),

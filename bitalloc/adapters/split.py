@@ -68,48 +68,66 @@ def svd_split(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor | 
 
 
 # ----- fake quantization (the values quantize_affine / quantize_binary decode to) ---------
-def _groups(lines: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    length = lines.shape[-1]
-    pad = -length % group
-    x = lines.to(torch.float32)
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    valid = (torch.arange(length + pad, device=x.device) < length).view(-1, group)
-    return x.reshape(*x.shape[:-1], -1, group), valid, length
+class _Lines:
+    """Lines (last dim) cut into groups once, for several quantizers of one group size.
+
+    Affine groups are padded by repeating each line's last value, which leaves every group's
+    min and max unchanged (so no mask is needed); binary groups are zero-padded and divide by
+    the count of real entries, as :func:`bitalloc.quant.quantize_binary` does.
+    """
+
+    def __init__(self, lines: torch.Tensor, group: int) -> None:
+        x = lines.to(torch.float32)
+        self.length = x.shape[-1]
+        self.pad = -self.length % group
+        self.group = group
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.length)
+        if self.pad:
+            flat = torch.nn.functional.pad(flat.unsqueeze(1), (0, self.pad), mode="replicate").squeeze(1)
+        self.g = flat.reshape(*lead, -1, group)
+        self._range: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _out(self, values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(*values.shape[:-2], -1)[..., : self.length]
+
+    def affine(self, bits: int) -> torch.Tensor:
+        """Dequantized affine RTN, bit for bit what ``quantize_affine(...).dequantize()`` gives."""
+        if self._range is None:
+            lo, hi = torch.aminmax(self.g, dim=-1, keepdim=True)
+            self._range = (lo, hi)
+        lo, hi = self._range
+        top = 2**bits - 1
+        s = true_divide(hi - lo, top).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32)
+        z = lo.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32)
+        positive = s > 0
+        q = torch.round((self.g - z) / torch.where(positive, s, torch.ones_like(s))).clamp_(0, top)
+        if not bool(positive.all()):
+            q = q * positive  # a constant group stores code 0 and decodes to its zero point
+        return self._out(q.mul_(s).add_(z))
+
+    def binary(self) -> torch.Tensor:
+        """Dequantized sign·mean|x|, bit for bit what ``quantize_binary(...).dequantize()`` gives."""
+        g = self.g
+        if self.pad:
+            valid = torch.arange(self.g.shape[-2] * self.group) < self.length
+            g = g * valid.view(-1, self.group).to(g.dtype)
+        count = torch.full(g.shape[-2:-1], float(self.group))
+        if self.pad:
+            count[-1] = self.group - self.pad
+        mean = (g.abs().sum(dim=-1) / count).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32)
+        out = (2 * (g >= 0).to(torch.float32) - 1) * mean.unsqueeze(-1)
+        return self._out(out)
 
 
 def fake_affine(lines: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """``quantize_affine(...).dequantize()`` of every line (last dim) at once, float32, bit for bit."""
-    g, valid, length = _groups(lines, group)
-    top = 2**bits - 1
-    inf = torch.tensor(float("inf"))
-    lo = torch.where(valid, g, inf).amin(dim=-1, keepdim=True)
-    hi = torch.where(valid, g, -inf).amax(dim=-1, keepdim=True)
-    s = true_divide(hi - lo, top).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32)
-    z = lo.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32)
-    q = torch.round((g - z) / torch.where(s > 0, s, torch.ones_like(s)))
-    q = torch.where((s > 0) & valid, q, torch.zeros_like(q)).clamp_(0, top)
-    out = q * s + z
-    return out.reshape(*out.shape[:-2], -1)[..., :length]
+    return _Lines(lines, group).affine(bits)
 
 
 def fake_binary(lines: torch.Tensor, group: int) -> torch.Tensor:
     """``quantize_binary(...).dequantize()`` of every line (last dim) at once, float32, bit for bit."""
-    g, valid, length = _groups(lines, group)
-    count = valid.sum(dim=-1).to(torch.float32)
-    mean = (g.abs().sum(dim=-1) / count).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32)
-    out = (2 * (g >= 0).to(torch.float32) - 1) * mean.unsqueeze(-1)
-    return out.reshape(*out.shape[:-2], -1)[..., :length]
-
-
-def _quantized_pair(f: SplitFactors, bits: int | None, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All r components of B' and A' quantized (bits None: 1-bit sign·mean), float64."""
-    b_lines = f.b.transpose(1, 2)  # groups run down each column of B'
-    if bits is None:
-        qb, qa = fake_binary(b_lines, group), fake_binary(f.a, group)
-    else:
-        qb, qa = fake_affine(b_lines, bits, group), fake_affine(f.a, bits, group)
-    return qb.transpose(1, 2).double(), qa.double()
+    return _Lines(lines, group).binary()
 
 
 def dequantized_factors(f: SplitFactors, config: AdapterQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,54 +135,69 @@ def dequantized_factors(f: SplitFactors, config: AdapterQuantConfig) -> tuple[to
     h = config.high
     rank = f.b.shape[2]
     config.check_rank(rank)
-    hb, ha = _quantized_pair(f, config.bits, config.group) if h else (f.b[:, :, :0], f.a[:, :0])
+    b_lines, a_lines = _Lines(f.b.transpose(1, 2), config.group), _Lines(f.a, config.group)
+    b = torch.zeros(f.b.shape[0], rank, f.b.shape[1])
+    a = torch.zeros(f.a.shape, dtype=torch.float32)
+    if h:
+        b[:, :h], a[:, :h] = b_lines.affine(config.bits)[:, :h], a_lines.affine(config.bits)[:, :h]
     if config.low_bits and h < rank:
-        lb, la = _quantized_pair(f, None, config.group)
-    else:
-        lb, la = torch.zeros_like(f.b), torch.zeros_like(f.a)
-    b = torch.cat([hb[:, :, :h], lb[:, :, h:]], dim=2)
-    a = torch.cat([ha[:, :h], la[:, h:]], dim=1)
-    return b.float(), a.float()
+        b[:, h:], a[:, h:] = b_lines.binary()[:, h:], a_lines.binary()[:, h:]
+    return b.transpose(1, 2), a
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N, r, r') inner products of the lines of x and y, float64."""
+    return x.double() @ y.double().transpose(1, 2)
+
+
+def _prefix(m: torch.Tensor) -> torch.Tensor:
+    """2-D prefix sums with a zero border: ``P[:, i, j] = Σ_{k<i, l<j} m[:, k, l]``."""
+    p = torch.zeros(m.shape[0], m.shape[1] + 1, m.shape[2] + 1, dtype=m.dtype)
+    p[:, 1:, 1:] = m.cumsum(dim=1).cumsum(dim=2)
+    return p
 
 
 def config_errors(f: SplitFactors, configs: Sequence[AdapterQuantConfig]) -> np.ndarray:
-    """Exact ``‖B'A' − B̂Â‖²_F`` for every module of the batch (rows) and config (columns)."""
+    """Exact ``‖B'A' − B̂Â‖²_F`` for every module of the batch (rows) and config (columns).
+
+    With per-component weights ``u = 1`` (B'), ``v = [k < h]`` (high) and ``z = low·[k >= h]``
+    (low), the error is ``uᵀM_uu u + vᵀM_vv v + zᵀM_zz z − 2uᵀM_uv v − 2uᵀM_uz z + 2vᵀM_vz z``
+    with ``M_xy = (X_Bᵀ Y_B) ⊙ (X_A Y_Aᵀ)``: r x r blocks computed once per (bits, group), and
+    every h read off their 2-D prefix sums, since v and z select leading and trailing components.
+    """
     n, _, rank = f.b.shape
     out = np.full((n, len(configs)), np.nan)
     by_group: dict[int, list[int]] = {}
     for j, cfg in enumerate(configs):
         if cfg.high <= rank:
             by_group.setdefault(cfg.group, []).append(j)
+    bt, at = f.b.transpose(1, 2), f.a  # components as lines: (N, r, rows), (N, r, cols)
+    m_uu = (_gram(bt, bt) * _gram(at, at)).sum(dim=(1, 2))  # = ‖ΔW‖²
     for group, cols in by_group.items():
-        need_low = any(configs[j].low_bits and configs[j].high < rank for j in cols)
-        lb, la = _quantized_pair(f, None, group) if need_low else (torch.zeros_like(f.b), torch.zeros_like(f.a))
-        # Gram blocks of [B', B_low] and [A'; A_low]; B'ᵀB' = A'A'ᵀ = S exactly.
-        base_b = torch.cat([f.b, lb], dim=2)
-        base_a = torch.cat([f.a, la], dim=1)
-        gb_base = base_b.transpose(1, 2) @ base_b
-        ga_base = base_a @ base_a.transpose(1, 2)
+        b_lines, a_lines = _Lines(bt, group), _Lines(at, group)
+        lb, la = b_lines.binary().double(), a_lines.binary().double()
+        base_b, base_a = torch.cat([bt, lb], dim=1), torch.cat([at, la], dim=1)  # [B'; low] lines
+        low_b, low_a = _gram(lb, base_b), _gram(la, base_a)
+        p_zz = _prefix(low_b[:, :, rank:] * low_a[:, :, rank:])
+        p_uz = _prefix((low_b[:, :, :rank] * low_a[:, :, :rank]).transpose(1, 2))
         for bits in sorted({configs[j].bits for j in cols}):
-            hb, ha = _quantized_pair(f, bits, group)
-            gb = _stack_gram(gb_base, hb.transpose(1, 2) @ base_b, hb.transpose(1, 2) @ hb)
-            ga = _stack_gram(ga_base, ha @ base_a.transpose(1, 2), ha @ ha.transpose(1, 2))
-            m = gb * ga  # (N, 3r, 3r) in the order [B', B_low, B_high]
             js = [j for j in cols if configs[j].bits == bits]
-            w = torch.zeros(len(js), 3 * rank, dtype=torch.float64)
-            for row, j in enumerate(js):
-                h, low = configs[j].high, configs[j].low_bits
-                w[row, :rank] = 1.0
-                w[row, rank + h: 2 * rank] = -float(low)
-                w[row, 2 * rank: 2 * rank + h] = -1.0
-            err = torch.einsum("ki,nij,kj->nk", w, m, w)
+            hb, ha = b_lines.affine(bits).double(), a_lines.affine(bits).double()
+            cross_b, cross_a = _gram(hb, base_b), _gram(ha, base_a)  # high · [B'; low]
+            p_vv = _prefix(_gram(hb, hb) * _gram(ha, ha))
+            p_uv = _prefix((cross_b[:, :, :rank] * cross_a[:, :, :rank]).transpose(1, 2))
+            p_vz = _prefix(cross_b[:, :, rank:] * cross_a[:, :, rank:])
+            h = torch.tensor([configs[j].high for j in js])
+            low = torch.tensor([float(configs[j].low_bits) for j in js], dtype=torch.float64)
+            r = torch.full_like(h, rank)
+            vv = p_vv[:, h, h]
+            zz = p_zz[:, r, r] - p_zz[:, h, r] - p_zz[:, r, h] + p_zz[:, h, h]
+            uv = p_uv[:, r, h]
+            uz = p_uz[:, r, r] - p_uz[:, r, h]
+            vz = p_vz[:, h, r] - p_vz[:, h, h]
+            err = m_uu.unsqueeze(1) + vv + low * low * zz - 2 * uv - 2 * low * uz + 2 * low * vz
             out[:, js] = err.clamp_min(0).numpy()
     return out
-
-
-def _stack_gram(base: torch.Tensor, cross: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """The symmetric Gram of [base..., high] from its blocks (cross = highᵀ·base)."""
-    top = torch.cat([base, cross.transpose(1, 2)], dim=2)
-    bottom = torch.cat([cross, high], dim=2)
-    return torch.cat([top, bottom], dim=1)
 
 
 def quantize_module(b: torch.Tensor, a: torch.Tensor, config: AdapterQuantConfig) -> dict[str, object]:
