@@ -21,21 +21,23 @@ def tiny_base(seed: int = 0):
 
 
 def make_adapter(folder: Path, *, seed: int, r: int = 8, alpha: float = 16, rslora: bool = False,
-                 decay: float = 0.7, base_name: str = "tiny-llama", targets=TARGETS) -> Path:
+                 decay: float = 0.7, base_name: str = "tiny-llama", targets=TARGETS,
+                 rank_pattern: dict | None = None, alpha_pattern: dict | None = None) -> Path:
     """A LoRA adapter with random non-zero factors (decaying spectrum), saved with save_pretrained."""
     from peft import LoraConfig, get_peft_model
 
     model = tiny_base()
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
-                        lora_dropout=0.0, task_type="CAUSAL_LM")
+                        lora_dropout=0.0, task_type="CAUSAL_LM", rank_pattern=rank_pattern or {},
+                        alpha_pattern=alpha_pattern or {})
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
-    weights = decay ** torch.arange(r, dtype=torch.float32)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
             elif "lora_B" in name:
+                weights = decay ** torch.arange(param.shape[1], dtype=torch.float32)
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05 * weights)
     peft_model.save_pretrained(str(folder))
     cfg_path = folder / "adapter_config.json"
