@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             a, b = generate(kind, ids, alphas, args.seed)
             t_gen += time.perf_counter() - t
             t = time.perf_counter()
-            err, sv = profile_batch(a, b, torch.full((a.shape[0],), ALPHA / RANK, dtype=torch.float64), configs)
+            err, sv, _ = profile_batch(a, b, torch.full((a.shape[0],), ALPHA / RANK, dtype=torch.float64), configs)
             t_prof += time.perf_counter() - t
             # module index: adapter-major, then layer, then type
             idx = (np.repeat(ids, LAYERS) * LAYERS + np.tile(np.arange(LAYERS), len(ids))) * n_types + kind

@@ -275,7 +275,8 @@ def cmd_adapter_profile(args: argparse.Namespace) -> int:
 
     groups = None if args.groups is None else [int(g) for g in args.groups.split(",") if g.strip()]
     out = profile_adapters(args.adapters, args.out, space=args.space, groups=groups, base_model=args.base_model,
-                           force=args.force)
+                           model=args.model, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
+                           seed=args.seed, force=args.force)
     meta = load_adapter_profile(out).meta
     print(f"adapter profile written to {out}: {meta['n_modules']} modules of {len(meta['adapters'])} adapters, "
           f"{meta['table']['rows']} rows, {meta['seconds']:.1f} s")
@@ -338,13 +339,22 @@ def _add_adapter_commands(sub: Any) -> None:
     p.add_argument("--groups", default=None, help="comma-separated group sizes, overriding the space's (e.g. 64,128)")
     p.add_argument("--base-model", default=None, metavar="NAME",
                    help="refuse adapters whose base_model_name_or_path is not NAME")
+    p.add_argument("--model", default=None,
+                   help="the base model (" + BUILTIN_HELP + "): refuse adapters that do not fit its layers")
+    p.add_argument("--calib", default=None,
+                   help="with --model: calibration text (wikitext2, c4, a file, self:N) for the activation-weighted "
+                        "error_act = tr(dE H dE^T), H the layers' input second moments")
+    p.add_argument("--samples", type=_positive_int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed for self: calibration text (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_adapter_profile)
 
     p = inner.add_parser("solve", help="one config per module under one bits/param budget for all adapters")
     p.add_argument("profile", help="adapter profile directory (from `bitalloc adapter profile`)")
     p.add_argument("--budget", type=float, default=None, help="bits per LoRA parameter, everything stored counted (e.g. 1.8)")
-    p.add_argument("--objective", default="plain", help="error column: plain (default)")
+    p.add_argument("--objective", default="plain",
+                   help="plain (default) or act (activation-weighted; needs a profile made with --model and --calib)")
     p.add_argument("--per-adapter", action="store_true", help="the budget holds for each adapter on its own")
     p.add_argument("--variant", default=None, metavar="B@RHO",
                    help="LoRAQuant's fixed rule instead of the solver, e.g. 2@0.8 (group 128; 3@0.9-g64 for another group)")

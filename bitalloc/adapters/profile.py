@@ -46,6 +46,7 @@ MODULES_FILE = "modules.csv"
 TABLE_COLUMNS = [
     "matrix", "adapter", "module", "index", "rows", "cols", "rank", "params", "config", "bits", "high",
     "group", "low_bits", "storage_bits", "code_bits", "bits_per_param", "bits_per_param_codes", "error",
+    "error_act",
 ]
 MODULE_COLUMNS = ["index", "matrix", "adapter", "module", "rows", "cols", "rank", "params", "scale",
                   "delta_norm_sq", "singular_values"]
@@ -84,28 +85,32 @@ def _batches(items: list[tuple[int, LoraModule]], rows: int, cols: int, rank: in
 
 
 def profile_batch(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, configs: Sequence[AdapterQuantConfig]
-) -> tuple[np.ndarray, torch.Tensor]:
-    """Errors (N x C) and singular values (N x r) of N modules of one shape and rank.
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, configs: Sequence[AdapterQuantConfig],
+    moments: torch.Tensor | None = None,
+) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:
+    """Errors (N x C), singular values (N x r) and, with ``moments`` (the layer's input ``E[x xᵀ]``),
+    activation-weighted errors (N x C) of N modules of one shape and rank.
 
     ``lora_a``: (N, r, cols), ``lora_b``: (N, rows, r), ``scale``: (N,) float64. The kernel
     :func:`profile_modules` runs on each batch, public for streaming callers (benchmarks).
     """
     split = svd_split(lora_a, lora_b, scale)
-    return config_errors(split, configs), split.s
+    act = None if moments is None else config_errors(split, configs, weight=moments)
+    return config_errors(split, configs), split.s, act
 
 
 def profile_modules(
-    adapters: Sequence[LoraAdapter], space: AdapterSpace
+    adapters: Sequence[LoraAdapter], space: AdapterSpace, moments: dict[str, torch.Tensor] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The profile table and module list of ``adapters`` under ``space`` (in memory)."""
+    """The profile table and module list of ``adapters`` under ``space`` (in memory); with
+    ``moments`` (layer name -> input ``E[x xᵀ]``) also the activation-weighted ``error_act``."""
     entries = [(a.name, m) for a in adapters for m in a.modules]
-    shapes: dict[tuple[int, int, int], list[tuple[int, LoraModule]]] = {}
-    for i, (_, m) in enumerate(entries):
-        shapes.setdefault((m.rows, m.cols, m.rank), []).append((i, m))
+    shapes: dict[tuple[int, int, int, str], list[tuple[int, LoraModule]]] = {}
+    for i, (_, m) in enumerate(entries):  # with moments, one batch per layer (its own H)
+        shapes.setdefault((m.rows, m.cols, m.rank, m.name if moments else ""), []).append((i, m))
     singular = [None] * len(entries)
     frames = []
-    for (rows, cols, rank), items in shapes.items():
+    for (rows, cols, rank, layer), items in shapes.items():
         configs = space.configs(rank)
         if not configs:
             raise ValueError(f"the config space has no config for rank {rank}")
@@ -117,7 +122,7 @@ def profile_modules(
             a = torch.stack([m.lora_a for _, m in batch])
             b = torch.stack([m.lora_b for _, m in batch])
             scale = torch.tensor([m.scale for _, m in batch], dtype=torch.float64)
-            error, sv = profile_batch(a, b, scale, configs)
+            error, sv, act = profile_batch(a, b, scale, configs, moments[layer] if moments else None)
             for k, i in enumerate(idx.tolist()):
                 singular[i] = sv[k].tolist()
             n, c = error.shape
@@ -132,6 +137,7 @@ def profile_modules(
                 "storage_bits": np.tile(storage, n),
                 "code_bits": np.tile(codes, n),
                 "error": error.reshape(-1),
+                "error_act": np.nan if act is None else act.reshape(-1),
             }))
     table = pd.concat(frames, ignore_index=True).sort_values("index", kind="stable", ignore_index=True)
     names = np.array([matrix_name(a, m.name) for a, m in entries], dtype=object)
@@ -170,20 +176,33 @@ def profile_adapters(
     space: str | os.PathLike[str] | AdapterSpace | None = None,
     groups: Sequence[int] | None = None,
     base_model: str | None = None,
+    model: str | os.PathLike[str] | None = None,
+    calib: str | None = None,
+    samples: int = 16,
+    seqlen: int = 256,
+    seed: int = 0,
     force: bool = False,
 ) -> Path:
     """Profile every LoRA module of the adapters in ``paths`` into the directory ``out``.
 
     ``space``: ``"default"`` (b in {2,3,4,8}, every h, groups {32,64,128}), a JSON/YAML file or an
-    :class:`AdapterSpace`; ``groups`` overrides its groups; ``base_model`` refuses adapters of
-    another base model. Every input is checked before anything is written.
+    :class:`AdapterSpace`; ``groups`` overrides its groups; ``base_model`` refuses adapters whose
+    ``base_model_name_or_path`` differs. ``model`` (a model spec, as ``bitalloc.models.load_model``
+    takes it) refuses adapters that do not fit its layers; with ``calib`` (a text source) it adds
+    ``error_act`` from the layers' input second moments over ``samples`` x ``seqlen`` tokens.
+    Every input is checked before anything is written.
     """
     t0 = time.perf_counter()
     out = Path(out)
     space = space if isinstance(space, AdapterSpace) else adapter_space(space, groups)
+    if calib is not None and model is None:
+        raise ValueError("--calib needs --model: the input second moments come from the base model")
     adapters = read_adapters(paths, base_model=base_model)
     _check_out(out, force)
-    table, modules = profile_modules(adapters, space)
+    moments, calibration = None, None
+    if model is not None:
+        moments, calibration = _model_side(adapters, model, calib, samples, seqlen, seed)
+    table, modules = profile_modules(adapters, space, moments)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # a replaced profile is incomplete until its meta is back
@@ -203,6 +222,9 @@ def profile_adapters(
         ],
         "space": space.to_dict(),
         "error": "plain: ||dW - dW_hat||_F^2 (exact, from Gram matrices)",
+        "error_act": None if moments is None else "tr(dE H dE^T), H = E[x x^T] of the layer's inputs",
+        "model": None if model is None else str(model),
+        "calibration": calibration,
         "n_modules": int(len(modules)),
         "seconds": seconds,
         "device": "cpu",
@@ -216,6 +238,26 @@ def profile_adapters(
     log.info("profiled %d modules of %d adapters x %d-%d configs in %.1f s -> %s", len(modules), len(adapters),
              table.groupby("index").size().min(), table.groupby("index").size().max(), seconds, out)
     return out
+
+
+def _model_side(adapters: Sequence[LoraAdapter], model: str | os.PathLike[str], calib: str | None,
+                samples: int, seqlen: int, seed: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    """Load the base model, check the adapters fit it, and with ``calib`` measure the input moments."""
+    from bitalloc.adapters.activations import check_fit, input_moments
+    from bitalloc.models import calibration_tokens, load_model
+
+    net, tokenizer = load_model(model)
+    check_fit(adapters, net, str(model))
+    if calib is None:
+        return None, None
+    tokens = calibration_tokens(calib, net, tokenizer, seqlen, samples, seed=seed)
+    names = sorted({m.name for a in adapters for m in a.modules})
+    t0 = time.perf_counter()
+    moments = input_moments(net, tokens, names)
+    log.info("input second moments of %d layers over %d tokens in %.1f s", len(names), tokens.numel(),
+             time.perf_counter() - t0)
+    return moments, {"source": str(calib), "samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
+                     "seed": seed}
 
 
 def _read_checked(directory: Path, entry: dict[str, Any], what: str) -> pd.DataFrame:

@@ -82,9 +82,11 @@ class _Arrays:
 def _arrays(profile: AdapterProfile, objective: str) -> _Arrays:
     column = OBJECTIVES.get(objective, objective)
     df = profile.table
+    hint = " (activation-weighted errors need a profile made with --model and --calib)" if objective == "act" else ""
     if column not in df.columns:
-        hint = " (activation-weighted errors need a profile made with --model and --calib)" if objective == "act" else ""
         raise ValueError(f"objective {objective!r}: the adapter profile has no column {column!r}{hint}")
+    if pd.to_numeric(df[column], errors="coerce").isna().all():
+        raise ValueError(f"objective {objective!r}: the adapter profile's column {column!r} is empty{hint}")
     order = df["index"].to_numpy()
     m_idx, _ = pd.factorize(order, sort=True)
     c_idx, configs = pd.factorize(df["config"].astype(str), sort=False)

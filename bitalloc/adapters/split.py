@@ -157,8 +157,12 @@ def _prefix(m: torch.Tensor) -> torch.Tensor:
     return p
 
 
-def config_errors(f: SplitFactors, configs: Sequence[AdapterQuantConfig]) -> np.ndarray:
-    """Exact ``‖B'A' − B̂Â‖²_F`` for every module of the batch (rows) and config (columns).
+def config_errors(
+    f: SplitFactors, configs: Sequence[AdapterQuantConfig], weight: torch.Tensor | None = None
+) -> np.ndarray:
+    """Exact ``‖B'A' − B̂Â‖²_F`` for every module of the batch (rows) and config (columns);
+    with ``weight`` (cols x cols, symmetric, e.g. the input second moments ``H``) the
+    activation-weighted ``tr(ΔE H ΔEᵀ)``, ``ΔE = B'A' − B̂Â``.
 
     With per-component weights ``u = 1`` (B'), ``v = [k < h]`` (high) and ``z = low·[k >= h]``
     (low), the error is ``uᵀM_uu u + vᵀM_vv v + zᵀM_zz z − 2uᵀM_uv v − 2uᵀM_uz z + 2vᵀM_vz z``
@@ -172,19 +176,24 @@ def config_errors(f: SplitFactors, configs: Sequence[AdapterQuantConfig]) -> np.
         if cfg.high <= rank:
             by_group.setdefault(cfg.group, []).append(j)
     bt, at = f.b.transpose(1, 2), f.a  # components as lines: (N, r, rows), (N, r, cols)
-    m_uu = (_gram(bt, bt) * _gram(at, at)).sum(dim=(1, 2))  # = ‖ΔW‖²
+    if weight is None:
+        gram_a = _gram
+    else:
+        w = weight.to(torch.float64)
+        gram_a = lambda x, y: _gram(x.double() @ w, y)  # noqa: E731  (x H yᵀ on the A side)
+    m_uu = (_gram(bt, bt) * gram_a(at, at)).sum(dim=(1, 2))  # = ‖ΔW‖² (weighted: tr(ΔW H ΔWᵀ))
     for group, cols in by_group.items():
         b_lines, a_lines = _Lines(bt, group), _Lines(at, group)
         lb, la = b_lines.binary().double(), a_lines.binary().double()
         base_b, base_a = torch.cat([bt, lb], dim=1), torch.cat([at, la], dim=1)  # [B'; low] lines
-        low_b, low_a = _gram(lb, base_b), _gram(la, base_a)
+        low_b, low_a = _gram(lb, base_b), gram_a(la, base_a)
         p_zz = _prefix(low_b[:, :, rank:] * low_a[:, :, rank:])
         p_uz = _prefix((low_b[:, :, :rank] * low_a[:, :, :rank]).transpose(1, 2))
         for bits in sorted({configs[j].bits for j in cols}):
             js = [j for j in cols if configs[j].bits == bits]
             hb, ha = b_lines.affine(bits).double(), a_lines.affine(bits).double()
-            cross_b, cross_a = _gram(hb, base_b), _gram(ha, base_a)  # high · [B'; low]
-            p_vv = _prefix(_gram(hb, hb) * _gram(ha, ha))
+            cross_b, cross_a = _gram(hb, base_b), gram_a(ha, base_a)  # high · [B'; low]
+            p_vv = _prefix(_gram(hb, hb) * gram_a(ha, ha))
             p_uv = _prefix((cross_b[:, :, :rank] * cross_a[:, :, :rank]).transpose(1, 2))
             p_vz = _prefix(cross_b[:, :, rank:] * cross_a[:, :, rank:])
             h = torch.tensor([configs[j].high for j in js])

@@ -22,11 +22,12 @@ def tiny_base(seed: int = 0):
 
 def make_adapter(folder: Path, *, seed: int, r: int = 8, alpha: float = 16, rslora: bool = False,
                  decay: float = 0.7, base_name: str = "tiny-llama", targets=TARGETS,
-                 rank_pattern: dict | None = None, alpha_pattern: dict | None = None) -> Path:
-    """A LoRA adapter with random non-zero factors (decaying spectrum), saved with save_pretrained."""
+                 rank_pattern: dict | None = None, alpha_pattern: dict | None = None, base=None) -> Path:
+    """A LoRA adapter with random non-zero factors (decaying spectrum), saved with save_pretrained
+    (on ``base``, a model, or on :func:`tiny_base`)."""
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_base()
+    model = tiny_base() if base is None else base
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
                         lora_dropout=0.0, task_type="CAUSAL_LM", rank_pattern=rank_pattern or {},
                         alpha_pattern=alpha_pattern or {})

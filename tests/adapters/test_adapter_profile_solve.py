@@ -121,7 +121,7 @@ def test_variant_and_budget_exclude_each_other(profile_dir):
         solve_adapters(profile_dir, 2.0, variant="2@0.8")
     with pytest.raises(ValueError, match="give a --budget"):
         solve_adapters(profile_dir)
-    with pytest.raises(ValueError, match="no column 'error_act'"):
+    with pytest.raises(ValueError, match="'error_act' is empty.*--calib"):
         solve_adapters(profile_dir, 2.0, objective="act")
 
 

@@ -94,3 +94,18 @@ def test_storage_bits_equal_packed_bytes(shape):
         if "B.low" in parts:
             assert torch.equal(parts["B.low"].dequantize(), bh[0, :, h:])
             assert torch.equal(parts["A.low"].dequantize(), ah[0, h:])
+
+
+def test_weighted_errors_match_dense_traces():
+    a, b = _factors(3, 24, 6, 40, seed=6)
+    f = svd_split(a, b, 1.5)
+    x = torch.randn(200, 40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    h = x.T @ x / 200
+    configs = AdapterSpace(groups=(16,), low_bits=(0, 1)).configs(6)
+    weighted = config_errors(f, configs, weight=h)
+    dense = f.b @ f.a
+    for j, cfg in enumerate(configs):
+        bh, ah = dequantized_factors(f, cfg)
+        diff = dense - bh.double() @ ah.double()
+        expect = torch.einsum("nij,jk,nik->n", diff, h, diff).numpy()
+        np.testing.assert_allclose(weighted[:, j], expect, rtol=1e-8, atol=1e-14)
