@@ -273,7 +273,10 @@ def cmd_adapter_profile(args: argparse.Namespace) -> int:
     """`bitalloc adapter profile ADAPTER_DIR... --out DIR`: error and storage of every config of every module."""
     from bitalloc.adapters import load_adapter_profile, profile_adapters
 
-    groups = None if args.groups is None else [int(g) for g in args.groups.split(",") if g.strip()]
+    try:
+        groups = None if args.groups is None else [int(g) for g in args.groups.split(",") if g.strip()]
+    except ValueError:
+        raise ValueError(f"invalid --groups {args.groups!r}: expected comma-separated ints like 64,128") from None
     out = profile_adapters(args.adapters, args.out, space=args.space, groups=groups, base_model=args.base_model,
                            model=args.model, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
                            seed=args.seed, force=args.force)

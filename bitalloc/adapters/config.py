@@ -204,6 +204,12 @@ class AdapterSpace:
         return {"bits": list(self.bits), "groups": list(self.groups), "low_bits": list(self.low_bits),
                 "highs": None if self.highs is None else list(self.highs), "names": list(self.names)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterSpace":
+        """Inverse of :meth:`to_dict` (missing keys take the defaults)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
+
 
 def adapter_space(spec: str | Path | None = None, groups: Sequence[int] | None = None) -> AdapterSpace:
     """The default space (b in {2,3,4,8}, every h, groups {32,64,128}), or one from a JSON/YAML
@@ -235,7 +241,7 @@ def adapter_space(spec: str | Path | None = None, groups: Sequence[int] | None =
             unknown = set(data) - known
             if unknown:
                 raise ValueError(f"adapter config space file {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-            space = AdapterSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+            space = AdapterSpace.from_dict(data)
         else:
             raise ValueError(f"adapter config space file {path} must hold a grid dict or a list of config names")
     if groups is not None:

@@ -88,3 +88,11 @@ def test_space_files(tmp_path):
         adapter_space(bad)
     with pytest.raises(ValueError, match="no such file"):
         adapter_space(tmp_path / "missing.json")
+
+
+def test_space_dict_round_trip():
+    for space in (AdapterSpace(), AdapterSpace(bits=(2,), groups=(64,), low_bits=(0, 1), highs=(0, 4)),
+                  AdapterSpace(bits=(), groups=(), low_bits=(), names=("lq3-h2-g32",))):
+        assert AdapterSpace.from_dict(json.loads(json.dumps(space.to_dict()))) == space
+    with pytest.raises(ValueError, match="empty"):
+        AdapterSpace(bits=(), groups=(), low_bits=())
