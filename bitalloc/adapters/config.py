@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import numbers
 import re
 from dataclasses import dataclass
@@ -310,9 +309,3 @@ def high_for_rho(singular_values: Sequence[float], rho: float, rule: str = "pape
         h = max(1, h - 1)
     return min(h, len(energy))
 
-
-def codes_bits_per_param(configs: Sequence[AdapterQuantConfig], ranks: Sequence[int]) -> float:
-    """The paper's average for modules of equal shape: mean of ``(h·b + (r - h)·low) / r``, rank-weighted."""
-    num = sum(c.high * c.bits + (r - c.high) * c.low_bits for c, r in zip(configs, ranks))
-    den = sum(ranks)
-    return math.nan if den == 0 else num / den

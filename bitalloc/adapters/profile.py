@@ -302,7 +302,3 @@ def singular_values(modules: pd.DataFrame) -> list[list[float]]:
     """The singular values of each row of a module list."""
     return [[float(v) for v in str(text).split()] for text in modules["singular_values"]]
 
-
-def config_of(name: str) -> AdapterQuantConfig:
-    """The config a profile's ``config`` column names."""
-    return AdapterQuantConfig.from_name(name)
