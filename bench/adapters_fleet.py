@@ -244,11 +244,11 @@ def main() -> int:
     t0 = time.perf_counter()
     res = run(args)
     res["seconds"]["total"] = time.perf_counter() - t0
-    import highspy
+    from importlib.metadata import version
 
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "note": "shared with other jobs while it ran", "python": platform.python_version(),
-               "torch": torch.__version__, "numpy": np.__version__, "highspy": getattr(highspy, "__version__", "?"),
+               "torch": torch.__version__, "numpy": np.__version__, "highspy": version("highspy"),
                "date": dt.date.today().isoformat()}
     res["machine"] = machine
     command = "python bench/adapters_fleet.py " + " ".join(sys.argv[1:])
