@@ -33,6 +33,11 @@ _EXPORTS = {
     "apply_allocation": "bitalloc.apply",
     "load": "bitalloc.apply",
     "QuantizedLinear": "bitalloc.apply",
+    "AdapterQuantConfig": "bitalloc.adapters",
+    "profile_adapters": "bitalloc.adapters",
+    "solve_adapters": "bitalloc.adapters",
+    "apply_adapters": "bitalloc.adapters",
+    "load_adapter": "bitalloc.adapters",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

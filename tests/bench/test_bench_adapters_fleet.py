@@ -1,0 +1,36 @@
+"""bench/adapters_fleet.py on a fleet of two adapters: it profiles, solves and writes its report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("adapters_fleet", ROOT / "bench" / "adapters_fleet.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_fleet(bench, tmp_path, monkeypatch):
+    out = tmp_path / "fleet"
+    monkeypatch.setattr(sys, "argv", ["adapters_fleet.py", "--adapters", "2", "--bits", "2,3", "--budget", "1.9",
+                                      "--out", str(out)])
+    assert bench.main() == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["modules"] == 2 * 30 * 7 and res["configs"] == 2 * 16 + 1
+    assert res["fleet"]["status"] == "optimal" and res["fleet"]["bits_per_param"] <= 1.9
+    assert res["per_adapter"]["objective"] >= res["fleet"]["objective"] * (1 - 1e-12)
+    for variant in res["variants"]:  # the solver is never worse than the fixed rule at its bits
+        assert variant["solver"]["objective"] <= variant["objective"] * (1 + 1e-12)
+    assert "Goal: solve under 10 s: " in (out / "results.md").read_text()
+    assert res["fleet_lagrange"]["bits_per_param"] <= 1.9
