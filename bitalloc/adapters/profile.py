@@ -30,10 +30,12 @@ import pandas as pd
 import torch
 
 from bitalloc import __version__
+from bitalloc.adapters.activations import check_fit, input_moments
 from bitalloc.adapters.config import AdapterQuantConfig, AdapterSpace, adapter_space
 from bitalloc.adapters.peft_io import LoraAdapter, LoraModule, read_adapters
 from bitalloc.adapters.split import config_errors, svd_split
 from bitalloc.atomic import atomic_write_bytes, atomic_write_json
+from bitalloc.models import calibration_tokens, load_model
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +245,6 @@ def profile_adapters(
 def _model_side(adapters: Sequence[LoraAdapter], model: str | os.PathLike[str], calib: str | None,
                 samples: int, seqlen: int, seed: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
     """Load the base model, check the adapters fit it, and with ``calib`` measure the input moments."""
-    from bitalloc.adapters.activations import check_fit, input_moments
-    from bitalloc.models import calibration_tokens, load_model
-
     net, tokenizer = load_model(model)
     check_fit(adapters, net, str(model))
     if calib is None:
