@@ -71,6 +71,7 @@ def evaluate(m: Matrix, cfg: QuantConfig, L1: torch.Tensor, L2: torch.Tensor,
     if target is None:
         target = minus_low(m.W, s1, s2)
     resid = quantize_residual(target, cfg, check=False)
+    m.quantizations += 1
     err, errf = m.errors(resid)
     return Iterate(DeferredQ(m.W, s1, s2, cfg), target, resid, s1, s2, q1, q2, err, errf)
 
@@ -178,6 +179,7 @@ def _init_factors(init: Any, m: Matrix, r: int) -> tuple[torch.Tensor, torch.Ten
 
 def _rank0(m: Matrix, cfg: QuantConfig) -> Decomposition:
     q = quantize(m.orig, cfg)
+    m.quantizations += 1
     err, errf = m.errors(m.W - q.dequantize().float())
     rows, cols = m.W.shape
     return Decomposition(cfg, q, m.W.new_zeros(rows, 0), m.W.new_zeros(0, cols), err, errf, 0,

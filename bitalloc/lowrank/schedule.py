@@ -176,5 +176,7 @@ def decompose_many(W: torch.Tensor, cfgs: Sequence[QuantConfig], fisher: torch.T
             out[i] = d
             solved.append(d)
         _repair(m, cfgs, order, out, policy)
-    log.debug("decompose_many: %d configs of a %dx%d matrix", len(cfgs), *m.W.shape)
+    # the work done, for benchmarks: ``record.quantizations`` of this record
+    log.debug("decompose_many: %d configs of a %dx%d matrix, %d quantizations", len(cfgs), *m.W.shape,
+              m.quantizations, extra={"quantizations": m.quantizations})
     return [d for d in out if d is not None]

@@ -218,6 +218,7 @@ class Matrix:
         # the last result with bf16 factors and W minus the product of its factors: a twin or
         # a warm start from it evaluates the same factors first, so the product need not be redone
         self.last_target: tuple[Decomposition, torch.Tensor] | None = None
+        self.quantizations = 0  # of the whole matrix, counted by the loop (a deterministic work count)
 
     def target_of(self, init: Any, cfg: QuantConfig) -> torch.Tensor | None:
         """``W - L1 @ L2`` of ``init``'s stored factors if it is the last result, of the same
