@@ -312,6 +312,12 @@ def _reference_source(src: dict | None) -> list[str]:
             "reference is seeded, so its errors are what it computes; its times are from that run"]
 
 
+def _kept(row: dict) -> str:
+    if "kept" not in row:
+        return ""
+    return ": kept" if row["kept"] else ": removed from LoopPolicy"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
@@ -334,10 +340,13 @@ def _ablations(a: dict | None, micro: dict) -> list[str]:
         f"{runs} s CPU in total per repeat (spread {100 * b['noise']:.1f}%, the noise), work "
         f"{b['work'] / 1e9:.2f} G entry-quantizations, {b['quantize_calls_per_config']:.2f} quantize calls "
         f"per config, errors {_fmt(b['error_ratio_vs_reference'])}. A knob is needed when its removal "
-        f"adds entries more than 1% above the reference, or costs {100 * a['threshold']:.0f}% or more CPU "
-        f"time beyond the noise (the work decides where the CPU time cannot tell).",
+        f"adds entries more than 1% above the reference, costs {100 * a['threshold']:.0f}% or more CPU "
+        f"time beyond the noise, or {100 * a['threshold']:.0f}% or more work; a CPU time "
+        f"{100 * a['threshold']:.0f}% or more higher but within the noise is 'unclear' (kept).",
+        *([f"", f"The ablations ran apart from the main comparison, with `{a['command']}` ({a['date']})."]
+          if a.get("command") else []),
         "",
-        "| knob | variant (removal) | CPU time | work | quantize calls / config | entries >1% worse (change) | "
+        "| knob | variant (the knob at its neutral value) | CPU time | work | quantize calls / config | entries >1% worse (change) | "
         "error ratio vs reference | verdict |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
@@ -348,7 +357,7 @@ def _ablations(a: dict | None, micro: dict) -> list[str]:
             f"| `{row['knob']}` | {row['variant']}{alone}: {row['what']} | {_pct(row['cpu_change'])} | "
             f"{_pct(row['work_change'])} | {row['quantize_calls_per_config']:.2f} | "
             f"{e['worse_than_1pct']}/{e['n']} ({row['worse_entries_change']:+d}) | "
-            f"max {e['max']:.3f}, median {e['median']:.3f} | {row['verdict']} |"
+            f"max {e['max']:.3f}, median {e['median']:.3f} | {row['verdict']}{_kept(row)} |"
         )
     tuned = micro.get("decompose_many_q_proj_cpu_s_tuned_malloc")
     untuned = micro.get("decompose_many_q_proj_cpu_s_glibc_default_malloc")

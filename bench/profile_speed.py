@@ -303,14 +303,14 @@ def verdict(cpu_change: float, work_change: float, worse: int, noise: float) -> 
     Needed when removing it adds entries more than 1% above the reference, or costs at least
     :data:`KNOB_THRESHOLD` more CPU time, beyond the default's own spread; where the CPU time
     cannot tell (its change within the noise), the deterministic work decides. Otherwise the
-    knob goes.
+    knob goes. An increase of the CPU time within the noise cannot tell: "unclear", kept.
     """
     if worse > 0:
         return "needed (more entries >1% worse without it)"
     if cpu_change >= KNOB_THRESHOLD and cpu_change > noise:
         return "needed (slower without it)"
-    if abs(cpu_change) <= noise and work_change >= KNOB_THRESHOLD:
-        return "needed (more work without it; CPU time within the noise)"
+    if work_change >= KNOB_THRESHOLD:
+        return "needed (more work without it)"
     if cpu_change >= KNOB_THRESHOLD:
         return "unclear (slower without it, within the noise)"
     return "not needed"
@@ -455,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                          "results.json of the same --layers and --ref-every instead of running it")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see results.md)")
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--ablations-from", metavar="RESULTS_JSON",
+                    help="no ablations here: take them (with their command) from another results.json")
     ap.add_argument("--ablation-matrices", default=ABLATION_MATRICES,
                     help=f"the first layer's matrices the ablations run on (default {ABLATION_MATRICES})")
     ap.add_argument("--ablation-baselines", type=int, default=3,
@@ -610,11 +612,21 @@ def main(argv: list[str] | None = None) -> int:
                  short, cpu, ref_cpu, ref_cpu * scale, ref_cpu * scale / cpu, summary(rs))
 
     ablations = {}
-    if not args.no_ablations:
+    if args.ablations_from:
+        if not Path(args.ablations_from).is_file():
+            raise SystemExit(f"--ablations-from {args.ablations_from}: no such file")
+        other = json.loads(Path(args.ablations_from).read_text())
+        ablations = dict(other.get("ablations") or {}, command=other.get("command"), date=other.get("date"))
+        for row in ablations.get("rows", []):  # the verdicts by this code's rule
+            row["verdict"] = verdict(row["cpu_change"], row["work_change"], row["worse_entries_change"],
+                                     ablations["baseline"]["noise"])
+    elif not args.no_ablations:
         names = [n for n in ablation_names if n in per_matrix]
         ablations = run_ablations({n: mats[n] for n in names}, cfgs, ref_cfgs,
                                   {n: per_matrix[n]["reference"] for n in names}, ABLATIONS,
                                   args.ablation_baselines)
+    for row in ablations.get("rows", []):  # which knobs this policy still has
+        row["kept"] = row["knob"] in LoopPolicy.__dataclass_fields__
     load_end = os.getloadavg()
     micro_cfgs = cfgs[::23]
     first = {k: v for k, v in mats.items() if k.startswith(first_layer)}

@@ -187,8 +187,15 @@ def _rank0(m: Matrix, cfg: QuantConfig) -> Decomposition:
 
 
 @torch.no_grad()
-def decompose(W: torch.Tensor, cfg: QuantConfig, fisher: torch.Tensor | None = None, *,
-              init: Decomposition | tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0, policy: LoopPolicy = ONE_CONFIG) -> Decomposition:
+def decompose(
+    W: torch.Tensor,
+    cfg: QuantConfig,
+    fisher: torch.Tensor | None = None,
+    *,
+    init: Decomposition | tuple[torch.Tensor, torch.Tensor] | None = None,
+    seed: int = 0,
+    policy: LoopPolicy = ONE_CONFIG,
+) -> Decomposition:
     """Decompose ``W ≈ Q + L1 @ L2`` for one config, on W's device; returns the best iterate.
 
     ``init`` (a Decomposition of a neighbouring config, or factors ``(L1, L2)``, trimmed to

@@ -266,8 +266,10 @@ def factors(
     return (*balanced(m, U, S, V), basis)
 
 
-def store(L1: torch.Tensor, L2: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor,
-                                                                          QuantizedTensor | None, QuantizedTensor | None]:
+Stored = tuple[torch.Tensor, torch.Tensor, QuantizedTensor | None, QuantizedTensor | None]
+
+
+def store(L1: torch.Tensor, L2: torch.Tensor, cfg: QuantConfig) -> Stored:
     """The factors as the config stores them (bf16-rounded or NF8-decoded), as float32."""
     if cfg.lowrank_bits == 16:
         return L1.bfloat16().float(), L2.bfloat16().float(), None, None

@@ -134,8 +134,14 @@ def _repair(m: Matrix, cfgs: list[QuantConfig], order: list[int], out: list, pol
 
 
 @torch.no_grad()
-def decompose_many(W: torch.Tensor, cfgs: Sequence[QuantConfig], fisher: torch.Tensor | None = None, *,
-                   seed: int = 0, policy: LoopPolicy = MANY_CONFIGS) -> list[Decomposition]:
+def decompose_many(
+    W: torch.Tensor,
+    cfgs: Sequence[QuantConfig],
+    fisher: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    policy: LoopPolicy = MANY_CONFIGS,
+) -> list[Decomposition]:
     """Decompose one matrix for many configs, sharing work; results in the order of ``cfgs``.
 
     See the module docstring for the schedule. Every cold start shares one first step, the
