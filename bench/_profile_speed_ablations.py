@@ -42,13 +42,9 @@ ABLATIONS: list[Ablation] = [
          "instead of a Cholesky factor of the Gram matrix", cholesky_qr=False),
     _off("float32 step target", "split_target", "the warm step's target as one float32 matrix "
          "instead of split (dense part through bfloat16 products)", split_target=False),
-    _off("split target on every size", "split_min_size", "the split target on matrices of any "
-         "size (here also k_proj and v_proj)", split_min_size=0),
     # cold starts
     _off("randomized first step", "exact_cold", "a cold start's first step is a randomized sketch "
          "of W instead of the shared exact SVD, and the second warm-starts from it", exact_cold=False),
-    _off("no minimum cold steps", "cold_min_steps", "a cold start may stop after 3 steps instead "
-         "of 6", cold_min_steps=0),
     # stepping and stopping
     _off("plain steps", "step", "plain alternation for every code width (no over-relaxation or "
          "momentum)", step={}),
@@ -69,8 +65,6 @@ ABLATIONS: list[Ablation] = [
          "other codes", coarse_first=frozenset()),
     _off("2-bit scales warm", "cold_scale_bits", "2-bit scales of NF3-NF8 start from the nearest "
          "solved config instead of cold", cold_scale_bits=frozenset()),
-    _off("one leader start", "leader_starts", "each NF2 group's leader from one cold start "
-         "instead of three", leader_starts={}),
     _off("no repair", "repair_margin", "no repair pass", repair_margin={}),
     _off("repair on any lower", "repair_margin", "repairs whenever a coarser config ended lower "
          "(margin 0) instead of 5% (NF3/NF4) or 10% (NF8) lower",

@@ -48,8 +48,8 @@ NOTES = """## Notes
   count, so the speedup is that of the algorithm, not of the quantizer. It is seeded: read
   from an earlier results.json (`--reference-from`), its errors are those it computes.
 - **bitalloc** (`decompose_many` with its default `LoopPolicy`, `bitalloc.lowrank.MANY_CONFIGS`):
-  per (bits, block) group a leader solved cold (the most precise scales; for NF2 the coarsest,
-  from three cold starts with other sketches, the lowest kept); every fp16/fp32 twin reuses its
+  per (bits, block) group a leader solved cold (the most precise scales; for NF2 the
+  coarsest); every fp16/fp32 twin reuses its
   twin's factors (one quantize); other configs start from the nearest solved config (NF2: the
   nearest coarser one), except 2-bit scales of NF3-NF8, which start cold; every cold start
   shares one first step, the exact SVD of W (computed once per matrix), and its second step
@@ -58,12 +58,12 @@ NOTES = """## Notes
   alternation (never below) after a rise, except NF8 with 2-4 bit scales, which keeps its
   steps; plain steps that rise go on; one subspace pass per later step reusing the last
   subspace (k = r columns, orthonormalized through a Cholesky factor of their Gram matrix),
-  its small SVD through a Gram eigendecomposition, and on matrices of 2^18+ entries the
-  dense part of its target multiplied in bfloat16; Q quantized against the stored (bf16)
+  its small SVD through a Gram eigendecomposition, and (where bfloat16 products are native)
+  the dense part of its target multiplied in bfloat16; Q quantized against the stored (bf16)
   factors with the packing-free quantizer and packed only when `Decomposition.q` is read;
   best iterate; stop when the best fell by less than tol x {NF2: 1, NF3: 2, NF4/NF8: 4}
   (tol = 1e-2) over 2 steps (3 for NF8 with 2-4 bit scales) and by less than 3 times that
-  over twice as many, a cold start after at least 6 steps; then, for NF3, NF4 and NF8 with
+  over twice as many; then, for NF3, NF4 and NF8 with
   3-4 bit scales, a repair pass: a config that ended above a config with coarser scales by
   more than 5% (NF3, NF4) or 10% (NF8) is solved again from that config's factors, and the
   lower result kept.

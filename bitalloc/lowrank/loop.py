@@ -14,8 +14,7 @@ with these differences (every knob in :class:`LoopPolicy`, what it buys in
   codes; an over-relaxed step that raises the error is undone and retried shorter, never
   shorter than plain alternation; plain steps that rise go on from there;
 * it stops when the best objective fell by less than the tolerance over the last
-  ``patience`` steps and by less than ``stop_window`` times that over twice as many, a cold
-  start never before ``cold_min_steps`` steps.
+  ``patience`` steps and by less than ``stop_window`` times that over twice as many.
 
 With a Fisher estimate ``F`` the rank-r step runs on ``D_r (W - Q) D_c`` with
 ``D_r = diag(sqrt(mean_cols F))``, ``D_c = diag(sqrt(mean_rows F))`` (LQ-LoRA's two-sided
@@ -89,12 +88,10 @@ def converged(bests: list[float], tol: float, patience: int, window: float) -> b
     return True
 
 
-def solve(m: Matrix, cfg: QuantConfig, init: Any, policy: LoopPolicy, max_iters: int,
-          stream: int = 0) -> Decomposition:
+def solve(m: Matrix, cfg: QuantConfig, init: Any, policy: LoopPolicy, max_iters: int) -> Decomposition:
     """The alternating loop for one config from ``init`` (None: a cold start); the best iterate.
 
-    ``max_iters == 0`` with an ``init`` just quantizes against the given factors. ``stream``
-    picks the random sketches (see :meth:`Matrix.generator`).
+    ``max_iters == 0`` with an ``init`` just quantizes against the given factors.
     """
     check_rank(cfg, m.W)
     r = cfg.rank
@@ -104,8 +101,7 @@ def solve(m: Matrix, cfg: QuantConfig, init: Any, policy: LoopPolicy, max_iters:
     tol = policy.tolerance(cfg.bits)
     patience = policy.patience_for(cfg.bits, cfg.scale_bits)
     retreats = not policy.keeps_long_steps(cfg.bits, cfg.scale_bits)
-    min_steps = policy.cold_min_steps if init is None else 0
-    gen = m.generator(stream)
+    gen = m.generator()
 
     history: list[float] = []
     best = cur = prev = None  # prev: the iterate before cur, for momentum
@@ -129,7 +125,7 @@ def solve(m: Matrix, cfg: QuantConfig, init: Any, policy: LoopPolicy, max_iters:
         if best is None or nxt.objective < best.objective:
             best = nxt
         bests.append(best.objective)
-        if len(bests) > patience and iters >= min_steps and converged(bests, tol, patience, policy.stop_window):
+        if len(bests) > patience and converged(bests, tol, patience, policy.stop_window):
             break
         if rose and retreats and eta > 1.0:
             # an over-relaxed step made things worse: back to the best iterate, shorter steps,

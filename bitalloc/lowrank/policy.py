@@ -44,9 +44,6 @@ class LoopPolicy:
     #: ``W - L - Q`` through bfloat16 products with float32 sums (native bf16 hardware only),
     #: so only the step's correction is rounded.
     split_target: bool = True
-    #: ... on matrices of at least this many entries: below, the extra thin products and
-    #: conversions cost more than they save.
-    split_min_size: int = 1 << 18
     #: An exact SVD replaces the subspace pass on matrices of at most this many entries (a
     #: sketch would cost as much), as it does when the sketch covers half the smaller side.
     exact_svd_max_size: int = 128 * 128
@@ -61,9 +58,6 @@ class LoopPolicy:
     #: more than the whole loop.
     cold_exact_max_side: int = 1024
     cold_power_iters: int = 4
-    #: A cold start takes at least this many steps before the stopping rule may end it: NF8
-    #: with coarse scales can rise for a step or two before a long descent.
-    cold_min_steps: int = 6
 
     # --- stepping -----------------------------------------------------------------------------
     #: (over-relaxation, momentum) of the step by code bits: the factors fit
@@ -106,9 +100,6 @@ class LoopPolicy:
     #: Scale bits whose configs (outside :attr:`coarse_first`) start cold instead of from a
     #: non-twin: coarse scales clip, and another config's factors fit another clipping.
     cold_scale_bits: frozenset[int] = frozenset({2})
-    #: Cold starts of each group's leader by code bits (the lowest result kept): every other
-    #: NF2 config descends from the leader, and where one NF2 start ends depends on its sketches.
-    leader_starts: Mapping[int, int] = field(default_factory=lambda: {2: 3})
     #: The repair pass re-solves a config of these code bits from a config with coarser scales
     #: that ended this much (relative) lower: finer scales should not do worse. Unnamed widths
     #: are not repaired; an empty mapping turns the pass off.
@@ -125,13 +116,12 @@ class LoopPolicy:
     keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("step", "tol_factor", "leader_starts", "repair_margin"):
+        for name in ("step", "tol_factor", "repair_margin"):
             object.__setattr__(self, name, _frozen_map(getattr(self, name)))
         for name in ("coarse_nf8_scale_bits", "coarse_first", "cold_scale_bits", "repair_nf8_scale_bits"):
             object.__setattr__(self, name, frozenset(getattr(self, name)))
-        ints = {"oversample": 0, "power_iters": 0, "split_min_size": 0, "exact_svd_max_size": 0,
-                "cold_exact_max_side": 1, "cold_power_iters": 0, "cold_min_steps": 0,
-                "coarse_nf8_patience": 1, "max_iters": 0, "patience": 1, "twin_iters": 0}
+        ints = {"oversample": 0, "power_iters": 0, "exact_svd_max_size": 0,
+                "cold_exact_max_side": 1, "cold_power_iters": 0, "coarse_nf8_patience": 1, "max_iters": 0, "patience": 1, "twin_iters": 0}
         for name, low in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -148,9 +138,6 @@ class LoopPolicy:
                 raise ValueError(f"LoopPolicy.step[{bits}] must be (relax > 0, momentum >= 0), got {pair!r}")
         for bits, factor in self.tol_factor.items():
             _positive(f"tol_factor[{bits}]", factor)
-        for bits, starts in self.leader_starts.items():
-            if isinstance(starts, bool) or not isinstance(starts, int) or starts < 1:
-                raise ValueError(f"LoopPolicy.leader_starts[{bits}] must be an integer >= 1, got {starts!r}")
         for bits, margin in self.repair_margin.items():
             if not 0 <= float(margin) < 1:
                 raise ValueError(f"LoopPolicy.repair_margin[{bits}] must be in [0, 1), got {margin!r}")
@@ -193,7 +180,7 @@ class LoopPolicy:
     def from_dict(cls, data: Mapping[str, Any]) -> "LoopPolicy":
         """Inverse of :meth:`to_dict` (JSON's string keys are read back as code bits)."""
         kw = dict(data)
-        for name in ("step", "tol_factor", "leader_starts", "repair_margin"):
+        for name in ("step", "tol_factor", "repair_margin"):
             if name in kw:
                 kw[name] = {int(k): tuple(v) if isinstance(v, list) else v for k, v in kw[name].items()}
         return cls(**kw)

@@ -114,13 +114,14 @@ class SplitTarget:
 
 def step_target(W: torch.Tensor, cur: Any, prev: Any, eta: float, momentum: float, policy: LoopPolicy) -> Target:
     """``L + eta (W - L - Q) + momentum (L - L_prev)`` of the iterate ``cur`` (``prev`` None: no
-    momentum), as a :class:`SplitTarget` where the policy and the hardware allow, else dense.
+    momentum), as a :class:`SplitTarget` where the policy and the hardware (native bfloat16
+    products) allow, else dense.
 
     An iterate has ``l1``, ``l2`` (stored factors), ``target = W - l1 @ l2`` and
     ``resid = W - l1 @ l2 - Q``.
     """
     D = cur.resid
-    if not policy.split_target or D.numel() < policy.split_min_size or not native_bf16(D.device.type, D.device.index):
+    if not policy.split_target or not native_bf16(D.device.type, D.device.index):
         step = torch.add(W - cur.target, D, alpha=eta)  # L = W - (W - L)
         if prev is not None:  # L - L_prev = (W - L_prev) - (W - L)
             step = step + momentum * (prev.target - cur.target)

@@ -2,8 +2,7 @@
 
 Configs are grouped by their codes (bits, block). In each group the *leader* (highest rank,
 bf16 factors, most precise block scales; for codes in ``policy.coarse_first`` the least
-precise) runs the loop from a cold start (from ``policy.leader_starts`` cold starts, the
-lowest kept). The others follow in order of scale precision, each fp16 twin right after its
+precise) runs the loop from a cold start. The others follow in order of scale precision, each fp16 twin right after its
 fp32 sibling, each warm-started from the nearest config solved before it (:func:`warm_plan`).
 Then the repair pass re-solves configs that ended above a config with coarser scales.
 """
@@ -20,7 +19,6 @@ import torch
 from bitalloc.configs import QuantConfig
 from bitalloc.lowrank.loop import solve
 from bitalloc.lowrank.policy import MANY_CONFIGS, LoopPolicy
-from bitalloc.lowrank.rank_step import use_exact_svd
 from bitalloc.lowrank.state import Decomposition, Matrix, check_rank
 
 log = logging.getLogger(__name__)
@@ -91,23 +89,6 @@ def warm_plan(cfg: QuantConfig, parent: Decomposition | None, policy: LoopPolicy
     return parent, policy.max_iters
 
 
-def _lead(m: Matrix, cfg: QuantConfig, policy: LoopPolicy) -> Decomposition:
-    """A group's leader: the lowest of ``policy.leader_starts`` cold starts with other sketches
-    (one where every step is an exact SVD: the others would repeat it)."""
-    best = solve(m, cfg, None, policy, policy.max_iters)
-    rows, cols = m.W.shape
-    k = min(cfg.rank + policy.oversample, rows, cols)
-    if use_exact_svd(rows, cols, k, policy.exact_svd_max_size):
-        return best
-    kept = m.last_target
-    for stream in range(1, policy.leader_starts.get(cfg.bits, 1)):
-        d = solve(m, cfg, None, policy, policy.max_iters, stream)
-        if d.objective < best.objective:
-            best, kept = d, m.last_target
-    m.last_target = kept  # the twin reuses the product of the kept factors
-    return best
-
-
 def _repair(m: Matrix, cfgs: list[QuantConfig], order: list[int], out: list, policy: LoopPolicy) -> None:
     """Re-solve each config that ended above a config with coarser scales, from its factors.
 
@@ -171,14 +152,11 @@ def decompose_many(
             reverse=True,
         )
         solved: list[Decomposition] = []
-        for i in order:
+        for i in order:  # the first, the leader, from a cold start
             cfg = cfgs[i]
-            if not solved:
-                d = _lead(m, cfg, policy)
-            else:
-                parent = min(solved, key=lambda p: _parent_distance(cfg, p.cfg))
-                start, iters = warm_plan(cfg, parent, policy)
-                d = solve(m, cfg, start, policy, iters)
+            parent = min(solved, key=lambda p: _parent_distance(cfg, p.cfg)) if solved else None
+            start, iters = warm_plan(cfg, parent, policy)
+            d = solve(m, cfg, start, policy, iters)
             out[i] = d
             solved.append(d)
         _repair(m, cfgs, order, out, policy)

@@ -228,14 +228,10 @@ class Matrix:
             return None
         return last[1]
 
-    def generator(self, stream: int = 0) -> torch.Generator:
-        """A generator seeded from ``seed``; another ``stream`` draws other sketches.
-
-        The CPU generator keeps only the low 32 bits of a seed, so the streams are spread over
-        them (golden-ratio steps).
-        """
+    def generator(self) -> torch.Generator:
+        """A generator seeded from ``seed`` (every run of the loop draws the same sketches)."""
         gen = torch.Generator(device=self.W.device)
-        gen.manual_seed(self.seed if stream == 0 else (self.seed + 0x9E3779B9 * stream) & 0xFFFFFFFF)
+        gen.manual_seed(self.seed)
         return gen
 
     def errors(self, E: torch.Tensor) -> tuple[float, float | None]:

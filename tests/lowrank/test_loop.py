@@ -11,7 +11,7 @@ from bitalloc.lowrank import Decomposition, LoopPolicy, decompose
 from bitalloc.lowrank.loop import converged
 from bitalloc.quant import quantize
 
-EXHAUSTIVE = LoopPolicy(tol=1e-12, stop_window=0.0, cold_min_steps=0)  # runs to max_iters
+EXHAUSTIVE = LoopPolicy(tol=1e-12, stop_window=0.0)  # runs to max_iters
 
 
 def capped(n: int, base: LoopPolicy = EXHAUSTIVE) -> LoopPolicy:
@@ -204,16 +204,15 @@ def test_plain_steps_do_not_stop_at_the_first_rise():
     assert d.objective == min(h)
 
 
-def test_cold_starts_take_the_minimum_steps_warm_starts_need_not():
+def test_a_loose_tolerance_stops_after_patience_steps_and_the_cap_wins():
     W = weight(96, 160, rank=8, seed=31)
     c = cfg("nf4-g64-s8x256-r8")
     loose = LoopPolicy(tol=0.5)  # a tolerance that stops as soon as it may
     cold = decompose(W, c, policy=loose)
-    assert cold.iterations == loose.cold_min_steps
+    assert cold.iterations == loose.patience + 1
     warm = decompose(W, c, init=cold, policy=loose)
-    assert warm.iterations < loose.cold_min_steps
-    assert decompose(W, c, policy=LoopPolicy(max_iters=2)).iterations == 2  # the cap still wins
-    assert decompose(W, c, policy=loose.replace(cold_min_steps=0)).iterations < loose.cold_min_steps
+    assert warm.iterations == loose.patience
+    assert decompose(W, c, policy=LoopPolicy(max_iters=2)).iterations == 2
 
 
 def test_a_bump_in_a_fast_descent_is_not_convergence():

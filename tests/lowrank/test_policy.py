@@ -19,7 +19,7 @@ def test_the_two_defaults_differ_in_tolerance_and_oversampling_only():
     ({"max_iters": -1}, "max_iters"), ({"patience": 0}, "patience"), ({"oversample": 1.5}, "oversample"),
     ({"tol": 0.0}, "tol"), ({"tol": float("nan")}, "tol"), ({"stop_window": -1.0}, "stop_window"),
     ({"step": {3: (0.0, 0.4)}}, r"step\[3\]"), ({"step": {3: (1.5, -0.1)}}, r"step\[3\]"),
-    ({"tol_factor": {2: -1.0}}, r"tol_factor\[2\]"), ({"leader_starts": {2: 0}}, r"leader_starts\[2\]"),
+    ({"tol_factor": {2: -1.0}}, r"tol_factor\[2\]"),
     ({"repair_margin": {3: 1.0}}, r"repair_margin\[3\]"), ({"share": 1}, "share"),
     ({"cold_exact_max_side": 0}, "cold_exact_max_side"), ({"fisher_floor": 0.0}, "fisher_floor"),
 ])
@@ -34,8 +34,8 @@ def test_policies_are_frozen_and_their_mappings_read_only():
         p.tol = 0.5  # type: ignore[misc]
     with pytest.raises(TypeError):
         p.step[2] = (2.0, 0.0)  # type: ignore[index]
-    q = p.replace(leader_starts={})
-    assert q.leader_starts == {} and p.leader_starts == {2: 3}
+    q = p.replace(repair_margin={})
+    assert q.repair_margin == {} and p.repair_margin == {3: 0.05, 4: 0.05, 8: 0.10}
 
 
 def test_per_config_values():
@@ -50,7 +50,7 @@ def test_per_config_values():
 
 
 def test_json_round_trip():
-    p = MANY_CONFIGS.replace(leader_starts={2: 2, 3: 2}, coarse_first=frozenset({2, 3}))
+    p = MANY_CONFIGS.replace(repair_margin={4: 0.02}, coarse_first=frozenset({2, 3}))
     back = LoopPolicy.from_dict(json.loads(json.dumps(p.to_dict())))
     assert back.to_dict() == p.to_dict()
-    assert back.relax_momentum(8) == p.relax_momentum(8) and back.leader_starts == {2: 2, 3: 2}
+    assert back.relax_momentum(8) == p.relax_momentum(8) and back.repair_margin == {4: 0.02}

@@ -82,7 +82,7 @@ def test_split_target_weighting_matches_the_dense_one():
     assert torch.allclose(target.weighted(d_r, d_c).dense(), d_r * dense * d_c, rtol=0, atol=1e-5)
 
 
-def test_step_target_is_split_for_large_matrices_only(monkeypatch):
+def test_step_target_is_split_where_bfloat16_products_are_native(monkeypatch):
     g = torch.Generator().manual_seed(43)
     W = torch.randn(64, 64, generator=g)
 
@@ -95,16 +95,14 @@ def test_step_target_is_split_for_large_matrices_only(monkeypatch):
     low, low_prev = cur.l1 @ cur.l2, prev.l1 @ prev.l2
     expected = low + 1.5 * cur.resid + 0.3 * (low - low_prev)
     monkeypatch.setattr(rank_step, "native_bf16", lambda *device: True)
-    at = LoopPolicy(split_min_size=64 * 64)
+    at = LoopPolicy()
     split = step_target(W, cur, prev, 1.5, 0.3, at)
     assert isinstance(split, SplitTarget)
     assert torch.allclose(split.dense(), expected, rtol=0, atol=1e-5)
-    dense = step_target(W, cur, prev, 1.5, 0.3, at.replace(split_min_size=64 * 64 + 1))
+    dense = step_target(W, cur, prev, 1.5, 0.3, at.replace(split_target=False))
     assert isinstance(dense, torch.Tensor) and torch.allclose(dense, expected, rtol=0, atol=1e-5)
     monkeypatch.setattr(rank_step, "native_bf16", lambda *device: False)  # emulated bfloat16: float32
-    assert isinstance(step_target(W, cur, prev, 1.5, 0.3, at.replace(split_min_size=0)), torch.Tensor)
-    monkeypatch.setattr(rank_step, "native_bf16", lambda *device: True)
-    assert isinstance(step_target(W, cur, None, 1.5, 0.3, at.replace(split_target=False)), torch.Tensor)
+    assert isinstance(step_target(W, cur, None, 1.5, 0.3, at), torch.Tensor)
 
 
 def test_native_bf16_reads_the_cpu_flags():
@@ -142,7 +140,7 @@ def test_split_loop_ends_near_the_float32_one(monkeypatch, name, worst):
     matmul = SplitTarget.matmul
     monkeypatch.setattr(SplitTarget, "matmul", lambda self, V: calls.append(1) or matmul(self, V))
     monkeypatch.setattr(rank_step, "native_bf16", lambda *device: True)  # the path, wherever it is fast
-    split_policy = LoopPolicy(split_min_size=0)
+    split_policy = LoopPolicy()
     ratios = []
     for seed in (47, 48, 49):
         W = weight(160, 200, seed=seed)  # above the exact-SVD size: the subspace pass runs

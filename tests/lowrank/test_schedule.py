@@ -26,8 +26,8 @@ def recording_solve(monkeypatch, record):
     """Patch the schedule's loop with one that calls ``record(cfg, init, result)``."""
     real = schedule.solve
 
-    def recording(m, c, init, policy, max_iters, stream=0):
-        d = real(m, c, init, policy, max_iters, stream)
+    def recording(m, c, init, policy, max_iters):
+        d = real(m, c, init, policy, max_iters)
         record(c, init, d)
         return d
 
@@ -130,7 +130,7 @@ def test_repair_leaves_nf8_with_2_or_8_bit_scales_as_solved(monkeypatch):
     decompose_many(clipped(), cfgs, policy=MANY_CONFIGS.replace(repair_margin=ANY_MARGIN))
     assert all(n == 1 for name, n in solves.items() if cfg(name).bits == 8 and cfg(name).scale_bits in (2, 8))
     repaired = {cfg(name) for name, n in solves.items() if n > 1}
-    assert {c.bits for c in repaired} == {4, 8}  # the pass ran here, on both code widths
+    assert 4 in {c.bits for c in repaired}  # the pass ran here
     assert all(c.bits == 4 or c.scale_bits in (3, 4) for c in repaired)
 
 
@@ -166,36 +166,26 @@ def test_nf2_is_solved_from_the_coarsest_scales_up(monkeypatch):
     cfgs = [c for c in config_space("lqlora", ranks=(8,)) if c.bits == 2 and c.block == 64]
     decompose_many(weight(seed=5), cfgs)
     cold = [i for i, (_, init) in enumerate(calls) if init is None]
-    assert cold == list(range(len(cold)))  # the leader's cold starts come first, the only ones
-    assert {calls[i][0] for i in cold} == {"nf2-g64-s2x256-r8"}
+    assert cold == [0]  # the leader's cold start comes first, the only one
+    assert calls[0][0] == "nf2-g64-s2x256-r8"
     for name, init in calls[len(cold):]:
         c, p = cfg(name), cfg(init)
         assert p.scale_bits <= c.scale_bits  # each from a config solved before it, never finer
 
 
-def test_the_nf2_leader_keeps_the_lowest_of_its_cold_starts(monkeypatch):
-    starts = MANY_CONFIGS.leader_starts[2]
-    assert starts >= 2
+def test_the_twin_of_the_leader_takes_its_factors(monkeypatch):
     results = []
-    recording_solve(monkeypatch, lambda c, init, d: results.append(d) if init is None else None)
+    recording_solve(monkeypatch, lambda c, init, d: results.append((c, init, d)))
     leader = cfg("nf2-g64-s2x256-r8")
     twin = leader.replace(scale_dtype="fp32")
-    decompose_many(weight(seed=5), [leader, twin])
-    assert len(results) == 1  # a 64 x 96 matrix: every step an exact SVD, a restart repeats it
-    results.clear()
     W = weight(160, 192, seed=5)
     out = decompose_many(W, [leader, twin])
-    assert len(results) == starts
-    assert len({d.objective for d in results}) == len(results)  # each start drew other sketches
-    assert out[0].objective == min(d.objective for d in results)
-    for d in out:  # the twin evaluates the kept factors: each error is that of its own Q
+    assert [(c, init is None) for c, init, _ in results] == [(leader, True), (twin, False)]
+    for d in out:  # the twin evaluates the leader's factors: each error is that of its own Q
         assert d.error == pytest.approx(sq(W - d.q.dequantize() - d.l1 @ d.l2), rel=1e-5)
-    assert torch.equal(out[1].l1, out[0].l1)
+    assert torch.equal(out[1].l1, out[0].l1) and out[1].iterations == 0
     again = decompose_many(W, [leader, twin])  # seeded: the same every time
     assert again[0].objective == out[0].objective
-    results.clear()
-    decompose_many(W, [leader, twin], policy=MANY_CONFIGS.replace(leader_starts={}))
-    assert len(results) == 1
 
 
 def test_the_loop_gives_the_same_results_without_the_compiled_kernels(monkeypatch):
