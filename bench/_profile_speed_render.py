@@ -341,7 +341,8 @@ def _ablations(a: dict | None, micro: dict) -> list[str]:
         f"{b['work'] / 1e9:.2f} G entry-quantizations, {b['quantize_calls_per_config']:.2f} quantize calls "
         f"per config, errors {_fmt(b['error_ratio_vs_reference'])}. A knob is needed when its removal "
         f"adds entries more than 1% above the reference, costs {100 * a['threshold']:.0f}% or more CPU "
-        f"time beyond the noise, or {100 * a['threshold']:.0f}% or more work; a CPU time "
+        f"time beyond the noise, or {100 * a['threshold']:.0f}% or more work (and goes when its removal "
+        f"saves that much work); a CPU time "
         f"{100 * a['threshold']:.0f}% or more higher but within the noise is 'unclear' (kept).",
         *([f"", f"The ablations ran apart from the main comparison, with `{a['command']}` ({a['date']})."]
           if a.get("command") else []),

@@ -291,6 +291,14 @@ def run_ablations(mats: dict[str, torch.Tensor], cfgs: list[QuantConfig], ref_cf
             "threshold": KNOB_THRESHOLD, "not_exercised": NOT_EXERCISED}
 
 
+def _revise_verdicts(ablations: dict) -> None:
+    """Each ablation row's verdict by this code's rule, and whether LoopPolicy still has the knob."""
+    for row in ablations.get("rows", []):
+        row["verdict"] = verdict(row["cpu_change"], row["work_change"], row["worse_entries_change"],
+                                 ablations["baseline"]["noise"])
+        row["kept"] = row["knob"] in LoopPolicy.__dataclass_fields__
+
+
 def _changes(policy: LoopPolicy) -> dict:
     """The fields in which ``policy`` differs from the default, JSON-ready."""
     base, mine = BASELINE.to_dict(), policy.to_dict()
@@ -303,7 +311,8 @@ def verdict(cpu_change: float, work_change: float, worse: int, noise: float) -> 
     Needed when removing it adds entries more than 1% above the reference, or costs at least
     :data:`KNOB_THRESHOLD` more CPU time, beyond the default's own spread; where the CPU time
     cannot tell (its change within the noise), the deterministic work decides. Otherwise the
-    knob goes. An increase of the CPU time within the noise cannot tell: "unclear", kept.
+    knob goes. An increase of the CPU time within the noise, with the work within the threshold,
+    cannot tell: "unclear", kept.
     """
     if worse > 0:
         return "needed (more entries >1% worse without it)"
@@ -311,6 +320,8 @@ def verdict(cpu_change: float, work_change: float, worse: int, noise: float) -> 
         return "needed (slower without it)"
     if work_change >= KNOB_THRESHOLD:
         return "needed (more work without it)"
+    if work_change <= -KNOB_THRESHOLD:
+        return "not needed (less work without it)"
     if cpu_change >= KNOB_THRESHOLD:
         return "unclear (slower without it, within the noise)"
     return "not needed"
@@ -503,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # what decompose_many does anyway; now, so the reference runs with it too
     out = Path(args.out)
     if args.render_only:
-        (out / "results.md").write_text(render_md(_read_results(out, "--render-only")))
+        result = _read_results(out, "--render-only")
+        _revise_verdicts(result.get("ablations") or {})
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        (out / "results.md").write_text(render_md(result))
         return 0
     if args.skip_main:
         result = _read_results(out, "--skip-main")
@@ -617,16 +631,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--ablations-from {args.ablations_from}: no such file")
         other = json.loads(Path(args.ablations_from).read_text())
         ablations = dict(other.get("ablations") or {}, command=other.get("command"), date=other.get("date"))
-        for row in ablations.get("rows", []):  # the verdicts by this code's rule
-            row["verdict"] = verdict(row["cpu_change"], row["work_change"], row["worse_entries_change"],
-                                     ablations["baseline"]["noise"])
+        _revise_verdicts(ablations)
     elif not args.no_ablations:
         names = [n for n in ablation_names if n in per_matrix]
         ablations = run_ablations({n: mats[n] for n in names}, cfgs, ref_cfgs,
                                   {n: per_matrix[n]["reference"] for n in names}, ABLATIONS,
                                   args.ablation_baselines)
-    for row in ablations.get("rows", []):  # which knobs this policy still has
-        row["kept"] = row["knob"] in LoopPolicy.__dataclass_fields__
+    _revise_verdicts(ablations)
     load_end = os.getloadavg()
     micro_cfgs = cfgs[::23]
     first = {k: v for k, v in mats.items() if k.startswith(first_layer)}

@@ -124,7 +124,9 @@ def test_verdicts(bench):
     assert bench.verdict(0.02, 0.10, 0, 0.05).startswith("needed (more work")
     assert bench.verdict(-0.02, 0.10, 0, 0.01).startswith("needed (more work")
     assert bench.verdict(0.04, 0.0, 0, 0.05).startswith("unclear")
-    assert bench.verdict(-0.10, -0.2, 0, 0.02) == "not needed"
+    assert bench.verdict(-0.10, -0.2, 0, 0.02).startswith("not needed (less work")
+    assert bench.verdict(0.04, -0.05, 0, 0.10).startswith("not needed (less work")
+    assert bench.verdict(-0.10, 0.0, 0, 0.02) == "not needed"
     assert bench.verdict(0.01, 0.01, -2, 0.02) == "not needed"
 
 
