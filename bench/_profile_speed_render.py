@@ -202,7 +202,7 @@ def render_md(r: dict) -> str:
         "load average (1/5/15 min) at start " + "/".join(f"{x:.1f}" for x in r['machine'].get('load_average_start', [])) +
         ", at end " + "/".join(f"{x:.1f}" for x in r['machine'].get('load_average_end', [])),
         f"- matrices: {r['matrices_source']}" + (f"; done: {r['matrices_done']}" if "matrices_done" in r else ""),
-        *_reference_source(r.get("reference_source")),
+        *_reference_source(r.get("reference_source"), r["machine"].get("load_average_start")),
         *(f"- note: {n}" for n in r.get("notes", [])),
         f"- configs: {r['configs']} ({r['space']}), rank 64",
         f"- reference: {r['reference_subset']}; its time for all configs is **extrapolated** "
@@ -303,13 +303,20 @@ def render_md(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _reference_source(src: dict | None) -> list[str]:
+def _reference_source(src: dict | None, load_here: list[float] | None) -> list[str]:
     if not src:
         return []
     load = "/".join(f"{x:.1f}" for x in src.get("load_average") or [])
-    return [f"- the reference's rows (errors and measured times) are read from `{src['file']}`, written by "
-            f"`{src['command']}` on {src['date']} on this machine (load average at its start {load}); the "
-            "reference is seeded, so its errors are what it computes; its times are from that run"]
+    lines = [f"- the reference's rows (errors and measured times) are read from `{src['file']}`, written by "
+             f"`{src['command']}` on {src['date']} on this machine (load average at its start {load}); the "
+             "reference is seeded, so its errors are what it computes; its times are from that run"]
+    theirs, ours = (src.get("load_average") or [0.0])[0], (load_here or [0.0])[0]
+    if abs(ours - theirs) >= 1.0:
+        lines.append(f"- **the two methods' times come from runs under different loads** (1-min load average "
+                     f"{theirs:.1f} for the reference, {ours:.1f} at the start of this run, see its end too): on "
+                     "this shared machine a process's CPU time grows with the load, so the speedups below "
+                     "compare unlike conditions; the work and the errors do not depend on the load")
+    return lines
 
 
 def _kept(row: dict) -> str:
@@ -365,7 +372,7 @@ def _ablations(a: dict | None, micro: dict) -> list[str]:
     if tuned and untuned:
         lines.append(f"| `keep_freed_memory` | glibc's malloc defaults (q_proj, child process) | "
                      f"{_pct(untuned / tuned - 1)} | +0.0% | - | - (the same errors) | - | "
-                     f"{'needed (slower without it)' if untuned / tuned - 1 >= a['threshold'] else 'not needed'} |")
+                     f"{'needed (slower without it)' if untuned / tuned - 1 >= max(a['threshold'], b['noise']) else 'unclear (one run each, within the noise): kept'} |")
     lines += ["", "Not exercised by these matrices (kept, not measured here): "
               + "; ".join(f"`{k}`: {v}" for k, v in a.get("not_exercised", {}).items()
                           if k != "keep_freed_memory") + "."]
