@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU checks and GPU benchmarks in one call of a lent device machine (see README, Development).
 #
-# Prepare here (CPU), once per session:
+# Prepare here (CPU), before the call:
 #   echo /.whl/ >> .git/info/exclude; echo /.devcarry/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl gguf highspy pulp

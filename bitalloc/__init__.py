@@ -21,6 +21,7 @@ _EXPORTS = {
     "find_targets": "bitalloc.models",
     "decompose": "bitalloc.lowrank",
     "Decomposition": "bitalloc.lowrank",
+    "LoopPolicy": "bitalloc.lowrank",
     "load_profile": "bitalloc.profiles",
     "profile": "bitalloc.profiles",
     "ProfileRequest": "bitalloc.profiles",

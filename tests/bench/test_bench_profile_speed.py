@@ -90,3 +90,47 @@ def test_save_matrices_refuses_stand_ins(bench, tmp_path, monkeypatch):
     _fails(bench, ["--save-matrices", str(tmp_path / "m.safetensors"), "--out", str(tmp_path)],
            "the built-in model could not be loaded")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_reference_from_a_missing_or_foreign_file(bench, tmp_path):
+    path = _matrices(tmp_path / "m.safetensors")
+    _fails(bench, ["--matrices", str(path), "--layers", "0", "--reference-from", str(tmp_path / "none.json"),
+                   "--out", str(tmp_path)], "--reference-from .*no such file")
+    (tmp_path / "old.json").write_text(json.dumps({"per_matrix": {}}))
+    _fails(bench, ["--matrices", str(path), "--layers", "0", "--reference-from", str(tmp_path / "old.json"),
+                   "--out", str(tmp_path)], "no reference rows for model.layers.0")
+
+
+def test_ablations_are_policies_that_change_their_knob_only(bench):
+    import _profile_speed_ablations as ablations
+
+    from bitalloc.lowrank import MANY_CONFIGS, LoopPolicy
+
+    rows = ablations.ABLATIONS
+    assert len(ablations.by_name()) == len(rows)
+    fields = set(LoopPolicy.__dataclass_fields__)
+    for a in rows:
+        assert isinstance(a.policy, LoopPolicy) and a.knob in fields
+        changed = {k for k, v in a.policy.to_dict().items() if v != MANY_CONFIGS.to_dict()[k]}
+        assert changed == {a.knob}, a.name
+    assert set(ablations.NOT_EXERCISED) <= fields
+    # every knob is ablated here or named as not exercised, except the base tolerance and patience
+    assert fields - {a.knob for a in rows} - set(ablations.NOT_EXERCISED) == {"tol", "patience"}
+
+
+def test_verdicts(bench):
+    assert bench.verdict(0.10, 0.0, 0, 0.02).startswith("needed (slower")
+    assert bench.verdict(0.0, 0.0, 1, 0.02).startswith("needed (more entries")
+    assert bench.verdict(0.02, 0.10, 0, 0.05).startswith("needed (more work")
+    assert bench.verdict(-0.02, 0.10, 0, 0.01).startswith("needed (more work")
+    assert bench.verdict(0.04, 0.0, 0, 0.05).startswith("unclear")
+    assert bench.verdict(-0.10, -0.2, 0, 0.02).startswith("not needed (less work")
+    assert bench.verdict(0.04, -0.05, 0, 0.10).startswith("not needed (less work")
+    assert bench.verdict(-0.10, 0.0, 0, 0.02) == "not needed"
+    assert bench.verdict(0.01, 0.01, -2, 0.02) == "not needed"
+
+
+def test_the_benchmark_sets_no_library_globals():
+    for path in (ROOT / "bench").glob("*.py"):
+        text = path.read_text()
+        assert "setattr(" not in text and "monkeypatch" not in text, path.name
