@@ -101,7 +101,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         fisher=not args.no_fisher, fisher_mode=args.fisher_mode, space=args.space,
         ranks=parse_ranks(args.ranks), include=args.include, exclude=args.exclude,
         device=args.device, shard=args.shard, resume=args.resume, seed=args.seed,
-        progress=not args.quiet, jobs=args.jobs,
+        progress=not args.quiet, jobs=args.jobs, allow_unusual_config=args.allow_unusual_config,
     )
     if args.executor == "ray":
         from bitalloc.profiles.ray_executor import profile_with_ray
@@ -134,7 +134,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         args.allocation, out=args.out, model=args.model, uniform=args.uniform, include=args.include,
         exclude=args.exclude, dequantized=args.dequantized, device=args.device,
         fisher=False if args.no_fisher else None, force=args.force, ignore_model_hash=args.ignore_model_hash,
-        seed=args.seed, progress=not args.quiet,
+        seed=args.seed, progress=not args.quiet, allow_unusual_config=args.allow_unusual_config,
     )
     summary = applied_summary(out)
     if args.json:
@@ -231,6 +231,12 @@ def _add_target_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", default=None, help="regex: drop layers whose name matches")
 
 
+def _add_allow_unusual(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unusual-config", action="store_true",
+                   help="accept valid but unusual configs (a block or scale group that is not a power of two "
+                        "from 8 or 4 to 1024), which are otherwise refused as likely typos")
+
+
 def _int_at_least(low: int, what: str):
     """An argparse type: an int >= ``low``, else an error saying ``what`` was expected."""
 
@@ -307,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds; 1 on CUDA)")
     p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_allow_unusual(p)
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: this process (default); ray: shards as Ray tasks on a Ray cluster, one GPU each "
                         "where the cluster has GPUs, merged into --out (needs pip install 'bitalloc[ray]')")
@@ -336,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_filters(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print bitalloc.json's summary as one JSON object")
+    _add_allow_unusual(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("merge", help="join shard profiles (from --shard i/n) into one profile")

@@ -69,6 +69,7 @@ class ProfileRequest:
     seed: int = 0
     progress: bool = True
     jobs: int | None = None
+    allow_unusual_config: bool = False
 
     def __post_init__(self) -> None:
         for name in ("samples", "seqlen"):
@@ -201,7 +202,8 @@ def profile(request: ProfileRequest,
     out = Path(request.out)
     shard = parse_shard(request.shard)
     # a bad space or rank list fails here, before the model is loaded ("auto" is resolved below)
-    config_space(request.space, ranks=(0,) if isinstance(request.ranks, str) else tuple(request.ranks))
+    config_space(request.space, ranks=(0,) if isinstance(request.ranks, str) else tuple(request.ranks),
+                 allow_unusual=request.allow_unusual_config)
     device = resolve_device(request.device)
     started = time.perf_counter()
 
@@ -209,7 +211,7 @@ def profile(request: ProfileRequest,
     targets = find_targets(model, include=request.include, exclude=request.exclude)
     shapes = [tuple(target_weight(m).shape) for _, m in targets]
     ranks = resolve_ranks(request.ranks, shapes)
-    configs = config_space(request.space, ranks=ranks)
+    configs = config_space(request.space, ranks=ranks, allow_unusual=request.allow_unusual_config)
     work = shard_indices(len(targets), shard)
     check_ranks_fit(targets, shapes, configs)
     calibration = request.calibration(device) if request.fisher else None

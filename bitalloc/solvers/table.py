@@ -115,7 +115,7 @@ def profile_arrays(
         for (c, r, k), where in keys.groupby(["c", "r", "k"]).indices.items():
             if c not in parsed:
                 try:
-                    parsed[c] = QuantConfig.from_name(configs[c])
+                    parsed[c] = QuantConfig.from_name(configs[c], allow_unusual=True)
                 except ValueError as exc:
                     raise ValueError(
                         f"exclude_lowrank_from_budget needs QuantConfig names; {exc}"
@@ -312,7 +312,7 @@ def sweep_table(
 
 def _nf_bits(config: str) -> str:
     try:
-        return str(QuantConfig.from_name(config).bits)
+        return str(QuantConfig.from_name(config, allow_unusual=True).bits)
     except ValueError:
         return "other"
 
