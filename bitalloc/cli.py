@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitalloc import __version__
 from bitalloc.identity import BUILTIN_ALIAS
+from bitalloc.preflight import check_input_file, check_model_spec, check_new_output_dir, check_text_source
 
 if TYPE_CHECKING:  # the CLI imports the stages lazily, to answer --help fast
     from bitalloc.allocation import SolveOptions
@@ -50,6 +51,7 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 # ----- subcommands -----------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     """`bitalloc info [MODEL]`: targets, shapes, parameter counts."""
+    check_model_spec(args.model)
     from bitalloc.apply import model_info
 
     summary = model_info(args.model, include=args.include, exclude=args.exclude)
@@ -72,6 +74,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     An applied directory (from `bitalloc apply`) is evaluated as Q + L1 L2, and its KL is taken
     to the model it was made from unless --kl-to names another or --no-kl is given.
     """
+    check_model_spec(args.model)  # before the stages' heavy imports: a typo answers in a second
+    check_model_spec(args.kl_to, flag="--kl-to")
+    check_text_source(args.data, flag="--data")
     from bitalloc.apply import evaluate_model
 
     result = evaluate_model(args.model, data=args.data, seqlen=args.seqlen, windows=args.windows, kl_to=args.kl_to,
@@ -93,6 +98,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """`bitalloc profile`: the error of every config for every target matrix (resumable)."""
+    check_model_spec(args.model, flag="--model")  # before the stages' heavy imports
+    if not args.no_fisher:
+        check_text_source(args.calib, flag="--calib")
     from bitalloc.configs import parse_ranks
     from bitalloc.profiles import ProfileRequest, profile
 
@@ -126,10 +134,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """`bitalloc apply ALLOC.json --out DIR` (or `--uniform CONFIG`): write the quantized model directory."""
-    from bitalloc.apply import applied_summary, apply_allocation
+    from bitalloc.configs import QuantConfig
 
     if args.allocation is None and args.uniform is None:
         raise ValueError("give an allocation JSON (from `bitalloc solve --out`) or --uniform CONFIG")
+    if args.uniform is not None:  # checks before the stages' heavy imports
+        QuantConfig.from_name(args.uniform, allow_unusual=args.allow_unusual_config)
+    check_input_file(args.allocation, what="allocation")
+    check_model_spec(args.model, flag="--model")
+    check_new_output_dir(args.out, force=args.force)
+    from bitalloc.apply import applied_summary, apply_allocation
     out = apply_allocation(
         args.allocation, out=args.out, model=args.model, uniform=args.uniform, include=args.include,
         exclude=args.exclude, dequantized=args.dequantized, device=args.device,

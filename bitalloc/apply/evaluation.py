@@ -19,6 +19,7 @@ from bitalloc.apply.loader import load_model_or_applied
 from bitalloc.identity import model_id
 from bitalloc.models import evaluate, model_summary
 from bitalloc.models.text import is_self_source
+from bitalloc.preflight import check_model_spec, check_text_source
 
 __all__ = ["evaluate_model", "evaluation_labels", "model_info"]
 
@@ -65,11 +66,15 @@ def evaluate_model(
     ``kl_to`` names the KL reference (a model or an applied directory); unset, an applied
     directory's reference is its original model and a plain model has none; ``kl=False``
     switches KL off. ``data`` is a text source or ``self:N`` (for an applied directory
-    sampled from its original model). ``append`` adds the result as one JSON line to that
+    sampled from its original model); it is checked before any model loads (see
+    :func:`bitalloc.preflight.check_text_source`). ``append`` adds the result as one JSON line to that
     file, which is checked to be writable before the evaluation starts. Returns the result:
     :func:`bitalloc.models.evaluate`'s keys plus ``model``, ``kl_to`` and the
     :func:`evaluation_labels` (``label`` overridden by ``label``).
     """
+    check_model_spec(spec)  # a mistyped path or an unreachable text source fails before any model loads
+    check_model_spec(kl_to, flag="--kl-to")
+    check_text_source(data, flag="--data")
     labels = evaluation_labels(spec)
     if append is not None:  # fail before the (long) evaluation, not after it
         open(append, "a", encoding="utf-8").close()

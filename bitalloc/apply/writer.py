@@ -30,6 +30,7 @@ from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_
                                    factor_key, file_sizes, is_applied_dir, q_key)
 from bitalloc.apply.peft_adapter import task_type_for, write_adapter
 from bitalloc.identity import BUILTIN_ALIAS, model_fingerprint, model_id
+from bitalloc.preflight import check_model_spec
 from bitalloc.lowrank import decompose
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
 from bitalloc.models.targets import TARGET_TYPES, float_target_weight
@@ -183,6 +184,7 @@ def apply_allocation(
     if spec is not None and is_applied_dir(spec):
         raise ValueError(f"{spec} is a `bitalloc apply` output, not a model to quantize; pass the model it was "
                          "made from (its bitalloc.json names it under 'model')")
+    check_model_spec(spec, flag="--model")
     dev = resolve_device(device)
     net, tokenizer = load_model(spec, dtype="auto")
     model_hash = model_fingerprint(net)

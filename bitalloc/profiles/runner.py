@@ -24,6 +24,7 @@ from bitalloc.lowrank import decompose_many
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
 from bitalloc.models.fisher import FISHER_MODES
 from bitalloc.models.targets import float_target_weight
+from bitalloc.preflight import check_model_spec, check_text_source
 from bitalloc.profiles.shards import parse_shard, shard_indices
 from bitalloc.profiles.store import (
     PROFILE_FORMAT,
@@ -204,6 +205,9 @@ def profile(request: ProfileRequest,
     # a bad space or rank list fails here, before the model is loaded ("auto" is resolved below)
     config_space(request.space, ranks=(0,) if isinstance(request.ranks, str) else tuple(request.ranks),
                  allow_unusual=request.allow_unusual_config)
+    check_model_spec(request.model, flag="--model")
+    if request.fisher:
+        check_text_source(request.calib, flag="--calib")
     device = resolve_device(request.device)
     started = time.perf_counter()
 
