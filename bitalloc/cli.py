@@ -80,7 +80,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitalloc.apply import evaluate_model
 
     result = evaluate_model(args.model, data=args.data, seqlen=args.seqlen, windows=args.windows, kl_to=args.kl_to,
-                            kl=not args.no_kl, label=args.label, append=args.append, device=args.device)
+                            kl=not args.no_kl, label=args.label, append=args.append, device=args.device,
+                            progress=not args.quiet)
     if args.json:
         _print_json(result)
         return 0
@@ -202,7 +203,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from bitalloc.allocation import sweep
     from bitalloc.atomic import atomic_write_bytes
 
-    pareto, allocations, _ = sweep(args.profile, args.budgets, _solve_options(args))
+    pareto, allocations, _ = sweep(args.profile, args.budgets, _solve_options(args), progress=not args.quiet)
     if args.out:
         atomic_write_bytes(Path(args.out), pareto.to_csv(index=False).encode())
     if args.allocs:

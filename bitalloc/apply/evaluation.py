@@ -60,6 +60,7 @@ def evaluate_model(
     label: str | None = None,
     append: str | os.PathLike[str] | None = None,
     device: str = "auto",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity (GPTQ convention) and KL divergence of a model or an applied directory.
 
@@ -70,7 +71,8 @@ def evaluate_model(
     :func:`bitalloc.preflight.check_text_source`). ``append`` adds the result as one JSON line to that
     file, which is checked to be writable before the evaluation starts. Returns the result:
     :func:`bitalloc.models.evaluate`'s keys plus ``model``, ``kl_to`` and the
-    :func:`evaluation_labels` (``label`` overridden by ``label``).
+    :func:`evaluation_labels` (``label`` overridden by ``label``). ``progress`` shows bars in
+    tokens (sampling, perplexity, KL).
     """
     check_model_spec(spec)  # a mistyped path or an unreachable text source fails before any model loads
     check_model_spec(kl_to, flag="--kl-to")
@@ -89,7 +91,7 @@ def evaluate_model(
     if is_self_source(data) and source and reference is None:
         text_model, _ = load_model_or_applied(source, device=device)
     result = evaluate(model, tokenizer, data=data, seqlen=seqlen, windows=windows, kl_to=reference,
-                      text_model=text_model)
+                      text_model=text_model, progress=progress)
     result["model"] = model_id(spec)
     result["kl_to"] = kl_to if reference is not None else None
     result.update({k: v for k, v in labels.items() if k != "source_model"})

@@ -121,7 +121,7 @@ def calibration_fisher(model: torch.nn.Module, tokenizer: Any, targets: Sequence
 
     def tokens() -> torch.Tensor:
         return calibration_tokens(calibration.source, model, tokenizer, calibration.seqlen, calibration.samples,
-                                  seed=seed)
+                                  seed=seed, progress=progress)
 
     key_fields = calibration.key_fields(model_id=model_id, model_hash=model_hash, seed=seed)
     return load_or_estimate_fisher(model, tokens, targets, cache_dir=fisher_cache_dir(), key_fields=key_fields,

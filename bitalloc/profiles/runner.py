@@ -238,8 +238,8 @@ def profile(request: ProfileRequest,
     numels = [shapes[i][0] * shapes[i][1] for i in todo]
     jobs = (resolve_jobs(request.jobs, device, len(todo), sum(numels) * len(configs), max(numels, default=0))
             if decompose_fn is decompose_many else 1)
-    bar = tqdm(total=len(work) * len(configs), initial=len(set(work) & done) * len(configs),
-               unit="cfg", desc="profile" if jobs == 1 else f"profile ({jobs} processes)",
+    bar = tqdm(total=len(work), initial=len(set(work) & done), unit="matrix",
+               desc=f"profile ({len(configs)} configs each)" if jobs == 1 else f"profile ({jobs} processes)",
                disable=not request.progress)
 
     def task(index: int) -> tuple[int, str, torch.Tensor, torch.Tensor | None, list[QuantConfig]]:
@@ -253,12 +253,12 @@ def profile(request: ProfileRequest,
             with _one_cpu_thread(device):
                 for index in todo:
                     write_part(out, index, _profile_matrix(*task(index), request.seed, decompose_fn))
-                    bar.update(len(configs))
+                    bar.update(1)
         else:
             # largest matrices first: the last to finish are then small ones, so that no worker
             # waits long for another at the end (the order within a size is the model's)
             order = sorted(todo, key=lambda i: -shapes[i][0] * shapes[i][1])
-            _profile_in_processes(order, task, jobs, request.seed, out, lambda: bar.update(len(configs)))
+            _profile_in_processes(order, task, jobs, request.seed, out, lambda: bar.update(1))
     finally:
         bar.close()
 
