@@ -16,14 +16,16 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitalloc import __version__
 from bitalloc.identity import BUILTIN_ALIAS
-from bitalloc.preflight import check_input_file, check_model_spec, check_new_output_dir, check_text_source
+from bitalloc.preflight import (check_appendable, check_input_file, check_model_spec, check_new_output_dir,
+                                check_text_source)
 
 if TYPE_CHECKING:  # the CLI imports the stages lazily, to answer --help fast
     from bitalloc.allocation import SolveOptions
 
 log = logging.getLogger("bitalloc")
 
-BUILTIN_HELP = f"model: a Hugging Face hub id, a local directory, a .gguf file, or the built-in alias {BUILTIN_ALIAS} (default)"
+MODEL_FORMS = f"a Hugging Face hub id, a local directory, a .gguf file, or the built-in alias {BUILTIN_ALIAS}"
+BUILTIN_HELP = f"model: {MODEL_FORMS} (default: {BUILTIN_ALIAS})"
 
 
 # ----- output helpers --------------------------------------------------------------------
@@ -77,6 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_model_spec(args.model)  # before the stages' heavy imports: a typo answers in a second
     check_model_spec(args.kl_to, flag="--kl-to")
     check_text_source(args.data, flag="--data")
+    check_appendable(args.append)
     from bitalloc.apply import evaluate_model
 
     result = evaluate_model(args.model, data=args.data, seqlen=args.seqlen, windows=args.windows, kl_to=args.kl_to,
@@ -345,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("allocation", nargs="?", default=None, help="allocation JSON (from `bitalloc solve --out`)")
     p.add_argument("--uniform", default=None, metavar="CONFIG",
                    help="instead of an allocation: one config for every target, e.g. nf4-g64-s8x256-r0 (a baseline)")
-    p.add_argument("--model", default=None, help="model to quantize (default: the allocation's model; " + BUILTIN_HELP + ")")
+    p.add_argument("--model", default=None, help=f"model to quantize: {MODEL_FORMS} (default: the allocation's model; "
+                   f"with --uniform, {BUILTIN_ALIAS})")
     p.add_argument("--out", required=True, help="output directory (must be new or empty unless --force)")
     p.add_argument("--dequantized", action="store_true",
                    help="also write DIR/dequantized: a plain Hugging Face checkpoint with Q in bf16")

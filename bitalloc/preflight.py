@@ -234,3 +234,22 @@ def check_new_output_dir(out: str | os.PathLike[str], *, force: bool) -> None:
     if path.is_dir() and any(path.iterdir()) and not force:
         raise FileExistsError(f"--out {path} exists and is not empty; choose another directory or pass --force "
                               "to replace it")
+
+
+def check_appendable(path: str | os.PathLike[str] | None, *, flag: str = "--append") -> None:
+    """An error now when results could not be appended to ``path``; creates nothing, so that an
+    interrupted run leaves no empty file behind (None passes)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{flag} {target} is a directory; name a .jsonl file")
+    if target.exists():
+        if not os.access(target, os.W_OK):
+            raise PermissionError(f"{flag} {target} is not writable")
+        return
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {target}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {target}: the folder {folder} is not writable")

@@ -19,7 +19,7 @@ from bitalloc.apply.loader import load_model_or_applied
 from bitalloc.identity import model_id
 from bitalloc.models import evaluate, model_summary
 from bitalloc.models.text import is_self_source
-from bitalloc.preflight import check_model_spec, check_text_source
+from bitalloc.preflight import check_appendable, check_model_spec, check_text_source
 
 __all__ = ["evaluate_model", "evaluation_labels", "model_info"]
 
@@ -78,8 +78,7 @@ def evaluate_model(
     check_model_spec(kl_to, flag="--kl-to")
     check_text_source(data, flag="--data")
     labels = evaluation_labels(spec)
-    if append is not None:  # fail before the (long) evaluation, not after it
-        open(append, "a", encoding="utf-8").close()
+    check_appendable(append)  # fail before the (long) evaluation, creating nothing
     model, tokenizer = load_model_or_applied(spec, device=device)
     source = labels["source_model"]
     if kl_to is None and source and kl:
@@ -98,8 +97,9 @@ def evaluate_model(
     if label:
         result["label"] = label
     if append is not None:
-        with open(append, "a", encoding="utf-8") as f:
-            f.write(json.dumps(result, default=str) + "\n")
+        line = json.dumps(result, default=str) + "\n"
+        with open(append, "a", encoding="utf-8") as f:  # the file appears only with its first full line
+            f.write(line)
     return result
 
 

@@ -126,3 +126,15 @@ def test_apply_uniform_block_longer_than_a_row_is_refused(tiny_llama_dir, tmp_pa
                  "--out", str(tmp_path / "q")]) == 2
     assert "block 128" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_interrupted_eval_append_leaves_no_empty_file(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bitalloc.apply.evaluation.evaluate", interrupted)
+    evals = tmp_path / "evals.jsonl"
+    assert main(["eval", str(tiny_llama_dir), "--data", "self:2", "--seqlen", "16", "--append", str(evals)]) == 130
+    assert not evals.exists()
+    assert main(["eval", str(tiny_llama_dir), "--seqlen", "16", "--append", str(tmp_path / "no-dir" / "e.jsonl")]) == 2
+    assert "no-dir" in capsys.readouterr().err
