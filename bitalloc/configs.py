@@ -255,11 +255,11 @@ def check_usual(cfg: QuantConfig, *, spelled: str | None = None) -> QuantConfig:
     raise ValueError(f"unusual config {shown!r}: {'; '.join(reasons)}{hint} ({ALLOW_UNUSUAL_HINT})")
 
 
-def check_fits(cfg: QuantConfig, rows: int, cols: int, *, what: str = "the matrix") -> None:
+def check_fits(cfg: QuantConfig, rows: int, cols: int, *, what: str = "the matrix", block: bool = True) -> None:
     """ValueError when ``cfg`` does not fit a rows x cols matrix: a block longer than a row
-    (``cols``), or a rank above the smaller side."""
+    (``cols``; checked when ``block``), or a rank above the smaller side."""
     _check_shape(rows, cols)
-    if cfg.block > cols:
+    if block and cfg.block > cols:
         raise ValueError(f"{what} ({rows}x{cols}): block {cfg.block} of {cfg.name} is longer than its rows "
                          f"({cols} columns); choose a block of at most {cols}")
     if cfg.rank > min(rows, cols):

@@ -198,7 +198,8 @@ def apply_allocation(
         )
     for name, module, cfg in targets:
         rows, cols = target_weight(module).shape
-        check_fits(cfg, int(rows), int(cols), what=name)
+        # a typed --uniform config must fit every row; an allocation's configs were profiled on these shapes
+        check_fits(cfg, int(rows), int(cols), what=name, block=assignments is None)
     use_fisher = bool(provenance.get("fisher")) if fisher is None else bool(fisher)
     F = _fisher(net, tokenizer, targets, provenance, model_hash, dev, progress) if use_fisher and assignments is not None else None
     shared = _shared_parameter_ids(net)
