@@ -10,7 +10,7 @@ STAMP := $(VENV)/.bitalloc-installed
 DEMO_OUT ?= demo-out
 DEMO_WINDOWS ?= 8
 
-.PHONY: setup test test-slow demo bench report-index clean
+.PHONY: setup test test-slow demo smoke smoke-run bench report-index clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,29 @@ demo: setup
 	$(BIN)/bitalloc report $(DEMO_OUT)/profile --sweep $(DEMO_OUT)/pareto.csv --evals $(DEMO_OUT)/evals.jsonl \
 	  $(foreach b,$(DEMO_BUDGETS),--alloc $(DEMO_OUT)/alloc-$(b).json) --out $(DEMO_OUT)/report
 	@echo "demo done: $(DEMO_OUT)/report/report.md"
+
+# A reduced demo end to end in a few minutes: the first layer's matrices, 2 windows of 256 tokens of
+# text sampled from the model, one budget. `make smoke-run BITALLOC='python -m bitalloc.cli'` runs it
+# without setting up .venv (tests/test_smoke.py does so in a fresh clone with an empty cache).
+SMOKE_OUT ?= smoke-out
+BITALLOC ?= $(BIN)/bitalloc
+SMOKE_LAYERS ?= layers\.0\.
+smoke: setup smoke-run
+
+smoke-run:
+	mkdir -p $(SMOKE_OUT)
+	rm -f $(SMOKE_OUT)/evals.jsonl
+	$(BITALLOC) -q profile --space default --ranks 0 --calib self:2 --samples 2 --seqlen 128 --jobs 1 \
+	  --include '$(SMOKE_LAYERS)' --out $(SMOKE_OUT)/profile
+	$(BITALLOC) -q sweep $(SMOKE_OUT)/profile --budgets 2.5:4.5:0.5 --out $(SMOKE_OUT)/pareto.csv
+	$(BITALLOC) -q solve $(SMOKE_OUT)/profile --budget 3.25 --out $(SMOKE_OUT)/alloc-3.25.json
+	$(BITALLOC) -q apply $(SMOKE_OUT)/alloc-3.25.json --out $(SMOKE_OUT)/model-3.25 --force
+	$(BITALLOC) -q eval --data self:2 --seqlen 256 --label original --append $(SMOKE_OUT)/evals.jsonl
+	$(BITALLOC) -q eval $(SMOKE_OUT)/model-3.25 --data self:2 --seqlen 256 --label alloc-3.25 \
+	  --append $(SMOKE_OUT)/evals.jsonl
+	$(BITALLOC) -q report $(SMOKE_OUT)/profile --sweep $(SMOKE_OUT)/pareto.csv --evals $(SMOKE_OUT)/evals.jsonl \
+	  --alloc $(SMOKE_OUT)/alloc-3.25.json --out $(SMOKE_OUT)/report
+	@echo "smoke done: $(SMOKE_OUT)/report/report.md"
 
 # Every bench/*.py except helpers (bench/_*.py) writes reports/<benchmark>/; then the index page.
 bench: setup

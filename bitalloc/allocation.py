@@ -207,18 +207,19 @@ def solve(profile: Any, budget: float, options: SolveOptions | None = None, **ch
 
 
 def sweep(
-    profile: Any, budgets: Sequence[float] | str, options: SolveOptions | None = None, **changes: Any
+    profile: Any, budgets: Sequence[float] | str, options: SolveOptions | None = None, *, progress: bool = True,
+    **changes: Any
 ) -> tuple[pd.DataFrame, list[Allocation], TableSweep]:
     """Exact solves over many budgets (``"2.25:4.5:0.05"`` or a list) plus the Lagrangian hull.
 
     Options as in :func:`solve`. Returns ``(pareto, allocations, raw)``: ``pareto`` has one
     ``kind == "ilp"`` row per budget and one ``kind == "hull"`` row per hull vertex; columns
     ``kind``, ``budget``, ``bits_per_param``, ``objective``, ``bound``, ``status``, ``gap``,
-    ``seconds``, ``objective_column``.
+    ``seconds``, ``objective_column``. ``progress`` shows a bar in budgets.
     """
     df, meta, profile_id = _table_and_meta(profile)
     options = _options_for(df, options, changes)
-    raw = sweep_table(df, budgets, options)
+    raw = sweep_table(df, budgets, options, progress=progress)
     allocations = [Allocation.from_result(r, profile_id, options, meta) for r in raw.results]
     ilp = raw.frame()
     ilp.insert(0, "kind", "ilp")

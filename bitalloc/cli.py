@@ -16,13 +16,16 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitalloc import __version__
 from bitalloc.identity import BUILTIN_ALIAS
+from bitalloc.preflight import (check_appendable, check_input_file, check_model_spec, check_new_output_dir,
+                                check_text_source)
 
 if TYPE_CHECKING:  # the CLI imports the stages lazily, to answer --help fast
     from bitalloc.allocation import SolveOptions
 
 log = logging.getLogger("bitalloc")
 
-BUILTIN_HELP = f"model: a Hugging Face hub id, a local directory, a .gguf file, or the built-in alias {BUILTIN_ALIAS} (default)"
+MODEL_FORMS = f"a Hugging Face hub id, a local directory, a .gguf file, or the built-in alias {BUILTIN_ALIAS}"
+BUILTIN_HELP = f"model: {MODEL_FORMS} (default: {BUILTIN_ALIAS})"
 
 
 # ----- output helpers --------------------------------------------------------------------
@@ -50,6 +53,7 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 # ----- subcommands -----------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     """`bitalloc info [MODEL]`: targets, shapes, parameter counts."""
+    check_model_spec(args.model)
     from bitalloc.apply import model_info
 
     summary = model_info(args.model, include=args.include, exclude=args.exclude)
@@ -72,10 +76,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     An applied directory (from `bitalloc apply`) is evaluated as Q + L1 L2, and its KL is taken
     to the model it was made from unless --kl-to names another or --no-kl is given.
     """
+    check_model_spec(args.model)  # before the stages' heavy imports: a typo answers in a second
+    check_model_spec(args.kl_to, flag="--kl-to")
+    check_text_source(args.data, flag="--data")
+    check_appendable(args.append)
     from bitalloc.apply import evaluate_model
 
     result = evaluate_model(args.model, data=args.data, seqlen=args.seqlen, windows=args.windows, kl_to=args.kl_to,
-                            kl=not args.no_kl, label=args.label, append=args.append, device=args.device)
+                            kl=not args.no_kl, label=args.label, append=args.append, device=args.device,
+                            progress=not args.quiet)
     if args.json:
         _print_json(result)
         return 0
@@ -93,6 +102,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """`bitalloc profile`: the error of every config for every target matrix (resumable)."""
+    check_model_spec(args.model, flag="--model")  # before the stages' heavy imports
+    if not args.no_fisher:
+        check_text_source(args.calib, flag="--calib")
     from bitalloc.configs import parse_ranks
     from bitalloc.profiles import ProfileRequest, profile
 
@@ -101,7 +113,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         fisher=not args.no_fisher, fisher_mode=args.fisher_mode, space=args.space,
         ranks=parse_ranks(args.ranks), include=args.include, exclude=args.exclude,
         device=args.device, shard=args.shard, resume=args.resume, seed=args.seed,
-        progress=not args.quiet, jobs=args.jobs,
+        progress=not args.quiet, jobs=args.jobs, allow_unusual_config=args.allow_unusual_config,
     )
     if args.executor == "ray":
         from bitalloc.profiles.ray_executor import profile_with_ray
@@ -126,15 +138,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """`bitalloc apply ALLOC.json --out DIR` (or `--uniform CONFIG`): write the quantized model directory."""
-    from bitalloc.apply import applied_summary, apply_allocation
+    from bitalloc.configs import QuantConfig
 
     if args.allocation is None and args.uniform is None:
         raise ValueError("give an allocation JSON (from `bitalloc solve --out`) or --uniform CONFIG")
+    if args.uniform is not None:  # checks before the stages' heavy imports
+        QuantConfig.from_name(args.uniform, allow_unusual=args.allow_unusual_config)
+    check_input_file(args.allocation, what="allocation")
+    check_model_spec(args.model, flag="--model")
+    check_new_output_dir(args.out, force=args.force)
+    from bitalloc.apply import applied_summary, apply_allocation
     out = apply_allocation(
         args.allocation, out=args.out, model=args.model, uniform=args.uniform, include=args.include,
         exclude=args.exclude, dequantized=args.dequantized, device=args.device,
         fisher=False if args.no_fisher else None, force=args.force, ignore_model_hash=args.ignore_model_hash,
-        seed=args.seed, progress=not args.quiet,
+        seed=args.seed, progress=not args.quiet, allow_unusual_config=args.allow_unusual_config,
     )
     summary = applied_summary(out)
     if args.json:
@@ -188,7 +206,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from bitalloc.allocation import sweep
     from bitalloc.atomic import atomic_write_bytes
 
-    pareto, allocations, _ = sweep(args.profile, args.budgets, _solve_options(args))
+    pareto, allocations, _ = sweep(args.profile, args.budgets, _solve_options(args), progress=not args.quiet)
     if args.out:
         atomic_write_bytes(Path(args.out), pareto.to_csv(index=False).encode())
     if args.allocs:
@@ -344,6 +362,12 @@ def _add_target_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", default=None, help="regex: drop layers whose name matches")
 
 
+def _add_allow_unusual(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unusual-config", action="store_true",
+                   help="accept valid but unusual configs (a block or scale group that is not a power of two "
+                        "from 8 or 4 to 1024), which are otherwise refused as likely typos")
+
+
 def _int_at_least(low: int, what: str):
     """An argparse type: an int >= ``low``, else an error saying ``what`` was expected."""
 
@@ -420,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds; 1 on CUDA)")
     p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_allow_unusual(p)
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: this process (default); ray: shards as Ray tasks on a Ray cluster, one GPU each "
                         "where the cluster has GPUs, merged into --out (needs pip install 'bitalloc[ray]')")
@@ -436,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("allocation", nargs="?", default=None, help="allocation JSON (from `bitalloc solve --out`)")
     p.add_argument("--uniform", default=None, metavar="CONFIG",
                    help="instead of an allocation: one config for every target, e.g. nf4-g64-s8x256-r0 (a baseline)")
-    p.add_argument("--model", default=None, help="model to quantize (default: the allocation's model; " + BUILTIN_HELP + ")")
+    p.add_argument("--model", default=None, help=f"model to quantize: {MODEL_FORMS} (default: the allocation's model; "
+                   f"with --uniform, {BUILTIN_ALIAS})")
     p.add_argument("--out", required=True, help="output directory (must be new or empty unless --force)")
     p.add_argument("--dequantized", action="store_true",
                    help="also write DIR/dequantized: a plain Hugging Face checkpoint with Q in bf16")
@@ -449,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_filters(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print bitalloc.json's summary as one JSON object")
+    _add_allow_unusual(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("merge", help="join shard profiles (from --shard i/n) into one profile")

@@ -21,6 +21,7 @@ to one byte of padding per stored array.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import json
 import numbers
@@ -33,6 +34,14 @@ NF_BITS = (2, 3, 4, 8)
 SCALE_DTYPE_BITS = {"fp16": 16, "fp32": 32}
 OFFSET_BITS = 32  # the per-matrix fp32 offset of double-quantized scales
 LOWRANK_BITS = (16, 8)
+#: Block sizes a usual config has: powers of two from 8 to 1024 (LQ-LoRA's grid uses 16..64, the
+#: default space 16..64, GPU kernels powers of two). Any other is refused unless explicitly allowed,
+#: so that a digit typo (``g46``) fails before any work instead of running a full profile or apply.
+USUAL_BLOCKS = tuple(2**k for k in range(3, 11))
+#: Second-level group sizes (blocks per double-quantized scale group) a usual config has: powers of
+#: two from 4 to 1024 (LQ-LoRA's grid: 16, 64, 256).
+USUAL_SCALE_BLOCKS = tuple(2**k for k in range(2, 11))
+ALLOW_UNUSUAL_HINT = "pass --allow-unusual-config (allow_unusual=True) to use it anyway"
 
 _NAME_RE = re.compile(
     r"^nf(?P<bits>\d+)-g(?P<block>\d+)-s(?P<scale_bits>\d+)(?:x(?P<scale_block>\d+))?"
@@ -109,8 +118,12 @@ class QuantConfig:
         return self.name
 
     @classmethod
-    def from_name(cls, name: str) -> "QuantConfig":
-        """Parse a name written by :attr:`name`; raises ValueError on anything else."""
+    def from_name(cls, name: str, *, allow_unusual: bool = False) -> "QuantConfig":
+        """Parse a name written by :attr:`name`; raises ValueError on anything else.
+
+        A valid but unusual config (see :func:`unusual_reasons`, e.g. a block of 46) is refused
+        with the nearest known names unless ``allow_unusual``; readers of stored files pass True.
+        """
         if not isinstance(name, str):
             raise ValueError(f"a config name must be a string, got {name!r}")
         m = _NAME_RE.match(name.strip())
@@ -147,6 +160,8 @@ class QuantConfig:
             rank=rank,
             lowrank_bits=8 if m["lr8"] else 16,
         )
+        if not allow_unusual:
+            check_usual(cfg, spelled=name.strip())
         return cfg
 
     def replace(self, **changes: Any) -> "QuantConfig":
@@ -200,6 +215,56 @@ class QuantConfig:
 
 #: How NF8 low-rank factors are stored: NF8 codes in blocks of 64 with fp16 scales.
 LOWRANK_NF8 = QuantConfig(bits=8, block=64, scale_bits=16)
+
+
+def unusual_reasons(cfg: QuantConfig) -> list[str]:
+    """Why ``cfg`` is valid but unusual (empty when usual): a block or scale group size outside
+    :data:`USUAL_BLOCKS` / :data:`USUAL_SCALE_BLOCKS`."""
+    reasons = []
+    if cfg.block not in USUAL_BLOCKS:
+        reasons.append(f"block {cfg.block} is not a power of two from {USUAL_BLOCKS[0]} to {USUAL_BLOCKS[-1]}")
+    if cfg.scale_bits != 16 and cfg.scale_block not in USUAL_SCALE_BLOCKS:
+        reasons.append(f"scale group {cfg.scale_block} is not a power of two from {USUAL_SCALE_BLOCKS[0]} "
+                       f"to {USUAL_SCALE_BLOCKS[-1]}")
+    return reasons
+
+
+def known_config_names(rank: int = 0, lowrank_bits: int = 16) -> list[str]:
+    """The names of the built-in spaces' configs (``lqlora`` and ``default``) at one rank."""
+    configs = _expand_grid(LQLORA_GRID, (rank,)) + [QuantConfig.from_name(c, allow_unusual=True).replace(rank=rank)
+                                                   for c in DEFAULT_CONFIGS]
+    if rank and lowrank_bits != 16:
+        configs = [c.replace(lowrank_bits=lowrank_bits) for c in configs]
+    return [c.name for c in _unique(configs)]
+
+
+def nearest_config_names(name: str, cfg: QuantConfig | None = None, n: int = 3) -> list[str]:
+    """Up to ``n`` known config names closest to ``name`` (difflib), at ``cfg``'s rank when given."""
+    rank, lowrank_bits = (cfg.rank, cfg.lowrank_bits) if cfg is not None else (0, 16)
+    return difflib.get_close_matches(name, known_config_names(rank, lowrank_bits), n=n, cutoff=0.5)
+
+
+def check_usual(cfg: QuantConfig, *, spelled: str | None = None) -> QuantConfig:
+    """``cfg`` if usual, else ValueError naming why, the nearest known names and the flag that allows it."""
+    reasons = unusual_reasons(cfg)
+    if not reasons:
+        return cfg
+    shown = spelled or cfg.name
+    near = nearest_config_names(shown, cfg)
+    hint = f"; did you mean {' or '.join(repr(c) for c in near)}?" if near else ""
+    raise ValueError(f"unusual config {shown!r}: {'; '.join(reasons)}{hint} ({ALLOW_UNUSUAL_HINT})")
+
+
+def check_fits(cfg: QuantConfig, rows: int, cols: int, *, what: str = "the matrix", block: bool = True) -> None:
+    """ValueError when ``cfg`` does not fit a rows x cols matrix: a block longer than a row
+    (``cols``; checked when ``block``), or a rank above the smaller side."""
+    _check_shape(rows, cols)
+    if block and cfg.block > cols:
+        raise ValueError(f"{what} ({rows}x{cols}): block {cfg.block} of {cfg.name} is longer than its rows "
+                         f"({cols} columns); choose a block of at most {cols}")
+    if cfg.rank > min(rows, cols):
+        raise ValueError(f"{what} ({rows}x{cols}): rank {cfg.rank} of {cfg.name} exceeds its smaller side "
+                         f"{min(rows, cols)}")
 
 
 def _check_shape(rows: int, cols: int) -> None:
@@ -264,7 +329,7 @@ def _unique(configs: Iterable[QuantConfig]) -> list[QuantConfig]:
 _HAS_RANK = re.compile(r"-r\d+(-lr8)?$")
 
 
-def _load_space_file(path: Path, ranks: Sequence[int]) -> list[QuantConfig]:
+def _load_space_file(path: Path, ranks: Sequence[int], allow_unusual: bool) -> list[QuantConfig]:
     text = path.read_text()
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -288,11 +353,15 @@ def _load_space_file(path: Path, ranks: Sequence[int]) -> list[QuantConfig]:
                 for r in ranks:
                     name = f"{head}-r{r}{lr8 if r else ''}"
                     try:
-                        configs.append(QuantConfig.from_name(name))
+                        configs.append(QuantConfig.from_name(name, allow_unusual=allow_unusual))
                     except ValueError as exc:  # name the entry as the file spells it
-                        raise ValueError(str(exc).replace(repr(name), repr(item), 1)) from None
+                        raise ValueError(f"config space file {path}: "
+                                         + str(exc).replace(repr(name), repr(item), 1)) from None
             elif isinstance(item, str):
-                configs.append(QuantConfig.from_name(item))
+                try:
+                    configs.append(QuantConfig.from_name(item, allow_unusual=allow_unusual))
+                except ValueError as exc:
+                    raise ValueError(f"config space file {path}: {exc}") from None
             elif isinstance(item, dict):
                 configs.append(QuantConfig(**item))
             else:
@@ -305,16 +374,24 @@ def _load_space_file(path: Path, ranks: Sequence[int]) -> list[QuantConfig]:
         )
     if not configs:
         raise ValueError(f"config space file {path} defines no configs; add at least one")
+    if not allow_unusual:
+        for cfg in configs:
+            try:
+                check_usual(cfg)
+            except ValueError as exc:
+                raise ValueError(f"config space file {path}: {exc}") from None
     return configs
 
 
-def config_space(name: str | Path = "default", ranks: Sequence[int] = (64,)) -> list[QuantConfig]:
+def config_space(name: str | Path = "default", ranks: Sequence[int] = (64,), *,
+                 allow_unusual: bool = False) -> list[QuantConfig]:
     """The configs of a space: ``"lqlora"`` (288 per rank), ``"default"`` (24 per rank), or a JSON/YAML file.
 
     A file holds either a list of config names (``["nf4-g64-s8x256-r0", ...]``; a name without
     ``-r{rank}``, like ``"nf4-g64-s8x256"``, takes each rank of ``ranks``) or dicts,
     or a grid ``{"bits": [...], "block": [...], ...}`` expanded as a product; a grid without
-    ``rank`` takes ``ranks``.
+    ``rank`` takes ``ranks``. A file's unusual configs (:func:`unusual_reasons`) are refused
+    unless ``allow_unusual``.
     """
     ranks = tuple(int(r) for r in ranks)
     if not ranks:
@@ -329,7 +406,7 @@ def config_space(name: str | Path = "default", ranks: Sequence[int] = (64,)) -> 
         return _unique(QuantConfig.from_name(c).replace(rank=r) for c in space for r in ranks)
     path = Path(key)
     if path.is_file():
-        return _load_space_file(path, ranks)
+        return _load_space_file(path, ranks, allow_unusual)
     raise ValueError(
         f"unknown config space {key!r}: use one of {sorted(BUILTIN_SPACES)} or a path to a "
         "JSON/YAML file"

@@ -105,3 +105,18 @@ def test_invalid_config_name_in_space(tiny_llama_dir, tmp_path, capsys):
     err = _error(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--space", str(bad),
                   "--out", str(tmp_path / "p")], capsys)
     assert "invalid config name 'nf5-g64'" in err
+
+
+def test_help_texts_name_one_default_each():
+    """No option's help names two defaults (e.g. apply --model: the allocation's model, the built-in one)."""
+    import argparse
+    import re
+
+    from bitalloc.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            text = action.help or ""
+            assert len(re.findall(r"\(default\b|default:|\bdefault\)", text)) <= 1, (name, action.dest, text)

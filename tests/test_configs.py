@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from bitalloc.configs import LOWRANK_NF8, QuantConfig, config_space, parse_ranks
+from bitalloc.configs import (LOWRANK_NF8, QuantConfig, check_fits, config_space, nearest_config_names, parse_ranks,
+                             unusual_reasons)
 
 
 def test_name_examples_round_trip():
@@ -193,3 +194,59 @@ def test_auto_ranks_follow_the_factor_cost_of_the_median_target():
         parse_ranks("sometimes")
     with pytest.raises(ValueError, match="at least one"):
         auto_ranks([])
+
+
+# ----- unusual configs: likely typos are refused with the nearest known names ------------
+@pytest.mark.parametrize(
+    "typo, near",
+    [("nf4-g64-s8x265-r0", "nf4-g64-s8x256-r0"), ("nf4-g46-s8x256-r0", "nf4-g64-s8x256-r0"),
+     ("nf3-g6-s4x64-r8", "nf3-g16-s4x64-r8")],
+)
+def test_a_digit_typo_is_refused_with_the_nearest_known_names(typo, near):
+    with pytest.raises(ValueError) as info:
+        QuantConfig.from_name(typo)
+    message = str(info.value)
+    assert typo in message and near in message and "--allow-unusual-config" in message
+
+
+def test_an_unusual_config_is_allowed_explicitly():
+    cfg = QuantConfig.from_name("nf4-g48-s8x100-r0", allow_unusual=True)
+    assert (cfg.block, cfg.scale_block) == (48, 100)
+    assert unusual_reasons(cfg) and len(unusual_reasons(cfg)) == 2
+    assert unusual_reasons(QuantConfig.from_name("nf4-g128-s16-r0")) == []
+
+
+def test_every_builtin_space_config_is_usual():
+    for space in ("lqlora", "default"):
+        for cfg in config_space(space, ranks=(0, 8)):
+            assert unusual_reasons(cfg) == [], cfg.name
+
+
+def test_nearest_names_keep_the_rank_and_factor_format():
+    near = nearest_config_names("nf4-g46-s8x256-r16-lr8", QuantConfig.from_name("nf4-g46-s8x256-r16-lr8",
+                                                                                  allow_unusual=True))
+    assert near and all(name.endswith("-r16-lr8") for name in near)
+
+
+def test_space_file_refuses_unusual_entries(tmp_path):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["nf4-g64-s8x256-r0", "nf4-g46-s8x256"]))
+    with pytest.raises(ValueError, match=r"names\.json.*nf4-g46-s8x256.*nf4-g64-s8x256"):
+        config_space(names, ranks=(0,))
+    assert len(config_space(names, ranks=(0,), allow_unusual=True)) == 2
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"bits": [4], "block": [64, 46], "scale_bits": [8], "scale_block": [256]}))
+    with pytest.raises(ValueError, match="block 46"):
+        config_space(grid, ranks=(0,))
+    dicts = tmp_path / "dicts.json"
+    dicts.write_text(json.dumps([{"bits": 4, "block": 64, "scale_bits": 8, "scale_block": 265}]))
+    with pytest.raises(ValueError, match="scale group 265"):
+        config_space(dicts, ranks=(0,))
+
+
+def test_check_fits_refuses_a_block_longer_than_a_row_and_a_rank_above_the_matrix():
+    check_fits(QuantConfig.from_name("nf4-g64-s8x256-r8"), 128, 64)
+    with pytest.raises(ValueError, match="block 128.*64 columns"):
+        check_fits(QuantConfig.from_name("nf4-g128-s16-r0"), 256, 64)
+    with pytest.raises(ValueError, match="rank 128 .*smaller side 64"):
+        check_fits(QuantConfig.from_name("nf4-g64-s16-r128"), 64, 256)

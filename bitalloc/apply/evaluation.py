@@ -19,6 +19,7 @@ from bitalloc.apply.loader import load_model_or_applied
 from bitalloc.identity import model_id
 from bitalloc.models import evaluate, model_summary
 from bitalloc.models.text import is_self_source
+from bitalloc.preflight import check_appendable, check_model_spec, check_text_source
 
 __all__ = ["evaluate_model", "evaluation_labels", "model_info"]
 
@@ -59,20 +60,25 @@ def evaluate_model(
     label: str | None = None,
     append: str | os.PathLike[str] | None = None,
     device: str = "auto",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity (GPTQ convention) and KL divergence of a model or an applied directory.
 
     ``kl_to`` names the KL reference (a model or an applied directory); unset, an applied
     directory's reference is its original model and a plain model has none; ``kl=False``
     switches KL off. ``data`` is a text source or ``self:N`` (for an applied directory
-    sampled from its original model). ``append`` adds the result as one JSON line to that
+    sampled from its original model); it is checked before any model loads (see
+    :func:`bitalloc.preflight.check_text_source`). ``append`` adds the result as one JSON line to that
     file, which is checked to be writable before the evaluation starts. Returns the result:
     :func:`bitalloc.models.evaluate`'s keys plus ``model``, ``kl_to`` and the
-    :func:`evaluation_labels` (``label`` overridden by ``label``).
+    :func:`evaluation_labels` (``label`` overridden by ``label``). ``progress`` shows bars in
+    tokens (sampling, perplexity, KL).
     """
+    check_model_spec(spec)  # a mistyped path or an unreachable text source fails before any model loads
+    check_model_spec(kl_to, flag="--kl-to")
+    check_text_source(data, flag="--data")
     labels = evaluation_labels(spec)
-    if append is not None:  # fail before the (long) evaluation, not after it
-        open(append, "a", encoding="utf-8").close()
+    check_appendable(append)  # fail before the (long) evaluation, creating nothing
     model, tokenizer = load_model_or_applied(spec, device=device)
     source = labels["source_model"]
     if kl_to is None and source and kl:
@@ -84,15 +90,16 @@ def evaluate_model(
     if is_self_source(data) and source and reference is None:
         text_model, _ = load_model_or_applied(source, device=device)
     result = evaluate(model, tokenizer, data=data, seqlen=seqlen, windows=windows, kl_to=reference,
-                      text_model=text_model)
+                      text_model=text_model, progress=progress)
     result["model"] = model_id(spec)
     result["kl_to"] = kl_to if reference is not None else None
     result.update({k: v for k, v in labels.items() if k != "source_model"})
     if label:
         result["label"] = label
     if append is not None:
-        with open(append, "a", encoding="utf-8") as f:
-            f.write(json.dumps(result, default=str) + "\n")
+        line = json.dumps(result, default=str) + "\n"
+        with open(append, "a", encoding="utf-8") as f:  # the file appears only with its first full line
+            f.write(line)
     return result
 
 

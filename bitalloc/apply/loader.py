@@ -103,7 +103,7 @@ def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | t
             module = modules.get(name)
             if module is None:
                 raise AppliedModelError(f"{folder}: target {name} is not a module of {type(model).__name__}")
-            cfg = QuantConfig.from_name(config_name)
+            cfg = QuantConfig.from_name(config_name, allow_unusual=True)
             detail = info["target_details"][name]
             arrays = {}
             for array, buffer in ARRAY_TO_BUFFER.items():

@@ -25,11 +25,12 @@ from transformers.pytorch_utils import Conv1D
 from bitalloc import __version__
 from bitalloc.allocation import Allocation
 from bitalloc.atomic import atomic_write_json
-from bitalloc.configs import QuantConfig
+from bitalloc.configs import QuantConfig, check_fits
 from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_VERSION, INFO_FILE, MODEL_FILE,
                                    factor_key, file_sizes, is_applied_dir, q_key)
 from bitalloc.apply.peft_adapter import task_type_for, write_adapter
 from bitalloc.identity import BUILTIN_ALIAS, model_fingerprint, model_id
+from bitalloc.preflight import check_model_spec
 from bitalloc.lowrank import decompose
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
 from bitalloc.models.targets import TARGET_TYPES, float_target_weight
@@ -39,12 +40,17 @@ log = logging.getLogger(__name__)
 __all__ = ["apply_allocation"]
 
 
-def _assignments(allocation: Any, uniform: str | None) -> tuple[dict[str, str] | None, dict[str, Any]]:
-    """(name -> config name or None for "every target", allocation header) from the inputs."""
+def _assignments(allocation: Any, uniform: str | None,
+                 allow_unusual: bool = False) -> tuple[dict[str, str] | None, dict[str, Any]]:
+    """(name -> config name or None for "every target", allocation header) from the inputs.
+
+    A ``uniform`` name is a user's: an unusual one is refused unless ``allow_unusual``. An
+    allocation's names come from its profile, checked when it was made.
+    """
     if (allocation is None) == (uniform is None):
         raise ValueError("give either an allocation (ALLOC.json) or --uniform CONFIG, not both and not neither")
     if uniform is not None:
-        cfg = QuantConfig.from_name(uniform)
+        cfg = QuantConfig.from_name(uniform, allow_unusual=allow_unusual)
         return None, {"uniform": cfg.name}
     if isinstance(allocation, (str, os.PathLike)):
         source = os.fspath(allocation)
@@ -55,7 +61,7 @@ def _assignments(allocation: Any, uniform: str | None) -> tuple[dict[str, str] |
     if not isinstance(data.get("assignments"), dict) or not data["assignments"]:
         raise ValueError("the allocation has no assignments (matrix -> config); make one with `bitalloc solve`")
     for name, config in data["assignments"].items():
-        QuantConfig.from_name(config)  # clear error for a bad config name
+        QuantConfig.from_name(config, allow_unusual=True)  # clear error for a bad config name
     header = {k: data.get(k) for k in ("budget", "bits_per_param", "objective", "objective_column", "status",
                                        "gap", "backend", "profile", "exclude_lowrank_from_budget")}
     header["provenance"] = data.get("provenance", {})
@@ -74,7 +80,7 @@ def _check_output(out: Path, force: bool) -> None:
 def _targets_for(model: torch.nn.Module, assignments: dict[str, str] | None, header: Mapping[str, Any],
                  include: Any, exclude: Any) -> list[tuple[str, torch.nn.Module, QuantConfig]]:
     if assignments is None:
-        cfg = QuantConfig.from_name(header["uniform"])
+        cfg = QuantConfig.from_name(header["uniform"], allow_unusual=True)
         return [(n, m, cfg) for n, m in find_targets(model, include=include, exclude=exclude)]
     modules = dict(model.named_modules())
     missing = [n for n in assignments if n not in modules or not isinstance(modules[n], TARGET_TYPES)]
@@ -93,7 +99,7 @@ def _targets_for(model: torch.nn.Module, assignments: dict[str, str] | None, hea
         if name in shapes and list(shapes[name]) != shape:
             raise ValueError(f"matrix {name} is {shape[0]}x{shape[1]} in this model but {shapes[name][0]}x"
                              f"{shapes[name][1]} in the allocation's profile: the allocation is for another model")
-        out.append((name, module, QuantConfig.from_name(config)))
+        out.append((name, module, QuantConfig.from_name(config, allow_unusual=True)))
     return out
 
 
@@ -158,6 +164,7 @@ def apply_allocation(
     ignore_model_hash: bool = False,
     seed: int = 0,
     progress: bool = True,
+    allow_unusual_config: bool = False,
 ) -> Path:
     """Quantize a model as an allocation (or ``uniform`` config name) says and write ``out``.
 
@@ -165,10 +172,11 @@ def apply_allocation(
     its config (Fisher-weighted when the allocation came from a Fisher profile and ``fisher``
     is not False; the profile's cached estimate is reused). ``include``/``exclude`` filter the
     targets of a ``uniform`` run. Returns the directory. Raises ValueError for an allocation
-    made for another model, FileExistsError for a non-empty ``out`` without ``force``.
+    made for another model, a ``uniform`` config that is unusual (unless ``allow_unusual_config``)
+    or does not fit a target, FileExistsError for a non-empty ``out`` without ``force``.
     """
     started = time.perf_counter()
-    assignments, header = _assignments(allocation, uniform)
+    assignments, header = _assignments(allocation, uniform, allow_unusual_config)
     out = Path(out)
     _check_output(out, force)
     provenance = header.get("provenance", {})
@@ -176,6 +184,7 @@ def apply_allocation(
     if spec is not None and is_applied_dir(spec):
         raise ValueError(f"{spec} is a `bitalloc apply` output, not a model to quantize; pass the model it was "
                          "made from (its bitalloc.json names it under 'model')")
+    check_model_spec(spec, flag="--model")
     dev = resolve_device(device)
     net, tokenizer = load_model(spec, dtype="auto")
     model_hash = model_fingerprint(net)
@@ -188,9 +197,9 @@ def apply_allocation(
             "--ignore-model-hash if its weights differ on purpose (e.g. a fine-tuned copy)"
         )
     for name, module, cfg in targets:
-        if cfg.rank > min(target_weight(module).shape):
-            raise ValueError(f"{name}: rank {cfg.rank} of {cfg.name} exceeds the matrix's smaller side "
-                             f"{min(target_weight(module).shape)}")
+        rows, cols = target_weight(module).shape
+        # a typed --uniform config must fit every row; an allocation's configs were profiled on these shapes
+        check_fits(cfg, int(rows), int(cols), what=name, block=assignments is None)
     use_fisher = bool(provenance.get("fisher")) if fisher is None else bool(fisher)
     F = _fisher(net, tokenizer, targets, provenance, model_hash, dev, progress) if use_fisher and assignments is not None else None
     shared = _shared_parameter_ids(net)

@@ -23,7 +23,8 @@ import torch
 from bitalloc.identity import cache_root
 from bitalloc.models.fisher import FISHER_MODES, default_fisher_settings
 from bitalloc.models.fisher_cache import fisher_cache_key, fisher_cache_paths, load_or_estimate_fisher
-from bitalloc.models.text import calibration_tokens
+from bitalloc.models.sampling import SAMPLER_VERSION
+from bitalloc.models.text import calibration_tokens, is_self_source
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -91,7 +92,9 @@ class Calibration:
 
     def key_fields(self, *, model_id: str, model_hash: str, seed: int) -> dict[str, Any]:
         """The Fisher cache key fields of an estimate with these settings (see :func:`fisher_cache_key`)."""
-        return {"model_id": model_id, "model_hash": model_hash, "data": self.source, "samples": self.samples,
+        # text sampled from the model is named with its sampler's version: another sampler's estimate is not reused
+        data = f"{self.source}@sampler{SAMPLER_VERSION}" if is_self_source(self.source) else self.source
+        return {"model_id": model_id, "model_hash": model_hash, "data": data, "samples": self.samples,
                 "seqlen": self.seqlen, "mode": self.mode, "seed": seed}
 
     def cache_files(self, *, model_id: str, model_hash: str, seed: int) -> tuple[Path, Path]:
@@ -118,7 +121,7 @@ def calibration_fisher(model: torch.nn.Module, tokenizer: Any, targets: Sequence
 
     def tokens() -> torch.Tensor:
         return calibration_tokens(calibration.source, model, tokenizer, calibration.seqlen, calibration.samples,
-                                  seed=seed)
+                                  seed=seed, progress=progress)
 
     key_fields = calibration.key_fields(model_id=model_id, model_hash=model_hash, seed=seed)
     return load_or_estimate_fisher(model, tokens, targets, cache_dir=fisher_cache_dir(), key_fields=key_fields,

@@ -80,11 +80,14 @@ def _kl_sum(logits: torch.Tensor, ref_logits: torch.Tensor) -> float:
 
 
 def _batches(windows: torch.Tensor, batch_size: int, desc: str, progress: bool):
+    """Batches of ``batch_size`` windows, with a progress bar in tokens (rate and ETA)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    starts = range(0, windows.shape[0], batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-        yield windows[start : start + batch_size]
+    with tqdm(total=windows.numel(), desc=desc, unit="token", unit_scale=True, disable=not progress) as bar:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size]
+            yield batch
+            bar.update(batch.numel())
 
 
 @torch.inference_mode()

@@ -2,9 +2,12 @@
 
 Without any text (no WikiText-2, no hub), ``bitalloc eval --data self:N`` evaluates on N
 sequences sampled from the *original* model: for an applied directory that is the model it
-was made from, so every quantized variant is scored on the same tokens. Sampling a few
-thousand tokens on a CPU takes minutes, so the windows are cached under
-``$BITALLOC_CACHE/text`` keyed by the sampling model's fingerprint, N, seqlen and seed.
+was made from, so every quantized variant is scored on the same tokens. The windows are
+cached under ``$BITALLOC_CACHE/text`` keyed by the sampling model's fingerprint, N, seqlen,
+seed and the sampler's version and sizes.
+
+Evaluation windows never repeat calibration ones (``--calib self:N``, sampled with the same
+``seed``): they are drawn from the seed stream ``seed + EVALUATION_SEED_OFFSET``.
 """
 
 from __future__ import annotations
@@ -20,16 +23,20 @@ import torch
 
 from bitalloc.atomic import atomic_write_bytes
 from bitalloc.identity import cache_root, model_fingerprint
-from bitalloc.models.sampling import sample_sequences
+from bitalloc.models.sampling import DOCUMENT_TOKENS, SAMPLER_VERSION, SAMPLING_BATCH, sample_sequences
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+#: Evaluation text is sampled from seed ``seed + EVALUATION_SEED_OFFSET``, calibration text from
+#: ``seed``: the two are independent draws, so no evaluation window repeats a calibration one.
+EVALUATION_SEED_OFFSET = 1_000_003
 
 
 def _cache_file(model_hash: str, n: int, seqlen: int, seed: int) -> Path:
     payload = json.dumps({"format": CACHE_FORMAT, "model_hash": model_hash, "n": n, "seqlen": seqlen,
-                          "seed": seed}, sort_keys=True)
+                          "seed": seed, "sampler": SAMPLER_VERSION, "document_tokens": DOCUMENT_TOKENS,
+                          "batch_size": SAMPLING_BATCH}, sort_keys=True)
     key = hashlib.sha256(payload.encode()).hexdigest()[:16]
     return cache_root() / "text" / f"self-{key}.pt"
 
@@ -37,7 +44,8 @@ def _cache_file(model_hash: str, n: int, seqlen: int, seed: int) -> Path:
 def self_windows(
     model: torch.nn.Module, tokenizer: Any, n: int, seqlen: int, *, seed: int = 0, progress: bool = True
 ) -> torch.LongTensor:
-    """``LongTensor[n, seqlen]`` sampled from ``model`` (see :func:`sample_sequences`), cached.
+    """``LongTensor[n, seqlen]`` sampled from ``model`` (see :func:`sample_sequences`) from the
+    evaluation seed stream (``seed + EVALUATION_SEED_OFFSET``), cached.
 
     A cache entry that cannot be read or has the wrong shape is resampled with a warning; a
     cache that cannot be written gives a warning, not an error.
@@ -52,7 +60,7 @@ def self_windows(
             raise ValueError(f"unexpected content {type(ids).__name__} {getattr(ids, 'shape', '')}")
         except Exception as exc:  # noqa: BLE001 - a damaged cache entry is resampled
             logger.warning("ignoring the cached windows %s and resampling: %s", path, exc)
-    ids = sample_sequences(model, tokenizer, n, seqlen, seed=seed, progress=progress)
+    ids = sample_sequences(model, tokenizer, n, seqlen, seed=seed + EVALUATION_SEED_OFFSET, progress=progress)
     try:
         buf = io.BytesIO()
         torch.save(ids.contiguous(), buf)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,66 +29,23 @@ import torch
 
 from bitalloc.models.hub import hub_endpoint, hub_reachable, is_offline
 from bitalloc.models.sampling import sample_sequences
+from bitalloc.preflight import (C4_NAME, TEXT_SOURCE_FORMS, WIKITEXT2_FILE, WIKITEXT2_NAMES, TextSourceError,
+                                check_text_source, data_search_dirs, find_data_file, offline_text_hint,
+                                parse_self_source, text_source_forms)
 
 logger = logging.getLogger(__name__)
 
-WIKITEXT2_FILE = "wikitext2-valid.tokens"
-WIKITEXT2_NAMES = ("wikitext2", "wikitext-2", "wikitext")
-C4_NAME = "c4"
 C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
 C4_DOCUMENTS = 1100
-_SELF = re.compile(r"self(?::(\d+))?")
 
-TEXT_SOURCE_FORMS = (
-    "'wikitext2' (WikiText-2 validation; local file or the hub)",
-    "'c4' (C4 validation shard; needs the hub)",
-    "a path to a UTF-8 text file",
-    "'self' or 'self:N' (N sequences sampled from the model itself; evaluation samples from the original model)",
-)
-
-
-class TextSourceError(ValueError):
-    """A text source that cannot be read, is empty, or is too short."""
-
-
-def _forms() -> str:
-    return "\n".join(f"  - {form}" for form in TEXT_SOURCE_FORMS)
-
-
-def parse_self_source(src: str) -> tuple[bool, int | None]:
-    """``(True, N)`` for ``self:N``, ``(True, None)`` for ``self``, ``(False, None)`` otherwise."""
-    match = _SELF.fullmatch(str(src).strip().lower())
-    if not match:
-        return False, None
-    return True, (int(match.group(1)) if match.group(1) else None)
+__all__ = ["C4_DOCUMENTS", "C4_NAME", "C4_SHARD", "TEXT_SOURCE_FORMS", "WIKITEXT2_FILE", "WIKITEXT2_NAMES",
+           "TextSourceError", "calibration_tokens", "check_text_source", "data_search_dirs", "find_data_file",
+           "is_self_source", "load_text", "parse_self_source", "read_text_file", "spread_indices", "token_windows"]
 
 
 def is_self_source(src: Any) -> bool:
     """Whether ``src`` is ``self`` or ``self:N`` (text sampled from a model, not read)."""
     return isinstance(src, (str, os.PathLike)) and parse_self_source(os.fspath(src).strip().lower())[0]
-
-
-def data_search_dirs() -> list[Path]:
-    """Folders searched for local data files, in order."""
-    repo_root = Path(__file__).resolve().parents[2]
-    bases = [Path(os.environ["BITALLOC_DATA"]).expanduser()] if os.environ.get("BITALLOC_DATA") else []
-    bases += [Path.cwd(), repo_root]
-    dirs: list[Path] = []
-    for base in bases:
-        for sub in (".", "data", "shared/data", "../shared/data"):
-            folder = (base / sub).resolve()
-            if folder not in dirs:
-                dirs.append(folder)
-    return dirs
-
-
-def find_data_file(name: str) -> Path | None:
-    """The first file called ``name`` in :func:`data_search_dirs`, or None."""
-    for folder in data_search_dirs():
-        candidate = folder / name
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def read_text_file(path: str | os.PathLike) -> str:
@@ -101,8 +57,7 @@ def _from_hub_dataset(name: str, load: Callable[[], str]) -> str:
     if not is_offline() and not hub_reachable():
         raise TextSourceError(
             f"text source {name!r} needs the Hugging Face hub ({hub_endpoint()}), which cannot be reached. "
-            f"Pass a local text file instead (for wikitext2: put {WIKITEXT2_FILE} in $BITALLOC_DATA), "
-            "or set HF_HUB_OFFLINE=1 if the dataset is in the local datasets cache."
+            f"{offline_text_hint('--data')}; or set HF_HUB_OFFLINE=1 if the dataset is in the local datasets cache."
         )
     try:
         return load()
@@ -162,7 +117,7 @@ def load_text(src: str | os.PathLike) -> str:
         elif os.sep in name or "/" in name or path.suffix:
             raise FileNotFoundError(f"text file not found: {path}")
         else:
-            raise TextSourceError(f"unknown text source {name!r}. Accepted forms:\n{_forms()}")
+            raise TextSourceError(f"unknown text source {name!r}. Accepted forms:\n{text_source_forms()}")
     if not text.strip():
         raise TextSourceError(f"text source {name!r} is empty")
     return text

@@ -182,7 +182,7 @@ def _prepare(request: ProfileRequest) -> tuple[dict[str, Any], dict[str, bytes]]
     targets = find_targets(model, include=request.include, exclude=request.exclude)
     shapes = [tuple(target_weight(m).shape) for _, m in targets]
     ranks = resolve_ranks(request.ranks, shapes)
-    configs = config_space(request.space, ranks=ranks)
+    configs = config_space(request.space, ranks=ranks, allow_unusual=request.allow_unusual_config)
     check_ranks_fit(targets, shapes, configs)
     model_hash = model_fingerprint(model)
     info: dict[str, Any] = {

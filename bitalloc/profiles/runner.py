@@ -24,6 +24,7 @@ from bitalloc.lowrank import decompose_many
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
 from bitalloc.models.fisher import FISHER_MODES
 from bitalloc.models.targets import float_target_weight
+from bitalloc.preflight import check_model_spec, check_text_source
 from bitalloc.profiles.shards import parse_shard, shard_indices
 from bitalloc.profiles.store import (
     PROFILE_FORMAT,
@@ -69,6 +70,7 @@ class ProfileRequest:
     seed: int = 0
     progress: bool = True
     jobs: int | None = None
+    allow_unusual_config: bool = False
 
     def __post_init__(self) -> None:
         for name in ("samples", "seqlen"):
@@ -201,7 +203,11 @@ def profile(request: ProfileRequest,
     out = Path(request.out)
     shard = parse_shard(request.shard)
     # a bad space or rank list fails here, before the model is loaded ("auto" is resolved below)
-    config_space(request.space, ranks=(0,) if isinstance(request.ranks, str) else tuple(request.ranks))
+    config_space(request.space, ranks=(0,) if isinstance(request.ranks, str) else tuple(request.ranks),
+                 allow_unusual=request.allow_unusual_config)
+    check_model_spec(request.model, flag="--model")
+    if request.fisher:
+        check_text_source(request.calib, flag="--calib")
     device = resolve_device(request.device)
     started = time.perf_counter()
 
@@ -209,7 +215,7 @@ def profile(request: ProfileRequest,
     targets = find_targets(model, include=request.include, exclude=request.exclude)
     shapes = [tuple(target_weight(m).shape) for _, m in targets]
     ranks = resolve_ranks(request.ranks, shapes)
-    configs = config_space(request.space, ranks=ranks)
+    configs = config_space(request.space, ranks=ranks, allow_unusual=request.allow_unusual_config)
     work = shard_indices(len(targets), shard)
     check_ranks_fit(targets, shapes, configs)
     calibration = request.calibration(device) if request.fisher else None
@@ -232,8 +238,8 @@ def profile(request: ProfileRequest,
     numels = [shapes[i][0] * shapes[i][1] for i in todo]
     jobs = (resolve_jobs(request.jobs, device, len(todo), sum(numels) * len(configs), max(numels, default=0))
             if decompose_fn is decompose_many else 1)
-    bar = tqdm(total=len(work) * len(configs), initial=len(set(work) & done) * len(configs),
-               unit="cfg", desc="profile" if jobs == 1 else f"profile ({jobs} processes)",
+    bar = tqdm(total=len(work), initial=len(set(work) & done), unit="matrix",
+               desc=f"profile ({len(configs)} configs each)" if jobs == 1 else f"profile ({jobs} processes)",
                disable=not request.progress)
 
     def task(index: int) -> tuple[int, str, torch.Tensor, torch.Tensor | None, list[QuantConfig]]:
@@ -247,12 +253,12 @@ def profile(request: ProfileRequest,
             with _one_cpu_thread(device):
                 for index in todo:
                     write_part(out, index, _profile_matrix(*task(index), request.seed, decompose_fn))
-                    bar.update(len(configs))
+                    bar.update(1)
         else:
             # largest matrices first: the last to finish are then small ones, so that no worker
             # waits long for another at the end (the order within a size is the model's)
             order = sorted(todo, key=lambda i: -shapes[i][0] * shapes[i][1])
-            _profile_in_processes(order, task, jobs, request.seed, out, lambda: bar.update(len(configs)))
+            _profile_in_processes(order, task, jobs, request.seed, out, lambda: bar.update(1))
     finally:
         bar.close()
 

@@ -329,7 +329,7 @@ def pareto_curves(
         chosen = default_budgets(info.df) if budgets is None else budgets
         log.info("solving %s at %s budgets for the Pareto figure", objective,
                  len(chosen) if not isinstance(chosen, str) else chosen)
-        pareto, _, _ = run_sweep((info.df, info.meta), chosen, objective=objective)
+        pareto, _, _ = run_sweep((info.df, info.meta), chosen, objective=objective, progress=False)
         ilp = _feasible_ilp(pareto).sort_values("bits_per_param", ignore_index=True)
         hull = pareto[pareto["kind"] == "hull"].sort_values("bits_per_param", ignore_index=True)
         n = len(pareto[pareto["kind"] == "ilp"])

@@ -8,6 +8,7 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .options import SolveOptions
 from .problem import CandidateProblem, build_problem
@@ -28,6 +29,7 @@ def sweep(
     ties: Sequence[Sequence[int]] | None = None,
     options: SolveOptions | None = None,
     matrix_names: Sequence[str] | None = None,
+    progress: bool = False,
     **changes: Any,
 ) -> list[Solution]:
     """Solve at every budget (a list or a :func:`parse_budgets` string); one Solution each, in input order.
@@ -36,7 +38,8 @@ def sweep(
     increasing order, each warm-started from the best of the previous allocation and the
     Lagrangian one when ``options.warm_start``. A budget below the cheapest allocation gives
     a Solution with status "infeasible" (choice all -1, the minimum budget in ``note``).
-    ``options.time_limit`` applies to each budget; otherwise as in :func:`solve`.
+    ``options.time_limit`` applies to each budget; otherwise as in :func:`solve`. ``progress``
+    shows a bar in budgets.
     """
     options = SolveOptions.of(options, **changes)
     if isinstance(budgets, str):
@@ -46,14 +49,16 @@ def sweep(
         raise ValueError("sweep needs at least one budget")
     inputs = check_arrays(error, storage_bits, numel, ties, matrix_names)
     problem = build_problem(inputs, prune=options.prune)
-    return sweep_problem(problem, budgets, options)
+    return sweep_problem(problem, budgets, options, progress=progress)
 
 
-def sweep_problem(problem: CandidateProblem, budgets: Sequence[float], options: SolveOptions) -> list[Solution]:
+def sweep_problem(problem: CandidateProblem, budgets: Sequence[float], options: SolveOptions, *,
+                  progress: bool = False) -> list[Solution]:
     """Sweep a prepared problem (see :func:`sweep`)."""
     previous: np.ndarray | None = None
     results: list[Solution | None] = [None] * len(budgets)
-    for i in sorted(range(len(budgets)), key=lambda j: budgets[j]):
+    order = sorted(range(len(budgets)), key=lambda j: budgets[j])
+    for i in tqdm(order, desc="sweep", unit="budget", disable=not progress):
         t0 = time.perf_counter()
         budget = budgets[i]
         try:

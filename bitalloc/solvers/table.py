@@ -115,7 +115,7 @@ def profile_arrays(
         for (c, r, k), where in keys.groupby(["c", "r", "k"]).indices.items():
             if c not in parsed:
                 try:
-                    parsed[c] = QuantConfig.from_name(configs[c])
+                    parsed[c] = QuantConfig.from_name(configs[c], allow_unusual=True)
                 except ValueError as exc:
                     raise ValueError(
                         f"exclude_lowrank_from_budget needs QuantConfig names; {exc}"
@@ -295,9 +295,11 @@ class TableSweep:
 
 
 def sweep_table(
-    df: pd.DataFrame, budgets: Sequence[float] | str, options: SolveOptions | None = None, **changes: Any
+    df: pd.DataFrame, budgets: Sequence[float] | str, options: SolveOptions | None = None, *,
+    progress: bool = False, **changes: Any
 ) -> TableSweep:
-    """Sweep budgets (a list or ``"2.25:4.5:0.05"``) over a profile table; see :func:`solve_table`."""
+    """Sweep budgets (a list or ``"2.25:4.5:0.05"``) over a profile table; see :func:`solve_table`
+    (``progress``: a bar in budgets)."""
     options = SolveOptions.of(options, **changes)
     if isinstance(budgets, str):
         budgets = parse_budgets(budgets)
@@ -305,14 +307,14 @@ def sweep_table(
     problem = TableProblem.build(df, options)
     a = problem.arrays
     solutions = sweep(problem.error, problem.bits, a.numel, budgets, ties=problem.ties, options=options,
-                      matrix_names=a.matrices)
+                      matrix_names=a.matrices, progress=progress)
     hull = lagrange_hull(problem.error, problem.bits, a.numel, problem.ties, matrix_names=a.matrices)
     return TableSweep([problem.named(b, s) for b, s in zip(budgets, solutions)], hull)
 
 
 def _nf_bits(config: str) -> str:
     try:
-        return str(QuantConfig.from_name(config).bits)
+        return str(QuantConfig.from_name(config, allow_unusual=True).bits)
     except ValueError:
         return "other"
 

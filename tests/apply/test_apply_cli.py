@@ -94,3 +94,47 @@ def test_eval_dir_on_self_text_samples_the_source_model_once(tiny_llama_dir, tmp
     assert sampled == [False]  # once, from the source model (not the quantized one); then from the cache
     assert quantized["data"] == original["data"] == "self:3" and quantized["tokens"] == original["tokens"] == 3 * 23
     assert with_kl["perplexity"] == pytest.approx(quantized["perplexity"], rel=1e-6) and with_kl["kl"] > 0
+
+
+def _refuse_model_loads(monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model although the arguments were wrong")
+
+    monkeypatch.setattr("bitalloc.apply.writer.load_model", no_load)
+
+
+@pytest.mark.parametrize("typo, near", [("nf4-g64-s8x265-r0", "nf4-g64-s8x256-r0"),
+                                        ("nf4-g46-s8x256-r0", "nf4-g64-s8x256-r0")])
+def test_apply_uniform_typo_is_refused_before_the_model_loads(typo, near, tmp_path, capsys, monkeypatch):
+    _refuse_model_loads(monkeypatch)
+    assert main(["apply", "--uniform", typo, "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert typo in err and near in err and "--allow-unusual-config" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_apply_uniform_unusual_but_valid_config_runs_when_allowed(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "odd"
+    argv = ["-q", "apply", "--uniform", "nf4-g24-s16-r0", "--model", str(tiny_llama_dir), "--out", str(out)]
+    assert main(argv) == 2
+    assert main(argv + ["--allow-unusual-config", "--json"]) == 0
+    assert _last_json(capsys)["targets"] == 14
+
+
+def test_apply_uniform_block_longer_than_a_row_is_refused(tiny_llama_dir, tmp_path, capsys):
+    assert main(["-q", "apply", "--uniform", "nf4-g128-s16-r0", "--model", str(tiny_llama_dir),
+                 "--out", str(tmp_path / "q")]) == 2
+    assert "block 128" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_interrupted_eval_append_leaves_no_empty_file(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bitalloc.apply.evaluation.evaluate", interrupted)
+    evals = tmp_path / "evals.jsonl"
+    assert main(["eval", str(tiny_llama_dir), "--data", "self:2", "--seqlen", "16", "--append", str(evals)]) == 130
+    assert not evals.exists()
+    assert main(["eval", str(tiny_llama_dir), "--seqlen", "16", "--append", str(tmp_path / "no-dir" / "e.jsonl")]) == 2
+    assert "no-dir" in capsys.readouterr().err

@@ -330,3 +330,16 @@ def test_request_calibration_fills_the_device_defaults():
     assert request.calibration("cpu") == Calibration.for_device("cpu", source="data.txt", samples=3)
     assert request.calibration("cpu").seqlen == Calibration.for_device("cpu").seqlen
     assert ProfileRequest().model_id == BUILTIN_ALIAS
+
+
+def test_profile_refuses_an_unusual_space_file_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model although the config space was wrong")
+
+    monkeypatch.setattr("bitalloc.profiles.runner.load_model", no_load)
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(["nf4-g46-s8x256"]))
+    assert main(["-q", "profile", "--no-fisher", "--space", str(space), "--ranks", "0",
+                 "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "nf4-g46-s8x256" in err and "nf4-g64-s8x256-r0" in err and "--allow-unusual-config" in err
