@@ -33,6 +33,11 @@ _EXPORTS = {
     "apply_allocation": "bitalloc.apply",
     "load": "bitalloc.apply",
     "QuantizedLinear": "bitalloc.apply",
+    "BitallocError": "bitalloc.errors",
+    "InputError": "bitalloc.errors",
+    "IntegrityError": "bitalloc.errors",
+    "OutputExistsError": "bitalloc.errors",
+    "UnavailableError": "bitalloc.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,8 +1,9 @@
 """The `bitalloc` command: a thin shell over the public API, one small function per subcommand.
 
 Each ``cmd_*`` function parses nothing itself: it receives argparse's namespace, calls the
-library, and prints. Library errors (``ValueError`` and friends) become one clear line on
-stderr and exit status 2.
+library, and prints. Library errors (:class:`bitalloc.errors.BitallocError`, ``ValueError``,
+``OSError``) become one clear line on stderr and exit status 2; anything else one line naming
+its type and exit status 1. ``-v`` prints the traceback too.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitalloc import __version__
+from bitalloc.errors import BitallocError
 from bitalloc.identity import BUILTIN_ALIAS
 
 if TYPE_CHECKING:  # the CLI imports the stages lazily, to answer --help fast
@@ -407,14 +410,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ValueError, OSError) as exc:
-        if args.verbose > 1:
-            raise
-        print(f"bitalloc {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"bitalloc {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # one line for every failure; the traceback with -v
+        return _report_error(args, exc)
+
+
+#: Errors that are the input's or the environment's, not bitalloc's: exit status 2.
+EXPECTED_ERRORS = (BitallocError, ValueError, OSError)
+
+
+def _report_error(args: argparse.Namespace, exc: BaseException) -> int:
+    """Print ``exc`` as one line on stderr (its traceback first with -v); the exit status."""
+    if args.verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    message = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, EXPECTED_ERRORS):
+        print(f"bitalloc {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    hint = "" if args.verbose else "; rerun with -v for the traceback"
+    print(f"bitalloc {args.command}: internal error ({type(exc).__name__}): {message}{hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

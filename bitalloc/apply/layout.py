@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bitalloc.errors import IntegrityError
+
 FORMAT = "bitalloc-model"
 FORMAT_VERSION = 1
 INFO_FILE = "bitalloc.json"
@@ -39,7 +41,7 @@ BUFFER_TO_ARRAY = {"qweight": "codes", "scales": "scales", "scale_codes": "scale
 ARRAY_TO_BUFFER = {v: k for k, v in BUFFER_TO_ARRAY.items()}
 
 
-class AppliedModelError(ValueError):
+class AppliedModelError(IntegrityError):
     """A directory is not a complete, readable ``bitalloc apply`` output."""
 
 

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bitalloc.atomic import atomic_write_bytes
+from bitalloc.errors import IntegrityError
 from bitalloc.models.fisher import FISHER_MODES, Targets, estimate_fisher, resolve_mode
 from bitalloc.models.targets import find_targets, target_weight
 
@@ -36,7 +37,7 @@ CACHE_DTYPE = torch.bfloat16
 KEY_FIELDS = ("model_id", "model_hash", "data", "samples", "seqlen", "mode", "seed")
 
 
-class FisherCacheError(ValueError):
+class FisherCacheError(IntegrityError):
     """A Fisher cache file that cannot be used (missing, truncated, corrupt or for other inputs)."""
 
 

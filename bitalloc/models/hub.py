@@ -14,6 +14,7 @@ import re
 import socket
 from urllib.parse import urlparse
 
+from bitalloc.errors import InputError
 from bitalloc.identity import BUILTIN_ALIAS
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ ACCEPTED_MODEL_FORMS = (
 )
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(InputError):
     """The requested model cannot be found locally and cannot be fetched."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from bitalloc.errors import InputError
 from bitalloc.identity import BUILTIN_ALIAS
 from bitalloc.models.builtin import builtin_gguf_path
 from bitalloc.models.device import resolve_device
@@ -59,7 +60,7 @@ _DTYPES = {
 _MAX_LISTED = 5
 
 
-class NonFiniteWeightsError(ValueError):
+class NonFiniteWeightsError(InputError):
     """A model holds NaN or infinite weights."""
 
 

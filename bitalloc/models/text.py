@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from bitalloc.errors import InputError
 from bitalloc.models.hub import hub_endpoint, hub_reachable, is_offline
 from bitalloc.models.sampling import sample_sequences
 
@@ -48,7 +49,7 @@ TEXT_SOURCE_FORMS = (
 )
 
 
-class TextSourceError(ValueError):
+class TextSourceError(InputError):
     """A text source that cannot be read, is empty, or is too short."""
 
 

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from bitalloc.atomic import atomic_write_bytes, atomic_write_json
+from bitalloc.errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ _DTYPES = {
 }
 
 
-class ProfileError(ValueError):
+class ProfileError(IntegrityError):
     """A profile directory that cannot be used as asked (corrupt, foreign, incomplete)."""
 
 
@@ -80,9 +81,12 @@ def read_meta(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ProfileError(f"{directory} is not a bitalloc profile: {META_FILE} is missing")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path} is corrupt ({exc}); delete the profile directory and rerun") from exc
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(
+            f"{path} is corrupt, not JSON ({exc}); without it the finished matrices in {PARTS_DIR}/ cannot be "
+            f"checked: remove {directory} and rerun the `bitalloc profile` command"
+        ) from exc
     if not isinstance(meta, dict) or meta.get("format") != PROFILE_FORMAT:
         raise ProfileError(f"{path} is not a bitalloc profile meta file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     if int(meta.get("format_version", 0)) > PROFILE_VERSION:
