@@ -59,6 +59,7 @@ def evaluate_model(
     label: str | None = None,
     append: str | os.PathLike[str] | None = None,
     device: str = "auto",
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Perplexity (GPTQ convention) and KL divergence of a model or an applied directory.
 
@@ -68,21 +69,22 @@ def evaluate_model(
     sampled from its original model). ``append`` adds the result as one JSON line to that
     file, which is checked to be writable before the evaluation starts. Returns the result:
     :func:`bitalloc.models.evaluate`'s keys plus ``model``, ``kl_to`` and the
-    :func:`evaluation_labels` (``label`` overridden by ``label``).
+    :func:`evaluation_labels` (``label`` overridden by ``label``). ``verify`` (default) checks an
+    applied directory's SHA-256 digests before loading it (see :func:`bitalloc.load`).
     """
     labels = evaluation_labels(spec)
     if append is not None:  # fail before the (long) evaluation, not after it
         open(append, "a", encoding="utf-8").close()
-    model, tokenizer = load_model_or_applied(spec, device=device)
+    model, tokenizer = load_model_or_applied(spec, device=device, verify=verify)
     source = labels["source_model"]
     if kl_to is None and source and kl:
         kl_to = source
     reference = None
     if kl_to is not None and kl:
-        reference, _ = load_model_or_applied(kl_to, device=device)
+        reference, _ = load_model_or_applied(kl_to, device=device, verify=verify)
     text_model = None
     if is_self_source(data) and source and reference is None:
-        text_model, _ = load_model_or_applied(source, device=device)
+        text_model, _ = load_model_or_applied(source, device=device, verify=verify)
     result = evaluate(model, tokenizer, data=data, seqlen=seqlen, windows=windows, kl_to=reference,
                       text_model=text_model)
     result["model"] = model_id(spec)

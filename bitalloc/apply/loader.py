@@ -67,18 +67,19 @@ def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -
 
 
 def load_applied(path: str | os.PathLike[str], adapter: bool = True, *, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, cache_weights: bool = True) -> tuple[torch.nn.Module, Any]:
+                 dtype: str | torch.dtype | None = None, cache_weights: bool = True,
+                 verify: bool = True) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` of an applied directory, for inference; see :func:`load`.
 
     ``cache_weights`` (default here) keeps each dequantized weight after its first use, so
     evaluation runs at dense speed at the memory cost of a dense model.
     """
-    model = load(path, adapter=adapter, device=device, dtype=dtype, cache_weights=cache_weights)
+    model = load(path, adapter=adapter, device=device, dtype=dtype, cache_weights=cache_weights, verify=verify)
     return model, load_tokenizer(Path(path))
 
 
 def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None, cache_weights: bool = False) -> torch.nn.Module:
+         dtype: str | torch.dtype | None = None, cache_weights: bool = False, verify: bool = True) -> torch.nn.Module:
     """The model that ``bitalloc apply`` wrote to ``path``, with ``QuantizedLinear`` targets.
 
     ``adapter=True`` attaches the PEFT LoRA adapter (L1, L2; returns a ``PeftModel``), so the
@@ -88,9 +89,13 @@ def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | t
     (dense speed, dense memory; set ``QuantizedLinear.cache_weight`` per layer to change it).
     The model is in eval mode on ``device``. Raises AppliedModelError (a
     ValueError) for a directory that is not a complete ``bitalloc apply`` output.
+
+    ``verify`` (default) checks the SHA-256 of every file against ``bitalloc.json`` before
+    loading, so a file whose bytes changed is refused, naming it; ``verify=False`` skips this
+    (it reads every byte once more) and checks only that each file exists with its size.
     """
     folder = Path(path)
-    info = read_info(folder)
+    info = read_info(folder, verify=verify)
     compute_dtype = _resolve_dtype(dtype, info)
     target_device = resolve_device(device)
     model = _skeleton(folder, compute_dtype)
@@ -152,18 +157,18 @@ def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | t
 
 
 def load_model_or_applied(spec: str | os.PathLike[str] | None, *, device: str | torch.device = "cpu",
-                          dtype: str | torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+                          dtype: str | torch.dtype | None = None, verify: bool = True) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` of a model specification or of an applied directory.
 
     An applied directory (one holding ``bitalloc.json``) is loaded for inference as
     ``Q + L1 L2`` (:func:`load_applied`, adapter attached); anything else goes to
     :func:`bitalloc.models.load_model`. ``dtype`` None means float32, ``"auto"`` the
-    checkpoint's (for an applied directory: its source model's).
+    checkpoint's (for an applied directory: its source model's). ``verify``: see :func:`load`.
     """
     if spec is None or not is_applied_dir(spec):
         return load_model(spec, device=device, dtype=dtype)
     torch_dtype = resolve_dtype(dtype)
     model, tokenizer = load_applied(spec, adapter=True, device=device,
-                                    dtype=None if torch_dtype == "auto" else torch_dtype)
+                                    dtype=None if torch_dtype == "auto" else torch_dtype, verify=verify)
     check_finite(model)
     return model, tokenizer

@@ -27,7 +27,7 @@ from bitalloc.allocation import Allocation
 from bitalloc.atomic import atomic_write_json
 from bitalloc.configs import QuantConfig
 from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_VERSION, INFO_FILE, MODEL_FILE,
-                                   factor_key, file_sizes, is_applied_dir, q_key)
+                                   factor_key, file_digests, file_sizes, is_applied_dir, q_key)
 from bitalloc.apply.peft_adapter import task_type_for, write_adapter
 from bitalloc.identity import BUILTIN_ALIAS, model_fingerprint, model_id
 from bitalloc.lowrank import decompose
@@ -280,6 +280,7 @@ def apply_allocation(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         info["files"] = file_sizes(tmp)
+        info["sha256"] = file_digests(tmp)
         atomic_write_json(tmp / INFO_FILE, info)
         _rename_into_place(tmp, out)
     except BaseException:

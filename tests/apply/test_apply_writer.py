@@ -307,3 +307,46 @@ def test_bad_uniform_config_and_missing_inputs(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="rank"):
         apply_allocation(None, uniform="nf4-g16-s16-r100", model=str(tiny_llama_dir), out=tmp_path / "q",
                          progress=False)
+
+
+def _flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_byte_of_the_same_size_is_refused_naming_the_file(applied, tmp_path):
+    out, _, _ = applied
+    assert set(read_info(out)["sha256"]) == set(read_info(out)["files"])
+    for name in (MODEL_FILE, f"{ADAPTER_DIR}/adapter_model.safetensors"):
+        broken = Path(shutil.copytree(out, tmp_path / name.replace("/", "-")))
+        size = (broken / name).stat().st_size
+        _flip_one_byte(broken / name)
+        assert (broken / name).stat().st_size == size
+        with pytest.raises(AppliedModelError, match=f"{name}.*SHA-256"):
+            load(broken)
+        with pytest.raises(AppliedModelError, match="SHA-256"):
+            bitalloc.apply.evaluate_model(str(broken), data="self:1", seqlen=16, windows=1, kl=False, device="cpu")
+    assert load(broken, verify=False) is not None  # the stated escape: sizes only
+
+
+def test_a_directory_without_digests_loads_unverified_with_a_warning(applied, tmp_path, caplog):
+    out, _, _ = applied
+    old = Path(shutil.copytree(out, tmp_path / "old"))
+    info = json.loads((old / "bitalloc.json").read_text())
+    del info["sha256"]
+    (old / "bitalloc.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING):
+        assert load(old) is not None
+    assert "not verified" in caplog.text
+
+
+@pytest.mark.parametrize("entry", ["../outside.bin", "/etc/hostname"])
+def test_a_files_entry_outside_the_directory_is_refused(applied, tmp_path, entry):
+    out, _, _ = applied
+    probe = Path(shutil.copytree(out, tmp_path / "probe"))
+    info = json.loads((probe / "bitalloc.json").read_text())
+    info["files"][entry] = 1
+    (probe / "bitalloc.json").write_text(json.dumps(info))
+    with pytest.raises(AppliedModelError, match="outside"):
+        read_info(probe)
