@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -62,6 +62,10 @@ _MAX_LISTED = 5
 
 class NonFiniteWeightsError(InputError):
     """A model holds NaN or infinite weights."""
+
+
+class IncompleteCheckpointError(InputError):
+    """A checkpoint lacks weights of its model (they would be randomly initialized) or holds others."""
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -141,8 +145,41 @@ def load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype | str, **kw
         logger.warning("%s cannot load %s (%s); loading the bare model", auto_class.__name__, source, err)
         model, info = AutoModel.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
                                                 **kwargs)
-    check_layers_loaded(model, info.get("missing_keys", ()), source)
+    check_checkpoint_complete(model, info, source)
     return model
+
+
+def check_checkpoint_complete(model: torch.nn.Module, info: Mapping[str, Any], source: str | os.PathLike) -> None:
+    """Raise IncompleteCheckpointError when transformers' loading info reports weights the checkpoint
+    lacks (they would be randomly initialized), weights the model has no place for, or weights of
+    another shape.
+
+    ``info`` is what ``from_pretrained(..., output_loading_info=True)`` returns. A directory
+    holding packed codes (``*.qweight``) is a ``bitalloc apply`` output whose ``bitalloc.json``
+    is missing, which the message says.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or ())
+    if not (missing or unexpected or mismatched):
+        return
+    if any(key.endswith(".qweight") for key in unexpected) and not (Path(source) / "bitalloc.json").is_file():
+        raise IncompleteCheckpointError(
+            f"{source} holds packed bitalloc codes but no bitalloc.json: it is an unfinished `bitalloc apply` "
+            "output; run `bitalloc apply` again"
+        )
+    check_layers_loaded(model, missing, source)
+    class_name = type(model).__name__
+    parts = []
+    for what, keys in (("lacks", missing), ("has no place in the model for", unexpected),
+                       ("has weights of another shape for", mismatched)):
+        if keys:
+            more = f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+            parts.append(f"{what} {len(keys)} weight(s): {', '.join(keys[:_MAX_LISTED])}{more}")
+    raise IncompleteCheckpointError(
+        f"{source} does not fit {class_name}: the checkpoint {'; it '.join(parts)}. Loading it would leave "
+        "weights randomly initialized or dropped; pass a complete checkpoint of this model"
+    )
 
 
 def check_layers_loaded(model: torch.nn.Module, missing_keys: Iterable[str], source: str | os.PathLike) -> None:

@@ -181,3 +181,25 @@ def test_a_checkpoint_without_its_layer_weights_is_refused(tiny_llama_dir, tmp_p
     save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelNotFoundError, match="none of the weights of its 14 Linear/Conv1D layers"):
         load_model(str(folder))
+
+
+@pytest.mark.parametrize("change", ["drop", "add"])
+def test_a_checkpoint_with_missing_or_unexpected_weights_is_refused_naming_them(tiny_llama_dir, tmp_path, change):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bitalloc.models import IncompleteCheckpointError
+
+    folder = tmp_path / change
+    shutil.copytree(tiny_llama_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    if change == "drop":
+        del weights[key]
+    else:
+        weights["model.layers.1.mlp.extra.weight"] = weights[key].clone()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    name = key if change == "drop" else "model.layers.1.mlp.extra.weight"
+    with pytest.raises(IncompleteCheckpointError, match=name.replace(".", r"\.")):
+        load_model(str(folder))
