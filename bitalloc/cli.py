@@ -137,7 +137,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         args.allocation, out=args.out, model=args.model, uniform=args.uniform, include=args.include,
         exclude=args.exclude, dequantized=args.dequantized, device=args.device,
         fisher=False if args.no_fisher else None, force=args.force, ignore_model_hash=args.ignore_model_hash,
-        seed=args.seed, progress=not args.quiet,
+        keep_dense=args.keep_dense, seed=args.seed, progress=not args.quiet,
     )
     summary = applied_summary(out)
     if args.json:
@@ -336,7 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--ignore-model-hash", action="store_true",
                    help="apply an allocation to a model whose weights differ from the profiled one (same names, shapes)")
-    _add_target_filters(p)
+    p.add_argument("--keep-dense", default=None, metavar="REGEX",
+                   help="keep the targets matching REGEX dense (as stored in the model), counted at their stored bits; "
+                        "every other target needs a config")
+    p.add_argument("--include", default=None, help="regex: with --uniform, only layers whose name matches")
+    p.add_argument("--exclude", default=None, help="regex: with --uniform, drop layers whose name matches")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print bitalloc.json's summary as one JSON object")
     p.set_defaults(func=cmd_apply)

@@ -350,3 +350,60 @@ def test_a_files_entry_outside_the_directory_is_refused(applied, tmp_path, entry
     (probe / "bitalloc.json").write_text(json.dumps(info))
     with pytest.raises(AppliedModelError, match="outside"):
         read_info(probe)
+
+
+def _without(alloc, name: str) -> dict:
+    data = alloc.to_dict()
+    data["assignments"] = {k: v for k, v in data["assignments"].items() if k != name}
+    return data
+
+
+def test_an_allocation_missing_a_matrix_is_refused_naming_it(applied, tmp_path):
+    out, alloc, _ = applied
+    name = "model.layers.1.mlp.up_proj"
+    with pytest.raises(ValueError, match=rf"no config to 1 target.*{name}.*--keep-dense"):
+        apply_allocation(_without(alloc, name), out=tmp_path / "q", device="cpu", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_dense_keeps_the_matrix_dense_and_counts_its_stored_bits(applied, tmp_path):
+    out, alloc, model_dir = applied
+    name = "model.layers.1.mlp.up_proj"
+    q = apply_allocation(_without(alloc, name), out=tmp_path / "q", keep_dense=r"layers\.1\.mlp\.up_proj",
+                         device="cpu", progress=False)
+    info = read_info(q)
+    dense = info["dense_targets"][name]
+    original = dict(load_model(str(model_dir))[0].named_modules())[name].weight
+    assert dense["storage_bits"] == original.numel() * original.element_size() * 8
+    quantized = sum(d["storage_bits"] for d in info["target_details"].values())
+    params = sum(d["rows"] * d["cols"] for d in [*info["target_details"].values(), dense])
+    assert info["target_params"] == params
+    assert info["bits_per_param"] == pytest.approx((quantized + dense["storage_bits"]) / params)
+    assert name not in info["targets"]
+    layer = dict(load(q).named_modules())[name]
+    assert not isinstance(layer, QuantizedLinear) and torch.equal(layer.weight, original)
+
+
+def test_extra_target_layers_with_ignore_model_hash_are_refused_unless_kept_dense(applied, tmp_path):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    _, alloc, model_dir = applied
+    config = AutoConfig.from_pretrained(model_dir)
+    config.num_hidden_layers = 3
+    torch.manual_seed(3)
+    bigger = tmp_path / "three-layers"
+    LlamaForCausalLM(config).save_pretrained(bigger)
+    with pytest.raises(ValueError, match=r"no config to 7 target.*model\.layers\.2\."):
+        apply_allocation(alloc, model=str(bigger), out=tmp_path / "q", ignore_model_hash=True, device="cpu",
+                         progress=False)
+    assert not (tmp_path / "q").exists()
+    q = apply_allocation(alloc, model=str(bigger), out=tmp_path / "q", ignore_model_hash=True,
+                         keep_dense=r"layers\.2\.", device="cpu", progress=False)
+    assert len(read_info(q)["dense_targets"]) == 7 and len(read_info(q)["targets"]) == 14
+
+
+def test_include_with_an_allocation_is_refused(applied, tmp_path):
+    _, alloc, _ = applied
+    with pytest.raises(ValueError, match="--include/--exclude choose the targets of --uniform"):
+        apply_allocation(alloc, out=tmp_path / "q", include="mlp", progress=False)
+    assert not (tmp_path / "q").exists()
