@@ -170,7 +170,7 @@ def _prepare_directory(out: Path, meta: dict[str, Any], resume: bool) -> set[int
                 f"{out} holds a profile made differently, so it cannot be resumed: {differ}. "
                 "Choose another --out or delete that directory."
             )
-        done = done_indices(out)
+        done = done_indices(out, meta, repair=True)
         log.info("resuming %s: %d of %d matrices already done", out, len(done & set(meta["work"])), len(meta["work"]))
         return done
     if resume:

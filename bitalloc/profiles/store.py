@@ -113,25 +113,50 @@ def write_part(directory: Path, index: int, rows: pd.DataFrame) -> None:
     atomic_write_bytes(part_path(directory, index), _csv_bytes(rows))
 
 
-def done_indices(directory: Path) -> set[int]:
-    """Target indices whose part file exists (unreadable parts are removed and redone)."""
+def part_problem(path: Path, index: int, meta: dict[str, Any] | None = None) -> str | None:
+    """Why the part at ``path`` cannot be used for target ``index``, or None when it is whole.
+
+    A whole part holds one row per config of ``meta["configs"]``, in order, all for the matrix
+    ``meta["targets"][index]``: so a part cut on a line boundary (fewer rows) is caught as well
+    as an unreadable one. Without ``meta`` only readability and the index are checked."""
+    try:
+        df = _read_csv(path)
+    except ProfileError as exc:
+        return str(exc)
+    if len(df) == 0 or (df["index"] != index).any():
+        return "rows of another matrix or none"
+    if meta is None:
+        return None
+    configs = meta.get("configs") or []
+    if list(df["config"]) != list(configs):
+        return f"{len(df)} rows, {len(configs)} expected (one per config, in the order of {META_FILE})"
+    targets = meta.get("targets") or []
+    if index < len(targets) and (df["matrix"] != targets[index].get("name")).any():
+        return f"rows of another matrix than {targets[index].get('name')}"
+    return None
+
+
+def done_indices(directory: Path, meta: dict[str, Any] | None = None, *, repair: bool = False) -> set[int]:
+    """Target indices whose part file is whole (see :func:`part_problem`).
+
+    Reading never changes the directory; ``repair=True`` (the profiler, which redoes them)
+    removes the parts that are not whole, with a warning."""
     found: set[int] = set()
     folder = Path(directory) / PARTS_DIR
     if not folder.is_dir():
         return found
-    for path in folder.glob("*.csv"):
+    for path in sorted(folder.glob("*.csv")):
         try:
             index = int(path.stem)
-            df = _read_csv(path)
-        except (ValueError, ProfileError) as exc:
-            log.warning("discarding unreadable part %s (%s); it will be profiled again", path, exc)
+        except ValueError:
+            problem = "not a part name"
+        else:
+            problem = part_problem(path, index, meta)
+        if problem is None:
+            found.add(index)
+        elif repair:
+            log.warning("discarding part %s (%s); it will be profiled again", path, problem)
             path.unlink(missing_ok=True)
-            continue
-        if len(df) == 0 or (df["index"] != index).any():
-            log.warning("discarding inconsistent part %s; it will be profiled again", path)
-            path.unlink(missing_ok=True)
-            continue
-        found.add(index)
     return found
 
 
@@ -170,7 +195,7 @@ def load_profile(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, 
     table = directory / TABLE_FILE
     if not meta.get("complete") or not table.is_file():
         raise ProfileError(
-            f"profile {directory} is not finished ({len(done_indices(directory))} of "
+            f"profile {directory} is not finished ({len(done_indices(directory, meta))} of "
             f"{len(meta.get('work', meta.get('targets', [])))} matrices done); rerun the same "
             "`bitalloc profile` command to resume it"
         )

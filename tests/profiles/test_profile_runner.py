@@ -330,3 +330,19 @@ def test_request_calibration_fills_the_device_defaults():
     assert request.calibration("cpu") == Calibration.for_device("cpu", source="data.txt", samples=3)
     assert request.calibration("cpu").seqlen == Calibration.for_device("cpu").seqlen
     assert ProfileRequest().model_id == BUILTIN_ALIAS
+
+
+def test_a_part_cut_on_a_line_boundary_is_redone_and_reading_deletes_nothing(tiny_llama_dir, tmp_path, space_file):
+    out = profile(_request(tiny_llama_dir, tmp_path / "p", space_file))
+    good, _ = load_profile(out)
+    part = sorted((out / "parts").glob("*.csv"))[2]
+    lines = part.read_text().splitlines(keepends=True)
+    short = "".join(lines[:3])  # header + 2 of len(SPACE) rows, cut exactly at a line end
+    part.write_text(short)
+    (out / "profile.csv").unlink()
+    with pytest.raises(ProfileError, match="not finished"):
+        load_profile(out)
+    assert part.read_text() == short  # reading never deletes or repairs
+    redone, _ = load_profile(profile(_request(tiny_llama_dir, out, space_file)))
+    assert len(redone) == len(good)
+    pd.testing.assert_frame_equal(_without_timing(redone), _without_timing(good))
