@@ -122,7 +122,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """`bitalloc merge DIR... --out DIR`: join shard profiles."""
     from bitalloc.profiles import merge_profiles
 
-    out = merge_profiles(args.dirs, args.out)
+    out = merge_profiles(args.dirs, args.out, force=args.force)
     print(f"merged {len(args.dirs)} shards into {out}")
     return 0
 
@@ -162,7 +162,10 @@ def _solve_options(args: argparse.Namespace) -> SolveOptions:
 def cmd_solve(args: argparse.Namespace) -> int:
     """`bitalloc solve PROFILE --budget B`: the exact allocation at one budget."""
     from bitalloc.allocation import solve
+    from bitalloc.atomic import check_output
 
+    if args.out:
+        check_output(args.out, force=args.force, kind="file", what="--out")
     alloc = solve(args.profile, args.budget, _solve_options(args))
     if args.out:
         alloc.save(args.out)
@@ -189,8 +192,12 @@ def cmd_solve(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """`bitalloc sweep PROFILE --budgets A:B:STEP`: exact solves over budgets plus the Lagrangian hull."""
     from bitalloc.allocation import sweep
-    from bitalloc.atomic import atomic_write_bytes
+    from bitalloc.atomic import atomic_write_bytes, check_output
 
+    if args.out:
+        check_output(args.out, force=args.force, kind="file", what="--out")
+    if args.allocs:
+        check_output(args.allocs, force=args.force, kind="dir", what="--allocs")
     pareto, allocations, _ = sweep(args.profile, args.budgets, _solve_options(args))
     if args.out:
         atomic_write_bytes(Path(args.out), pareto.to_csv(index=False).encode())
@@ -218,7 +225,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from bitalloc.reports import report
 
     path = report(args.profile, sweep=args.sweep, evals=args.evals, allocs=args.alloc or [], out=args.out,
-                  objectives=args.objectives, budgets=args.budgets)
+                  objectives=args.objectives, budgets=args.budgets, force=args.force)
     figures = sorted(p.name for p in path.parent.glob("*.png"))
     print(f"report written to {path} ({len(figures)} figures: {', '.join(figures)})")
     return 0
@@ -348,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="join shard profiles (from --shard i/n) into one profile")
     p.add_argument("dirs", nargs="+", help="shard profile directories")
     p.add_argument("--out", required=True, help="merged profile directory")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_merge)
 
     for name, helptext in (("solve", "the exact allocation at one bits/param budget"),
@@ -374,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LQ-LoRA's convention: low-rank factors outside the budget (for comparison)")
         p.add_argument("--time-limit", type=float, default=None, metavar="S", help="stop after S seconds with the best allocation found")
         p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default 0: exact)")
+        p.add_argument("--force", action="store_true", help="replace existing outputs (--out" +
+                       (")" if name == "solve" else ", --allocs)"))
         p.set_defaults(func=cmd_solve if name == "solve" else cmd_sweep)
 
     p = sub.add_parser("report", help="figures (Pareto front, allocation maps, sensitivity) and a markdown report")
@@ -387,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=None, help="A:B:STEP or a list: budgets solved when no sweep has the objective "
                    "(default: 9 across the profile's range)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and its PNG/SVG figures")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_report)
 
     return parser

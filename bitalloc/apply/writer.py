@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from bitalloc import __version__
 from bitalloc.allocation import Allocation
-from bitalloc.atomic import atomic_write_json
+from bitalloc.atomic import atomic_write_json, check_output
 from bitalloc.configs import QuantConfig
 from bitalloc.errors import InputError
 from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_VERSION, INFO_FILE, MODEL_FILE,
@@ -63,14 +63,6 @@ def _assignments(allocation: Any, uniform: str | None) -> tuple[dict[str, str] |
     header["provenance"] = data.get("provenance", {})
     header["path"] = source
     return dict(data["assignments"]), header
-
-
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"--out {out} exists and is not empty; choose another directory or pass --force "
-                              "to replace it")
 
 
 def _model_targets(model: torch.nn.Module, assignments: dict[str, str] | None, header: Mapping[str, Any],
@@ -202,8 +194,8 @@ def apply_allocation(
     the matching targets dense, whatever the allocation says; they are stored as in the source
     model and counted at their stored bits in ``bits_per_param`` (``dense_targets`` in
     ``bitalloc.json``). Returns the directory. Raises ValueError (InputError) for an allocation
-    made for another model or one leaving targets without a config, FileExistsError for a
-    non-empty ``out`` without ``force``.
+    made for another model or one leaving targets without a config, OutputExistsError (a
+    FileExistsError) for a non-empty ``out`` without ``force``.
     """
     started = time.perf_counter()
     assignments, header = _assignments(allocation, uniform)
@@ -211,7 +203,7 @@ def apply_allocation(
         raise InputError("--include/--exclude choose the targets of --uniform; an allocation applies to the targets "
                          "its profile found: to keep some of them dense, pass --keep-dense REGEX")
     out = Path(out)
-    _check_output(out, force)
+    check_output(out, force=force, kind="dir", what="--out")
     provenance = header.get("provenance", {})
     spec = model if model is not None else provenance.get("model")
     if spec is not None and is_applied_dir(spec):
