@@ -53,6 +53,10 @@ class TextSourceError(InputError):
     """A text source that cannot be read, is empty, or is too short."""
 
 
+class TextFileMissingError(TextSourceError, FileNotFoundError):
+    """A text file named as a source does not exist."""
+
+
 def _forms() -> str:
     return "\n".join(f"  - {form}" for form in TEXT_SOURCE_FORMS)
 
@@ -161,7 +165,7 @@ def load_text(src: str | os.PathLike) -> str:
         elif path.exists():
             raise TextSourceError(f"text source {name!r} is not a file")
         elif os.sep in name or "/" in name or path.suffix:
-            raise FileNotFoundError(f"text file not found: {path}")
+            raise TextFileMissingError(f"text file not found: {path}")
         else:
             raise TextSourceError(f"unknown text source {name!r}. Accepted forms:\n{_forms()}")
     if not text.strip():

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from bitalloc import __version__
 from bitalloc.configs import QuantConfig, config_space, parse_ranks, resolve_ranks
+from bitalloc.errors import InputError
 from bitalloc.identity import model_fingerprint, model_id
 from bitalloc.lowrank import decompose_many
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
@@ -26,6 +27,7 @@ from bitalloc.models.fisher import FISHER_MODES
 from bitalloc.models.targets import float_target_weight
 from bitalloc.profiles.shards import parse_shard, shard_indices
 from bitalloc.profiles.store import (
+    META_FILE,
     PROFILE_FORMAT,
     PROFILE_VERSION,
     ProfileError,
@@ -175,6 +177,8 @@ def _prepare_directory(out: Path, meta: dict[str, Any], resume: bool) -> set[int
         return done
     if resume:
         raise ProfileError(f"--resume given but {out} holds no profile to resume (no meta.json)")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give the path of a directory")
     if out.exists() and any(out.iterdir()):
         raise ProfileError(f"output {out} exists, is not empty and is not a bitalloc profile; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -224,11 +228,19 @@ def profile(request: ProfileRequest,
         "seed": request.seed, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
         "work": work, "device": str(device), "versions": _versions(), "complete": False,
     }
+    fresh, created = not (out / META_FILE).exists(), not out.exists()
     done = _prepare_directory(out, meta, request.resume)
     todo = [i for i in work if i not in done]
 
-    fisher = (request_fisher(request, model, tokenizer, targets, calibration, meta["model_hash"], device)
-              if todo and calibration is not None else None)
+    try:
+        fisher = (request_fisher(request, model, tokenizer, targets, calibration, meta["model_hash"], device)
+                  if todo and calibration is not None else None)
+    except BaseException:  # e.g. a missing --calib file: leave no meta-only directory that blocks the next run
+        if fresh:
+            (out / META_FILE).unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
     numels = [shapes[i][0] * shapes[i][1] for i in todo]
     jobs = (resolve_jobs(request.jobs, device, len(todo), sum(numels) * len(configs), max(numels, default=0))
             if decompose_fn is decompose_many else 1)

@@ -89,6 +89,9 @@ def read_meta(directory: Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(meta, dict) or meta.get("format") != PROFILE_FORMAT:
         raise ProfileError(f"{path} is not a bitalloc profile meta file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if not isinstance(meta.get("format_version", 0), int) or not isinstance(meta.get("targets", []), list):
+        raise ProfileError(f"{path} has mistyped entries (format_version {meta.get('format_version')!r}); it was not "
+                           f"written by bitalloc: remove {directory} and rerun the `bitalloc profile` command")
     if int(meta.get("format_version", 0)) > PROFILE_VERSION:
         raise ProfileError(
             f"{path} has format version {meta.get('format_version')}, newer than this bitalloc "

@@ -346,3 +346,27 @@ def test_a_part_cut_on_a_line_boundary_is_redone_and_reading_deletes_nothing(tin
     redone, _ = load_profile(profile(_request(tiny_llama_dir, out, space_file)))
     assert len(redone) == len(good)
     pd.testing.assert_frame_equal(_without_timing(redone), _without_timing(good))
+
+
+def test_a_missing_calib_file_leaves_nothing_behind(tiny_llama_dir, tmp_path, space_file):
+    from bitalloc.errors import InputError
+
+    out = tmp_path / "p"
+    with pytest.raises(InputError, match="not found"):
+        profile(_request(tiny_llama_dir, out, space_file, fisher=True, calib=str(tmp_path / "missing.txt")))
+    assert not out.exists()
+    (tmp_path / "calib.txt").write_text("Some calibration text for the model. " * 200)
+    done = profile(_request(tiny_llama_dir, out, space_file, fisher=True, calib=str(tmp_path / "calib.txt")))
+    assert load_profile(done)[1]["fisher"] is True
+
+
+def test_an_out_that_is_a_file_or_a_mistyped_meta_is_refused_naming_it(tiny_llama_dir, tmp_path, space_file):
+    from bitalloc.errors import InputError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        profile(_request(tiny_llama_dir, tmp_path / "file", space_file))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "meta.json").write_text('{"format": "bitalloc-profile", "format_version": "one"}')
+    with pytest.raises(ProfileError, match="meta.json has mistyped"):
+        load_profile(tmp_path / "d")
