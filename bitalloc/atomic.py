@@ -4,12 +4,70 @@ one overwrite rule of every command that writes: an existing output is refused u
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from bitalloc.errors import InputError, OutputExistsError
+
+
+log = logging.getLogger(__name__)
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _temp_dir_pattern(target: Path) -> re.Pattern[str]:
+    return re.compile(rf"^\.{re.escape(target.name)}\.tmp-(?P<host>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def make_temp_dir(target: str | os.PathLike[str]) -> Path:
+    """A new temporary directory next to ``target``, named ``.NAME.tmp-HOST.PID.XXXX`` and with the
+    permissions the umask allows, to be renamed into place when complete.
+
+    Temporary directories of the same ``target`` left by a process of this host that no longer
+    runs (a killed writer) are removed first."""
+    target = Path(target)
+    host = socket.gethostname()
+    pattern = _temp_dir_pattern(target)
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        match = pattern.match(leftover.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])) and leftover.is_dir():
+            log.info("removing %s, left by an interrupted write of %s", leftover, target)
+            shutil.rmtree(leftover, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{host}.{os.getpid()}.", dir=target.parent))
+    folder.chmod(0o777 & ~current_umask())
+    return folder
+
+
+def permit_tree(folder: str | os.PathLike[str]) -> None:
+    """Give ``folder``, its subfolders and files the permissions the umask allows (some writers,
+    safetensors among them, create files 0600 whatever the umask)."""
+    umask = current_umask()
+    folder = Path(folder)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -21,6 +79,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600; the umask decides
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -1,8 +1,9 @@
 """``bitalloc apply``: decompose every target with its chosen config and write the model directory.
 
-The directory is built in a temporary sibling (``.DIR.tmp-*``) and renamed into place only
-when every file is written, so an interrupted or failed run (disk full, Ctrl-C, a bad
-matrix) leaves no directory that :func:`bitalloc.load` accepts. Targets are processed one at a
+The directory is built in a temporary sibling (``.DIR.tmp-HOST.PID.*``; those of killed runs
+are removed by the next run) and renamed into place only when every file is written, so an
+interrupted or failed run (disk full, Ctrl-C, a bad matrix) leaves no directory that
+:func:`bitalloc.load` accepts. Targets are processed one at a
 time on the device; each target's full-precision weight is released once it is quantized, so
 the model is never held twice.
 """
@@ -13,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from bitalloc import __version__
 from bitalloc.allocation import Allocation
-from bitalloc.atomic import atomic_write_json, check_output
+from bitalloc.atomic import atomic_write_json, check_output, make_temp_dir, permit_tree
 from bitalloc.configs import QuantConfig
 from bitalloc.errors import InputError
 from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_VERSION, INFO_FILE, MODEL_FILE,
@@ -242,7 +242,7 @@ def apply_allocation(
     compute_dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out)
     try:
         arrays: dict[str, torch.Tensor] = {}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -330,6 +330,7 @@ def apply_allocation(
             "seconds": time.perf_counter() - started,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        permit_tree(tmp)
         info["files"] = file_sizes(tmp)
         info["sha256"] = file_digests(tmp)
         atomic_write_json(tmp / INFO_FILE, info)

@@ -407,3 +407,29 @@ def test_include_with_an_allocation_is_refused(applied, tmp_path):
     with pytest.raises(ValueError, match="--include/--exclude choose the targets of --uniform"):
         apply_allocation(alloc, out=tmp_path / "q", include="mlp", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_outputs_respect_the_umask_and_stale_temporaries_of_the_target_are_removed(tiny_llama_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f".q.tmp-{host}.{int(dead.stdout)}.abc123"
+    live = tmp_path / f".q.tmp-{host}.{os.getpid()}.def456"  # a writer still running: kept
+    other = tmp_path / f".other.tmp-{host}.{int(dead.stdout)}.abc123"  # another target: kept
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / MODEL_FILE).write_bytes(b"half-written")
+    previous = os.umask(0o022)
+    try:
+        q = apply_allocation(None, uniform="nf4-g16-s16-r0", model=str(tiny_llama_dir), out=tmp_path / "q",
+                             device="cpu", progress=False)
+    finally:
+        os.umask(previous)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert q.stat().st_mode & 0o777 == 0o755
+    assert (q / "bitalloc.json").stat().st_mode & 0o777 == 0o644
+    assert (q / MODEL_FILE).stat().st_mode & 0o777 == 0o644
