@@ -39,13 +39,13 @@ def _no_init_weights():
 def _skeleton(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     cls = auto_class_for(config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with _no_init_weights():
-            model = cls.from_config(config)
+            model = cls.from_config(config, trust_remote_code=False)
     finally:
         torch.set_default_dtype(previous)
     return model

@@ -134,17 +134,17 @@ def load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype | str, **kw
     """A model from a Hugging Face directory or hub id, with the Auto class its config calls for."""
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(source, **kwargs)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
     auto_class = auto_class_for(config)
     try:
-        model, info = auto_class.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
-                                                 **kwargs)
+        model, info = auto_class.from_pretrained(source, trust_remote_code=False, config=config, dtype=dtype,
+                                                 output_loading_info=True, **kwargs)
     except ValueError as err:
         if auto_class is AutoModel:
             raise
         logger.warning("%s cannot load %s (%s); loading the bare model", auto_class.__name__, source, err)
-        model, info = AutoModel.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
-                                                **kwargs)
+        model, info = AutoModel.from_pretrained(source, trust_remote_code=False, config=config, dtype=dtype,
+                                                output_loading_info=True, **kwargs)
     check_checkpoint_complete(model, info, source)
     return model
 
@@ -215,7 +215,7 @@ def load_tokenizer(source: str | os.PathLike, **kwargs: Any) -> Any | None:
         logger.warning("%s has no tokenizer files; returning no tokenizer", source)
         return None
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
     except OSError as err:
         if Path(source).is_dir():
             raise
@@ -230,11 +230,12 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype | str) -> tuple[torch.nn.Modu
         logger.warning("cannot write the GGUF cache (%s); converting in memory without caching", err)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, trust_remote_code=False,
+                                                     gguf_file=gguf_path.name, dtype=torch.float32)
         forget_quantization(model)
         if dtype != "auto":
             model = model.to(dtype)
-        return model, AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        return model, AutoTokenizer.from_pretrained(gguf_path.parent, trust_remote_code=False, gguf_file=gguf_path.name)
     return load_pretrained(folder, dtype=dtype), load_tokenizer(folder)
 
 

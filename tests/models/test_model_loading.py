@@ -203,3 +203,33 @@ def test_a_checkpoint_with_missing_or_unexpected_weights_is_refused_naming_them(
     name = key if change == "drop" else "model.layers.1.mlp.extra.weight"
     with pytest.raises(IncompleteCheckpointError, match=name.replace(".", r"\.")):
         load_model(str(folder))
+
+
+def test_a_checkpoint_asking_for_remote_code_is_refused_without_running_it(tmp_path, monkeypatch):
+    """A config with ``auto_map`` (code shipped with the checkpoint) is never trusted: no prompt, no import."""
+    import json
+
+    from transformers.models.auto import configuration_auto
+
+    asked = []
+    real = configuration_auto.resolve_trust_remote_code
+
+    def spy(trust_remote_code, *args, **kwargs):
+        asked.append(trust_remote_code)  # None would mean transformers' interactive prompt
+        return real(trust_remote_code, *args, **kwargs)
+
+    monkeypatch.setattr(configuration_auto, "resolve_trust_remote_code", spy)
+
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    )
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil",
+                                                    "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(str(folder))
+    assert not marker.exists() and asked == [False]
