@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -62,6 +63,10 @@ _MAX_LISTED = 5
 
 class NonFiniteWeightsError(InputError):
     """A model holds NaN or infinite weights."""
+
+
+class UnreadableCheckpointError(InputError):
+    """A checkpoint file is truncated or damaged, or a pickle that would run code."""
 
 
 class IncompleteCheckpointError(InputError):
@@ -131,7 +136,25 @@ def auto_class_for(config: Any) -> type:
 
 
 def load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype | str, **kwargs: Any) -> torch.nn.Module:
-    """A model from a Hugging Face directory or hub id, with the Auto class its config calls for."""
+    """A model from a Hugging Face directory or hub id, with the Auto class its config calls for.
+
+    Raises UnreadableCheckpointError for a truncated or damaged safetensors file and for a
+    pickle checkpoint holding more than tensors (it is never unpickled with code)."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load_pretrained(source, dtype=dtype, **kwargs)
+    except SafetensorError as exc:
+        raise UnreadableCheckpointError(f"{source}: a weights file cannot be read ({exc}): it is truncated or "
+                                        "damaged; download or save it again") from exc
+    except pickle.UnpicklingError as exc:
+        raise UnreadableCheckpointError(
+            f"{source} stores its weights as a pickle (pytorch_model.bin) holding more than tensors, which bitalloc "
+            "does not unpickle: save the model as safetensors from a copy you trust"
+        ) from exc
+
+
+def _load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype | str, **kwargs: Any) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)

@@ -233,3 +233,31 @@ def test_a_checkpoint_asking_for_remote_code_is_refused_without_running_it(tmp_p
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_model(str(folder))
     assert not marker.exists() and asked == [False]
+
+
+def test_a_truncated_safetensors_or_a_code_pickle_is_refused_in_one_line(tiny_builders, tiny_tokenizer, tmp_path, capsys):
+    from bitalloc.cli import main
+    from bitalloc.models import UnreadableCheckpointError
+
+    tiny_llama = tiny_builders.llama(len(tiny_tokenizer))
+
+    truncated = tmp_path / "truncated"
+    tiny_llama.save_pretrained(truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UnreadableCheckpointError, match="truncated or damaged"):
+        load_model(str(truncated))
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    pickled = tmp_path / "pickled"
+    tiny_llama.config.save_pretrained(pickled)
+    torch.save({"model.embed_tokens.weight": RunsCode()}, pickled / "pytorch_model.bin")
+    with pytest.raises(UnreadableCheckpointError, match="does not unpickle"):
+        load_model(str(pickled))
+    capsys.readouterr()
+    assert main(["-q", "info", str(pickled)]) == 2
+    captured = capsys.readouterr()
+    assert "code ran" not in captured.out and captured.err.count("\n") == 1
