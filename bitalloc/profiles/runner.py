@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from bitalloc import __version__
 from bitalloc.configs import QuantConfig, config_space, parse_ranks, resolve_ranks
-from bitalloc.errors import InputError
+from bitalloc.errors import InputError, UnavailableError
 from bitalloc.identity import model_fingerprint, model_id
 from bitalloc.lowrank import decompose_many
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
@@ -40,6 +40,10 @@ from bitalloc.profiles.store import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class WorkerDiedError(UnavailableError):
+    """A worker process of a ``--jobs`` profile died; the finished matrices are kept for a resume."""
 
 #: meta.json fields that must match for a run to resume an existing directory.
 RESUME_KEYS = ("model_hash", "targets", "configs", "fisher", "calibration", "seed", "shard")
@@ -390,6 +394,14 @@ def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], job
                 for fut in finished:
                     write_part(out, running.pop(fut), fut.result())
                     done_one()
+        except cf.process.BrokenProcessPool as exc:
+            for fut in running:
+                fut.cancel()
+            raise WorkerDiedError(
+                f"a profiling worker process died (killed, or out of memory) with {len(running)} matrices in "
+                f"flight; the finished ones are kept in {out}: rerun the same command to resume (with fewer "
+                "--jobs if memory is short)"
+            ) from exc
         except BaseException:
             for fut in running:
                 fut.cancel()
