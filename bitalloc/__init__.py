@@ -36,6 +36,7 @@ _EXPORTS = {
     "BitallocError": "bitalloc.errors",
     "InputError": "bitalloc.errors",
     "IntegrityError": "bitalloc.errors",
+    "OutputBusyError": "bitalloc.errors",
     "OutputExistsError": "bitalloc.errors",
     "UnavailableError": "bitalloc.errors",
 }

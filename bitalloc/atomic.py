@@ -3,6 +3,7 @@ one overwrite rule of every command that writes: an existing output is refused u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,10 +11,12 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
-from bitalloc.errors import InputError, OutputExistsError
+from bitalloc.errors import InputError, OutputBusyError, OutputExistsError
 
 
 log = logging.getLogger(__name__)
@@ -118,3 +121,46 @@ def check_output(path: str | os.PathLike[str], *, force: bool, kind: Literal["fi
     if path.parent.exists() and not path.parent.is_dir():
         raise InputError(f"{what} {path}: {path.parent} is a file, not a directory")
     return path
+
+
+def _lock_holder(lock: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(lock.read_text())
+        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the lock of output ``target`` (the file ``.NAME.lock`` next to it, with the holder's pid,
+    host and start time) for the ``with`` block.
+
+    A lock held by a running process is refused with OutputBusyError naming it; one left by a
+    process of this host that no longer runs is taken over."""
+    target = Path(target)
+    lock = target.parent / f".{target.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    mine = {"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and holder.get("host") == host and not _alive(holder["pid"]):
+                log.warning("taking over the lock of %s left by process %d, which no longer runs", target,
+                            holder["pid"])
+                lock.unlink(missing_ok=True)
+                continue
+            who = ("an unknown process" if holder is None else
+                   f"process {holder['pid']} on {holder.get('host')} (since {holder.get('since')})")
+            raise OutputBusyError(f"{target} is being written by {who}: wait for it to finish or stop it; if no "
+                                  f"such process runs, remove {lock}") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump(mine, f)
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)

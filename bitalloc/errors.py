@@ -7,12 +7,13 @@ either. The kinds:
 - :class:`InputError`: an argument, a file or a model that cannot be used as given;
 - :class:`IntegrityError`: a file bitalloc wrote is damaged, incomplete or changed since;
 - :class:`OutputExistsError`: an output is already there and ``force`` was not given;
+- :class:`OutputBusyError`: another process is writing the same output;
 - :class:`UnavailableError`: something needed is not installed or cannot run here.
 """
 
 from __future__ import annotations
 
-__all__ = ["BitallocError", "InputError", "IntegrityError", "OutputExistsError", "UnavailableError"]
+__all__ = ["BitallocError", "InputError", "IntegrityError", "OutputBusyError", "OutputExistsError", "UnavailableError"]
 
 
 class BitallocError(Exception):
@@ -29,6 +30,10 @@ class IntegrityError(BitallocError, ValueError):
 
 class OutputExistsError(BitallocError, FileExistsError):
     """An output exists and would be replaced; pass ``force`` (``--force``) to replace it."""
+
+
+class OutputBusyError(BitallocError, RuntimeError):
+    """Another process holds the lock of an output (its pid and host are in the message)."""
 
 
 class UnavailableError(BitallocError, RuntimeError):

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bitalloc import __version__
+from bitalloc.atomic import output_lock
 from bitalloc.configs import QuantConfig, config_space, parse_ranks, resolve_ranks
 from bitalloc.errors import InputError, UnavailableError
 from bitalloc.identity import model_fingerprint, model_id
@@ -203,8 +204,15 @@ def profile(request: ProfileRequest,
 
     Every finished matrix is flushed atomically to ``parts/``; the table ``profile.csv`` is
     written once all matrices of the run (or shard) are done. ``decompose_fn(W, configs,
-    fisher=F)`` defaults to :func:`bitalloc.lowrank.decompose_many`.
+    fisher=F)`` defaults to :func:`bitalloc.lowrank.decompose_many`. While it runs, the lock
+    file ``.OUT.lock`` next to ``out`` names its process: a second run on the same ``out`` is
+    refused with OutputBusyError.
     """
+    with output_lock(request.out):
+        return _run_profile(request, decompose_fn)
+
+
+def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[Any]] | None) -> Path:
     decompose_fn = decompose_fn or decompose_many
     out = Path(request.out)
     shard = parse_shard(request.shard)

@@ -370,3 +370,24 @@ def test_an_out_that_is_a_file_or_a_mistyped_meta_is_refused_naming_it(tiny_llam
     (tmp_path / "d" / "meta.json").write_text('{"format": "bitalloc-profile", "format_version": "one"}')
     with pytest.raises(ProfileError, match="meta.json has mistyped"):
         load_profile(tmp_path / "d")
+
+
+def test_a_second_profile_on_the_same_out_is_refused_naming_the_holder(tiny_llama_dir, tmp_path, space_file):
+    import socket
+    import subprocess
+    import sys
+
+    from bitalloc.errors import OutputBusyError
+
+    out = tmp_path / "p"
+    lock = tmp_path / ".p.lock"
+    host = socket.gethostname()
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": host, "since": "now"}))  # a running holder
+    with pytest.raises(OutputBusyError, match=rf"process {os.getpid()} on {host}"):
+        profile(_request(tiny_llama_dir, out, space_file))
+    assert not out.exists() and lock.exists()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    lock.write_text(json.dumps({"pid": dead, "host": host, "since": "then"}))  # its holder died: taken over
+    assert load_profile(profile(_request(tiny_llama_dir, out, space_file)))[0] is not None
+    assert not lock.exists()
