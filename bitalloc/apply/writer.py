@@ -34,6 +34,7 @@ from bitalloc.apply.peft_adapter import task_type_for, write_adapter
 from bitalloc.identity import BUILTIN_ALIAS, model_fingerprint, model_id
 from bitalloc.lowrank import decompose
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
+from bitalloc.models.hub import ModelNotFoundError, looks_like_hub_id
 from bitalloc.models.targets import TARGET_TYPES, float_target_weight
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,17 @@ def _targets_for(model: torch.nn.Module, assignments: dict[str, str] | None, hea
     return out
 
 
+def _check_recorded_model(spec: str | None) -> None:
+    """Say which model an allocation's provenance makes ``apply`` load; refuse a local path that is gone."""
+    log.info("no model given: quantizing %s, the model the allocation was made for", spec or BUILTIN_ALIAS)
+    if not spec or spec.strip().lower() == BUILTIN_ALIAS:
+        return
+    local = spec.startswith((".", "~", "/")) or not looks_like_hub_id(spec)
+    if local and not Path(spec).expanduser().exists():
+        raise ModelNotFoundError(f"the allocation was made for model {spec!r}, which does not exist here "
+                                 "(no --model given): pass the model to quantize with --model")
+
+
 def _shared_parameter_ids(model: torch.nn.Module) -> set[int]:
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -206,6 +218,8 @@ def apply_allocation(
     check_output(out, force=force, kind="dir", what="--out")
     provenance = header.get("provenance", {})
     spec = model if model is not None else provenance.get("model")
+    if model is None and assignments is not None:
+        _check_recorded_model(spec)
     if spec is not None and is_applied_dir(spec):
         raise ValueError(f"{spec} is a `bitalloc apply` output, not a model to quantize; pass the model it was "
                          "made from (its bitalloc.json names it under 'model')")

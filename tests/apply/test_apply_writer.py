@@ -433,3 +433,17 @@ def test_outputs_respect_the_umask_and_stale_temporaries_of_the_target_are_remov
     assert q.stat().st_mode & 0o777 == 0o755
     assert (q / "bitalloc.json").stat().st_mode & 0o777 == 0o644
     assert (q / MODEL_FILE).stat().st_mode & 0o777 == 0o644
+
+
+def test_apply_without_model_says_which_it_loads_and_refuses_a_path_that_is_gone(applied, tmp_path, caplog):
+    from bitalloc.models import ModelNotFoundError
+
+    _, alloc, model_dir = applied
+    data = alloc.to_dict()
+    data["provenance"] = dict(data["provenance"], model=str(tmp_path / "moved-away"))
+    with pytest.raises(ModelNotFoundError, match=r"moved-away.*does not exist here.*--model"):
+        apply_allocation(data, out=tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
+    with caplog.at_level(logging.INFO, logger="bitalloc"):
+        apply_allocation(alloc, out=tmp_path / "q", device="cpu", progress=False)
+    assert f"quantizing {model_dir}, the model the allocation was made for" in caplog.text
