@@ -87,18 +87,30 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return _DTYPES[name]
 
 
-def check_finite(model: torch.nn.Module) -> None:
-    """Raise NonFiniteWeightsError naming the first few parameters holding NaN or inf, with counts."""
+def check_finite(model: torch.nn.Module, modules: Iterable[str] | None = None) -> None:
+    """Raise NonFiniteWeightsError naming the first few parameters holding NaN or inf, with counts.
+
+    ``modules`` limits the check to the parameters of those modules (names as in
+    ``named_modules``); others holding NaN or inf are then only logged as a warning."""
     bad: list[tuple[str, int, int, int]] = []
+    wanted = None if modules is None else set(modules)
+    ignored: list[str] = []
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not param.is_floating_point():
+                continue
+            if wanted is not None and name.rpartition(".")[0] not in wanted:
+                if not bool(torch.isfinite(param).all()):
+                    ignored.append(name)
                 continue
             # A finite sum proves every element finite (NaN and inf propagate); only a
             # non-finite sum (or an overflow) needs the exact, slower element-wise check.
             if bool(torch.isfinite(param.sum(dtype=torch.float32))) or bool(torch.isfinite(param).all()):
                 continue
             bad.append((name, int(torch.isnan(param).sum()), int(torch.isinf(param).sum()), param.numel()))
+    if ignored:
+        logger.warning("non-finite values in %d tensor(s) outside the targets, ignored: %s", len(ignored),
+                       ", ".join(ignored[:_MAX_LISTED]))
     if not bad:
         return
     listed = ", ".join(f"{name} ({nan} NaN, {inf} inf of {numel})" for name, nan, inf, numel in bad[:_MAX_LISTED])
@@ -324,6 +336,7 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    require_finite: bool = True,
 ) -> tuple[torch.nn.Module, Any | None]:
     """Load a model and its tokenizer; returns ``(model, tokenizer)``.
 
@@ -339,14 +352,16 @@ def load_model(
     (``"auto"``: the checkpoint's), on ``device`` (``"auto"``: CUDA when available).
 
     Raises ModelNotFoundError (a ValueError) when the model cannot be found or fetched, and
-    NonFiniteWeightsError (a ValueError) when any weight is NaN or infinite.
+    NonFiniteWeightsError (a ValueError) when any weight is NaN or infinite (unless
+    ``require_finite`` is False: the caller then checks what it uses, see :func:`check_finite`).
     """
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     model, tokenizer = _load_any(spec, torch_dtype)
     model.eval()
     model.to(target)
-    check_finite(model)
+    if require_finite:
+        check_finite(model)
     logger.info(
         "loaded %s (%s, %s parameters) on %s",
         spec or BUILTIN_ALIAS,

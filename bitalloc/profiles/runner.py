@@ -25,6 +25,7 @@ from bitalloc.identity import model_fingerprint, model_id
 from bitalloc.lowrank import decompose_many
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
 from bitalloc.models.fisher import FISHER_MODES
+from bitalloc.models.loading import check_finite
 from bitalloc.models.targets import float_target_weight
 from bitalloc.profiles.shards import parse_shard, shard_indices
 from bitalloc.profiles.store import (
@@ -221,8 +222,10 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
     device = resolve_device(request.device)
     started = time.perf_counter()
 
-    model, tokenizer = load_model(request.model)
+    # without Fisher only the targets' weights are used: NaN elsewhere (an --exclude'd layer) is a warning
+    model, tokenizer = load_model(request.model, require_finite=request.fisher)
     targets = find_targets(model, include=request.include, exclude=request.exclude)
+    check_finite(model, [name for name, _ in targets])
     shapes = [tuple(target_weight(m).shape) for _, m in targets]
     ranks = resolve_ranks(request.ranks, shapes)
     configs = config_space(request.space, ranks=ranks)

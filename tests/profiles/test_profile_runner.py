@@ -391,3 +391,26 @@ def test_a_second_profile_on_the_same_out_is_refused_naming_the_holder(tiny_llam
     lock.write_text(json.dumps({"pid": dead, "host": host, "since": "then"}))  # its holder died: taken over
     assert load_profile(profile(_request(tiny_llama_dir, out, space_file)))[0] is not None
     assert not lock.exists()
+
+
+def test_a_nan_in_an_excluded_layer_is_a_warning_not_a_refusal(tiny_builders, tiny_tokenizer, tmp_path, space_file,
+                                                               caplog):
+    import logging
+
+    import torch
+
+    from bitalloc.models import NonFiniteWeightsError
+
+    model = tiny_builders.llama(len(tiny_tokenizer))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    folder = tmp_path / "nan-model"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    with pytest.raises(NonFiniteWeightsError, match=r"layers\.1\.mlp\.down_proj"):
+        profile(_request(folder, tmp_path / "all", space_file))
+    with caplog.at_level(logging.WARNING):
+        out = profile(_request(folder, tmp_path / "some", space_file, exclude=r"layers\.1\.mlp\.down_proj"))
+    df, _ = load_profile(out)
+    assert "model.layers.1.mlp.down_proj" not in set(df["matrix"]) and np.isfinite(df["error"]).all()
+    assert "outside the targets" in caplog.text
