@@ -36,11 +36,15 @@ def _no_init_weights():
     return no_init_weights()
 
 
-def _skeleton(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoConfig
+def _skeleton(folder: Path, dtype: torch.dtype, model_class: str | None) -> torch.nn.Module:
+    """The model of ``folder``'s config, without initialization: the bare model when ``model_class``
+    (``bitalloc.json``'s) names it (a checkpoint without head weights), else :func:`auto_class_for`'s."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    cls = auto_class_for(config)
+    bare = MODEL_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    cls = AutoModel if model_class is not None and model_class == bare else auto_class_for(config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -98,7 +102,7 @@ def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | t
     info = read_info(folder, verify=verify)
     compute_dtype = _resolve_dtype(dtype, info)
     target_device = resolve_device(device)
-    model = _skeleton(folder, compute_dtype)
+    model = _skeleton(folder, compute_dtype, info.get("model_class"))
     modules = dict(model.named_modules())
 
     state: dict[str, torch.Tensor] = {}

@@ -180,7 +180,18 @@ def _load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype | str, **k
         logger.warning("%s cannot load %s (%s); loading the bare model", auto_class.__name__, source, err)
         model, info = AutoModel.from_pretrained(source, trust_remote_code=False, config=config, dtype=dtype,
                                                 output_loading_info=True, **kwargs)
+    if info.get("missing_keys") and auto_class is not AutoModel:
+        # a checkpoint without head weights (e.g. a sentence-transformers BERT) fits the bare model:
+        # load that rather than a head initialized at random
+        bare, bare_info = AutoModel.from_pretrained(source, trust_remote_code=False, config=config, dtype=dtype,
+                                                    output_loading_info=True, **kwargs)
+        if not (bare_info.get("missing_keys") or bare_info.get("unexpected_keys") or bare_info.get("mismatched_keys")):
+            logger.warning("%s stores no weights for the head of %s (%s); loaded as %s, the class its weights fit",
+                           source, type(model).__name__, ", ".join(sorted(info["missing_keys"])[:3]),
+                           type(bare).__name__)
+            return bare
     check_checkpoint_complete(model, info, source)
+    logger.info("loaded %s as %s", source, type(model).__name__)
     return model
 
 

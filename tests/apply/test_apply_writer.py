@@ -447,3 +447,19 @@ def test_apply_without_model_says_which_it_loads_and_refuses_a_path_that_is_gone
     with caplog.at_level(logging.INFO, logger="bitalloc"):
         apply_allocation(alloc, out=tmp_path / "q", device="cpu", progress=False)
     assert f"quantizing {model_dir}, the model the allocation was made for" in caplog.text
+
+
+def test_a_checkpoint_without_head_weights_applies_and_loads_as_its_bare_class(tiny_builders, tiny_tokenizer,
+                                                                               tmp_path):
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "bert-bare"
+    BertModel(tiny_builders.bert(len(tiny_tokenizer)).config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    q = apply_allocation(None, uniform="nf4-g16-s16-r0", model=str(folder), out=tmp_path / "q", device="cpu",
+                         progress=False)
+    assert read_info(q)["model_class"] == "BertModel"
+    loaded = load(q)
+    assert type(loaded) is BertModel
+    assert any(isinstance(m, QuantizedLinear) for m in loaded.modules())

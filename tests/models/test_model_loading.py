@@ -261,3 +261,24 @@ def test_a_truncated_safetensors_or_a_code_pickle_is_refused_in_one_line(tiny_bu
     assert main(["-q", "info", str(pickled)]) == 2
     captured = capsys.readouterr()
     assert "code ran" not in captured.out and captured.err.count("\n") == 1
+
+
+def test_a_checkpoint_without_head_weights_loads_as_the_bare_model_it_fits(tiny_bert, tiny_tokenizer, tmp_path,
+                                                                          caplog):
+    import logging
+
+    from transformers import BertModel
+
+    from bitalloc.models import find_targets
+
+    masked_lm, tokenizer = tiny_bert, tiny_tokenizer
+    folder = tmp_path / "bert-bare"
+    torch.manual_seed(0)
+    BertModel(masked_lm.config).save_pretrained(folder)  # encoder and pooler, no head: as sentence-transformers
+    tokenizer.save_pretrained(folder)
+    with caplog.at_level(logging.WARNING):
+        first, _ = load_model(str(folder))
+    second, _ = load_model(str(folder))
+    assert type(first) is BertModel and "loaded as BertModel" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert {n for n, _ in find_targets(first)} == {n for n, _ in find_targets(second)}
