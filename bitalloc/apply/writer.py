@@ -10,6 +10,7 @@ the model is never held twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -120,6 +121,21 @@ def _targets_for(model: torch.nn.Module, assignments: dict[str, str] | None, hea
                              f"{shapes[name][1]} in the allocation's profile: the allocation is for another model")
         out.append((name, module, QuantConfig.from_name(config)))
     return out
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, so the same tensors give the same
+    bytes (safetensors writes the metadata map in a per-process random order); same header length."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if isinstance(header.get("__metadata__"), dict):
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > size:  # never: the same entries in another order
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def _check_recorded_model(spec: str | None) -> None:
@@ -299,6 +315,7 @@ def apply_allocation(
         tensors, tied = _non_target_tensors(net, target_names)
         tensors.update(arrays)
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "bitalloc_format": FORMAT})
+        _sort_header_metadata(tmp / MODEL_FILE)
         net.config.save_pretrained(tmp)
         if getattr(net, "generation_config", None) is not None and task_type_for(net):
             try:

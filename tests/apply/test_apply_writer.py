@@ -463,3 +463,12 @@ def test_a_checkpoint_without_head_weights_applies_and_loads_as_its_bare_class(t
     loaded = load(q)
     assert type(loaded) is BertModel
     assert any(isinstance(m, QuantizedLinear) for m in loaded.modules())
+
+
+def test_the_same_apply_twice_gives_the_same_bytes(tiny_llama_dir, tmp_path):
+    runs = [apply_allocation(None, uniform="nf3-g16-s16-r4", model=str(tiny_llama_dir), out=tmp_path / name,
+                             device="cpu", progress=False) for name in ("a", "b", "c")]
+    digests = [read_info(run)["sha256"] for run in runs]
+    assert digests[0] == digests[1] == digests[2]
+    with safe_open(str(runs[0] / MODEL_FILE), framework="pt") as f:
+        assert f.metadata() == {"bitalloc_format": "bitalloc-model", "format": "pt"}
