@@ -39,6 +39,12 @@ _EXPORTS = {
     "solve_adapters": "bitalloc.adapters",
     "apply_adapters": "bitalloc.adapters",
     "load_adapter": "bitalloc.adapters",
+    "BitallocError": "bitalloc.errors",
+    "InputError": "bitalloc.errors",
+    "IntegrityError": "bitalloc.errors",
+    "OutputBusyError": "bitalloc.errors",
+    "OutputExistsError": "bitalloc.errors",
+    "UnavailableError": "bitalloc.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -182,7 +182,7 @@ def _table_and_meta(profile: Any) -> tuple[pd.DataFrame, dict[str, Any], str]:
 
 
 def _provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("model", "model_hash", "space", "ranks", "fisher", "calibration", "seed")
+    keys = ("model", "model_hash", "space", "ranks", "fisher", "calibration", "seed", "include", "exclude")
     out = {k: meta.get(k) for k in keys if k in meta}
     if isinstance(meta.get("targets"), list):  # shapes let `apply` refuse a model they do not fit
         out["shapes"] = {t["name"]: [int(t["rows"]), int(t["cols"])] for t in meta["targets"]}

@@ -1,8 +1,9 @@
 """The `bitalloc` command: a thin shell over the public API, one small function per subcommand.
 
 Each ``cmd_*`` function parses nothing itself: it receives argparse's namespace, calls the
-library, and prints. Library errors (``ValueError`` and friends) become one clear line on
-stderr and exit status 2.
+library, and prints. Library errors (:class:`bitalloc.errors.BitallocError`, ``ValueError``,
+``OSError``) become one clear line on stderr and exit status 2; anything else one line naming
+its type and exit status 1. ``-v`` prints the traceback too.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitalloc import __version__
+from bitalloc.atomic import atomic_write_bytes, check_output
+from bitalloc.errors import BitallocError
 from bitalloc.identity import BUILTIN_ALIAS
-from bitalloc.preflight import (check_appendable, check_input_file, check_model_spec, check_new_output_dir,
-                                check_text_source)
+from bitalloc.preflight import check_appendable, check_input_file, check_model_spec, check_text_source
 
 if TYPE_CHECKING:  # the CLI imports the stages lazily, to answer --help fast
     from bitalloc.allocation import SolveOptions
@@ -131,7 +134,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """`bitalloc merge DIR... --out DIR`: join shard profiles."""
     from bitalloc.profiles import merge_profiles
 
-    out = merge_profiles(args.dirs, args.out)
+    out = merge_profiles(args.dirs, args.out, force=args.force)
     print(f"merged {len(args.dirs)} shards into {out}")
     return 0
 
@@ -146,13 +149,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
         QuantConfig.from_name(args.uniform, allow_unusual=args.allow_unusual_config)
     check_input_file(args.allocation, what="allocation")
     check_model_spec(args.model, flag="--model")
-    check_new_output_dir(args.out, force=args.force)
+    check_output(args.out, force=args.force, kind="dir", what="--out")
     from bitalloc.apply import applied_summary, apply_allocation
     out = apply_allocation(
         args.allocation, out=args.out, model=args.model, uniform=args.uniform, include=args.include,
         exclude=args.exclude, dequantized=args.dequantized, device=args.device,
         fisher=False if args.no_fisher else None, force=args.force, ignore_model_hash=args.ignore_model_hash,
-        seed=args.seed, progress=not args.quiet, allow_unusual_config=args.allow_unusual_config,
+        keep_dense=args.keep_dense, seed=args.seed, progress=not args.quiet,
+        allow_unusual_config=args.allow_unusual_config,
     )
     summary = applied_summary(out)
     if args.json:
@@ -177,7 +181,8 @@ def _solve_options(args: argparse.Namespace) -> SolveOptions:
 def cmd_solve(args: argparse.Namespace) -> int:
     """`bitalloc solve PROFILE --budget B`: the exact allocation at one budget."""
     from bitalloc.allocation import solve
-
+    if args.out:
+        check_output(args.out, force=args.force, kind="file", what="--out")
     alloc = solve(args.profile, args.budget, _solve_options(args))
     if args.out:
         alloc.save(args.out)
@@ -204,8 +209,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """`bitalloc sweep PROFILE --budgets A:B:STEP`: exact solves over budgets plus the Lagrangian hull."""
     from bitalloc.allocation import sweep
-    from bitalloc.atomic import atomic_write_bytes
 
+    if args.out:
+        check_output(args.out, force=args.force, kind="file", what="--out")
+    if args.allocs:
+        check_output(args.allocs, force=args.force, kind="dir", what="--allocs")
     pareto, allocations, _ = sweep(args.profile, args.budgets, _solve_options(args), progress=not args.quiet)
     if args.out:
         atomic_write_bytes(Path(args.out), pareto.to_csv(index=False).encode())
@@ -233,7 +241,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from bitalloc.reports import report
 
     path = report(args.profile, sweep=args.sweep, evals=args.evals, allocs=args.alloc or [], out=args.out,
-                  objectives=args.objectives, budgets=args.budgets)
+                  objectives=args.objectives, budgets=args.budgets, force=args.force)
     figures = sorted(p.name for p in path.parent.glob("*.png"))
     print(f"report written to {path} ({len(figures)} figures: {', '.join(figures)})")
     return 0
@@ -472,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--ignore-model-hash", action="store_true",
                    help="apply an allocation to a model whose weights differ from the profiled one (same names, shapes)")
-    _add_target_filters(p)
+    p.add_argument("--keep-dense", default=None, metavar="REGEX",
+                   help="keep the targets matching REGEX dense (as stored in the model), counted at their stored bits; "
+                        "every other target needs a config")
+    p.add_argument("--include", default=None, help="regex: with --uniform, only layers whose name matches")
+    p.add_argument("--exclude", default=None, help="regex: with --uniform, drop layers whose name matches")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print bitalloc.json's summary as one JSON object")
     _add_allow_unusual(p)
@@ -481,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="join shard profiles (from --shard i/n) into one profile")
     p.add_argument("dirs", nargs="+", help="shard profile directories")
     p.add_argument("--out", required=True, help="merged profile directory")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_merge)
 
     for name, helptext in (("solve", "the exact allocation at one bits/param budget"),
@@ -507,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LQ-LoRA's convention: low-rank factors outside the budget (for comparison)")
         p.add_argument("--time-limit", type=float, default=None, metavar="S", help="stop after S seconds with the best allocation found")
         p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default 0: exact)")
+        p.add_argument("--force", action="store_true", help="replace existing outputs (--out" +
+                       (")" if name == "solve" else ", --allocs)"))
         p.set_defaults(func=cmd_solve if name == "solve" else cmd_sweep)
 
     p = sub.add_parser("report", help="figures (Pareto front, allocation maps, sensitivity) and a markdown report")
@@ -520,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=None, help="A:B:STEP or a list: budgets solved when no sweep has the objective "
                    "(default: 9 across the profile's range)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and its PNG/SVG figures")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_report)
 
     _add_adapter_commands(sub)
@@ -548,14 +564,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ValueError, OSError) as exc:
-        if args.verbose > 1:
-            raise
-        print(f"bitalloc {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"bitalloc {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # one line for every failure; the traceback with -v
+        return _report_error(args, exc)
+
+
+#: Errors that are the input's or the environment's, not bitalloc's: exit status 2.
+EXPECTED_ERRORS = (BitallocError, ValueError, OSError)
+
+
+def _report_error(args: argparse.Namespace, exc: BaseException) -> int:
+    """Print ``exc`` as one line on stderr (its traceback first with -v); the exit status."""
+    if args.verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    message = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, EXPECTED_ERRORS):
+        print(f"bitalloc {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    hint = "" if args.verbose else "; rerun with -v for the traceback"
+    print(f"bitalloc {args.command}: internal error ({type(exc).__name__}): {message}{hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from bitalloc.errors import InputError
 from bitalloc.identity import BUILTIN_ALIAS
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,12 @@ TEXT_SOURCE_FORMS = (
 )
 
 
-class TextSourceError(ValueError):
+class TextSourceError(InputError):
     """A text source that cannot be read, is empty, or is too short."""
+
+
+class TextFileMissingError(TextSourceError, FileNotFoundError):
+    """A text file named as a source does not exist."""
 
 
 def text_source_forms() -> str:
@@ -198,7 +203,7 @@ def check_text_source(src: str | os.PathLike[str] | None, *, flag: str = "--data
     if path.exists():
         raise TextSourceError(f"{flag} {name!r} is not a file")
     if os.sep in name or "/" in name or path.suffix:
-        raise FileNotFoundError(f"{flag}: text file not found: {path}")
+        raise TextFileMissingError(f"{flag}: text file not found: {path}")
     raise TextSourceError(f"unknown text source {flag} {name!r}. Accepted forms:\n{text_source_forms()}")
 
 
@@ -224,16 +229,6 @@ def check_input_file(path: str | os.PathLike[str] | None, *, what: str) -> None:
     if path is not None and not Path(path).expanduser().is_file():
         where = "is a directory, not a file" if Path(path).expanduser().is_dir() else "not found"
         raise FileNotFoundError(f"{what} {os.fspath(path)!r}: {where}")
-
-
-def check_new_output_dir(out: str | os.PathLike[str], *, force: bool) -> None:
-    """FileExistsError now for an output directory that exists and is not empty, without ``force``."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"--out {path} exists and is not a directory; choose another path")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise FileExistsError(f"--out {path} exists and is not empty; choose another directory or pass --force "
-                              "to replace it")
 
 
 def check_appendable(path: str | os.PathLike[str] | None, *, flag: str = "--append") -> None:

@@ -25,7 +25,7 @@ PACKAGE = ROOT / "bitalloc"
 STAGES = ("base", "configs", "quant", "lowrank", "models", "profiles", "solvers", "allocation", "apply",
           "adapters", "reports", "cli", "package")
 #: First name under ``bitalloc`` -> stage; the stage of every other name is the name itself.
-BASE_MODULES = {"atomic": "base", "identity": "base", "preflight": "base"}
+BASE_MODULES = {"atomic": "base", "errors": "base", "identity": "base", "preflight": "base"}
 #: What any module may take from ``bitalloc/__init__.py`` itself (it defines it; importing it
 #: pulls in no stage).
 ROOT_NAMES = {"__version__"}

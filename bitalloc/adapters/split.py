@@ -44,7 +44,6 @@ def svd_split(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor | 
     if lora_a.dim() == 2:
         lora_a, lora_b = lora_a.unsqueeze(0), lora_b.unsqueeze(0)
     n, rank, cols = lora_a.shape
-    rows = lora_b.shape[1]
     scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
     if scale.numel() == 1:
         scale = scale.expand(n)

@@ -61,6 +61,7 @@ def evaluate_model(
     append: str | os.PathLike[str] | None = None,
     device: str = "auto",
     progress: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Perplexity (GPTQ convention) and KL divergence of a model or an applied directory.
 
@@ -72,23 +73,24 @@ def evaluate_model(
     file, which is checked to be writable before the evaluation starts. Returns the result:
     :func:`bitalloc.models.evaluate`'s keys plus ``model``, ``kl_to`` and the
     :func:`evaluation_labels` (``label`` overridden by ``label``). ``progress`` shows bars in
-    tokens (sampling, perplexity, KL).
+    tokens (sampling, perplexity, KL). ``verify`` (default) checks an applied directory's SHA-256
+    digests before loading it (see :func:`bitalloc.load`).
     """
     check_model_spec(spec)  # a mistyped path or an unreachable text source fails before any model loads
     check_model_spec(kl_to, flag="--kl-to")
     check_text_source(data, flag="--data")
     labels = evaluation_labels(spec)
     check_appendable(append)  # fail before the (long) evaluation, creating nothing
-    model, tokenizer = load_model_or_applied(spec, device=device)
+    model, tokenizer = load_model_or_applied(spec, device=device, verify=verify)
     source = labels["source_model"]
     if kl_to is None and source and kl:
         kl_to = source
     reference = None
     if kl_to is not None and kl:
-        reference, _ = load_model_or_applied(kl_to, device=device)
+        reference, _ = load_model_or_applied(kl_to, device=device, verify=verify)
     text_model = None
     if is_self_source(data) and source and reference is None:
-        text_model, _ = load_model_or_applied(source, device=device)
+        text_model, _ = load_model_or_applied(source, device=device, verify=verify)
     result = evaluate(model, tokenizer, data=data, seqlen=seqlen, windows=windows, kl_to=reference,
                       text_model=text_model, progress=progress)
     result["model"] = model_id(spec)

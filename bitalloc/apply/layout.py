@@ -16,16 +16,25 @@ transposed) and ``T.lowrank.l2.*``; bf16 factors live only in the adapter, whose
 counted. Tensors shared between modules (tied embeddings) are stored once; ``tied`` in
 ``bitalloc.json`` maps each alias to the stored name.
 
-``bitalloc.json`` records every file's size; :func:`read_info` refuses a directory whose files
-are missing or of another size, so a half-written or damaged directory is never loaded.
+``bitalloc.json`` records every file's size (``files``) and SHA-256 (``sha256``): :func:`read_info`
+refuses a directory whose files are missing or of another size, so a half-written or damaged
+directory is never loaded, and with ``verify`` (what :func:`bitalloc.load` does by default) one
+whose bytes changed. A directory written before digests were recorded loads unverified, with a
+warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from bitalloc.errors import IntegrityError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "bitalloc-model"
 FORMAT_VERSION = 1
@@ -39,7 +48,7 @@ BUFFER_TO_ARRAY = {"qweight": "codes", "scales": "scales", "scale_codes": "scale
 ARRAY_TO_BUFFER = {v: k for k, v in BUFFER_TO_ARRAY.items()}
 
 
-class AppliedModelError(ValueError):
+class AppliedModelError(IntegrityError):
     """A directory is not a complete, readable ``bitalloc apply`` output."""
 
 
@@ -67,8 +76,57 @@ def file_sizes(folder: Path) -> dict[str, int]:
     return sizes
 
 
-def read_info(path: str | os.PathLike[str], *, check_files: bool = True) -> dict[str, Any]:
-    """The ``bitalloc.json`` of an applied directory, checked for format and completeness."""
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under ``folder`` (the files :func:`file_sizes` lists)."""
+    return {name: file_digest(folder / name) for name in file_sizes(folder)}
+
+
+def _inside(folder: Path, name: Any) -> Path:
+    """``folder / name``, refusing a name that leaves ``folder`` (absolute, ``..``, a link outside)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise AppliedModelError(f"{folder / INFO_FILE} lists a file outside its directory ({name!r}); "
+                                "it was not written by `bitalloc apply`")
+    file = folder / name
+    if file.exists() and not file.resolve().is_relative_to(folder.resolve()):
+        raise AppliedModelError(f"{folder / INFO_FILE} lists {name!r}, which leads outside {folder}")
+    return file
+
+
+def verify_files(folder: Path, info: dict[str, Any]) -> None:
+    """Check every file's SHA-256 against ``info["sha256"]``; raise AppliedModelError naming the changed ones.
+
+    A directory without digests (written by an older bitalloc) passes with a warning."""
+    digests = info.get("sha256")
+    if digests is None:
+        log.warning("%s records no SHA-256 digests (written by an older bitalloc): its files are not verified; "
+                    "run `bitalloc apply` again to get a verified directory", folder)
+        return
+    if not isinstance(digests, dict) or set(digests) != set(info["files"]):
+        raise AppliedModelError(f"{folder / INFO_FILE} has digests that do not match its file list; "
+                                "run `bitalloc apply` again")
+    changed = [name for name, digest in digests.items() if file_digest(_inside(folder, name)) != digest]
+    if changed:
+        raise AppliedModelError(
+            f"{folder} was changed after `bitalloc apply` wrote it: {', '.join(changed[:5])} "
+            f"{'does' if len(changed) == 1 else 'do'} not match the SHA-256 in {INFO_FILE}; "
+            "run `bitalloc apply` again (or load with verify=False to skip this check)"
+        )
+
+
+def read_info(path: str | os.PathLike[str], *, check_files: bool = True, verify: bool = False) -> dict[str, Any]:
+    """The ``bitalloc.json`` of an applied directory, checked for format and completeness.
+
+    ``check_files`` checks that every listed file exists inside the directory with its size;
+    ``verify`` also checks every file's SHA-256 (reading all the bytes), see :func:`verify_files`."""
     folder = Path(path)
     info_path = folder / INFO_FILE
     if not folder.is_dir():
@@ -95,7 +153,7 @@ def read_info(path: str | os.PathLike[str], *, check_files: bool = True) -> dict
     if check_files:
         problems = []
         for name, size in info["files"].items():
-            file = folder / name
+            file = _inside(folder, name)
             if not file.is_file():
                 problems.append(f"{name} is missing")
             elif file.stat().st_size != size:
@@ -104,6 +162,8 @@ def read_info(path: str | os.PathLike[str], *, check_files: bool = True) -> dict
             raise AppliedModelError(
                 f"{folder} is incomplete or damaged ({'; '.join(problems[:5])}); run `bitalloc apply` again"
             )
+        if verify:
+            verify_files(folder, info)
     return info
 
 

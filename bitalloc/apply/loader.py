@@ -36,16 +36,20 @@ def _no_init_weights():
     return no_init_weights()
 
 
-def _skeleton(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoConfig
+def _skeleton(folder: Path, dtype: torch.dtype, model_class: str | None) -> torch.nn.Module:
+    """The model of ``folder``'s config, without initialization: the bare model when ``model_class``
+    (``bitalloc.json``'s) names it (a checkpoint without head weights), else :func:`auto_class_for`'s."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    config = AutoConfig.from_pretrained(folder)
-    cls = auto_class_for(config)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    bare = MODEL_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    cls = AutoModel if model_class is not None and model_class == bare else auto_class_for(config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with _no_init_weights():
-            model = cls.from_config(config)
+            model = cls.from_config(config, trust_remote_code=False)
     finally:
         torch.set_default_dtype(previous)
     return model
@@ -67,18 +71,19 @@ def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -
 
 
 def load_applied(path: str | os.PathLike[str], adapter: bool = True, *, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, cache_weights: bool = True) -> tuple[torch.nn.Module, Any]:
+                 dtype: str | torch.dtype | None = None, cache_weights: bool = True,
+                 verify: bool = True) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` of an applied directory, for inference; see :func:`load`.
 
     ``cache_weights`` (default here) keeps each dequantized weight after its first use, so
     evaluation runs at dense speed at the memory cost of a dense model.
     """
-    model = load(path, adapter=adapter, device=device, dtype=dtype, cache_weights=cache_weights)
+    model = load(path, adapter=adapter, device=device, dtype=dtype, cache_weights=cache_weights, verify=verify)
     return model, load_tokenizer(Path(path))
 
 
 def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None, cache_weights: bool = False) -> torch.nn.Module:
+         dtype: str | torch.dtype | None = None, cache_weights: bool = False, verify: bool = True) -> torch.nn.Module:
     """The model that ``bitalloc apply`` wrote to ``path``, with ``QuantizedLinear`` targets.
 
     ``adapter=True`` attaches the PEFT LoRA adapter (L1, L2; returns a ``PeftModel``), so the
@@ -88,12 +93,16 @@ def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | t
     (dense speed, dense memory; set ``QuantizedLinear.cache_weight`` per layer to change it).
     The model is in eval mode on ``device``. Raises AppliedModelError (a
     ValueError) for a directory that is not a complete ``bitalloc apply`` output.
+
+    ``verify`` (default) checks the SHA-256 of every file against ``bitalloc.json`` before
+    loading, so a file whose bytes changed is refused, naming it; ``verify=False`` skips this
+    (it reads every byte once more) and checks only that each file exists with its size.
     """
     folder = Path(path)
-    info = read_info(folder)
+    info = read_info(folder, verify=verify)
     compute_dtype = _resolve_dtype(dtype, info)
     target_device = resolve_device(device)
-    model = _skeleton(folder, compute_dtype)
+    model = _skeleton(folder, compute_dtype, info.get("model_class"))
     modules = dict(model.named_modules())
 
     state: dict[str, torch.Tensor] = {}
@@ -152,18 +161,18 @@ def load(path: str | os.PathLike[str], adapter: bool = False, *, device: str | t
 
 
 def load_model_or_applied(spec: str | os.PathLike[str] | None, *, device: str | torch.device = "cpu",
-                          dtype: str | torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+                          dtype: str | torch.dtype | None = None, verify: bool = True) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` of a model specification or of an applied directory.
 
     An applied directory (one holding ``bitalloc.json``) is loaded for inference as
     ``Q + L1 L2`` (:func:`load_applied`, adapter attached); anything else goes to
     :func:`bitalloc.models.load_model`. ``dtype`` None means float32, ``"auto"`` the
-    checkpoint's (for an applied directory: its source model's).
+    checkpoint's (for an applied directory: its source model's). ``verify``: see :func:`load`.
     """
     if spec is None or not is_applied_dir(spec):
         return load_model(spec, device=device, dtype=dtype)
     torch_dtype = resolve_dtype(dtype)
     model, tokenizer = load_applied(spec, adapter=True, device=device,
-                                    dtype=None if torch_dtype == "auto" else torch_dtype)
+                                    dtype=None if torch_dtype == "auto" else torch_dtype, verify=verify)
     check_finite(model)
     return model, tokenizer

@@ -1,18 +1,20 @@
 """``bitalloc apply``: decompose every target with its chosen config and write the model directory.
 
-The directory is built in a temporary sibling (``.DIR.tmp-*``) and renamed into place only
-when every file is written, so an interrupted or failed run (disk full, Ctrl-C, a bad
-matrix) leaves no directory that :func:`bitalloc.load` accepts. Targets are processed one at a
+The directory is built in a temporary sibling (``.DIR.tmp-HOST.PID.*``; those of killed runs
+are removed by the next run) and renamed into place only when every file is written, so an
+interrupted or failed run (disk full, Ctrl-C, a bad matrix) leaves no directory that
+:func:`bitalloc.load` accepts. Targets are processed one at a
 time on the device; each target's full-precision weight is released once it is quantized, so
 the model is never held twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,15 +26,17 @@ from transformers.pytorch_utils import Conv1D
 
 from bitalloc import __version__
 from bitalloc.allocation import Allocation
-from bitalloc.atomic import atomic_write_json
+from bitalloc.atomic import atomic_write_json, check_output, make_temp_dir, permit_tree
 from bitalloc.configs import QuantConfig, check_fits
+from bitalloc.errors import InputError
 from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_VERSION, INFO_FILE, MODEL_FILE,
-                                   factor_key, file_sizes, is_applied_dir, q_key)
+                                   factor_key, file_digests, file_sizes, is_applied_dir, q_key)
 from bitalloc.apply.peft_adapter import task_type_for, write_adapter
 from bitalloc.identity import BUILTIN_ALIAS, model_fingerprint, model_id
 from bitalloc.preflight import check_model_spec
 from bitalloc.lowrank import decompose
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
+from bitalloc.models.hub import ModelNotFoundError, looks_like_hub_id
 from bitalloc.models.targets import TARGET_TYPES, float_target_weight
 
 log = logging.getLogger(__name__)
@@ -69,12 +73,34 @@ def _assignments(allocation: Any, uniform: str | None,
     return dict(data["assignments"]), header
 
 
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"--out {out} exists and is not empty; choose another directory or pass --force "
-                              "to replace it")
+def _model_targets(model: torch.nn.Module, assignments: dict[str, str] | None, header: Mapping[str, Any],
+                   include: Any, exclude: Any) -> list[str]:
+    """The names of the targets ``apply`` must cover: the model's targets as its profile found them
+    (the allocation's recorded include/exclude), or as ``include``/``exclude`` find them for --uniform."""
+    if assignments is None:
+        return [n for n, _ in find_targets(model, include=include, exclude=exclude)]
+    provenance = header.get("provenance", {})
+    if "include" in provenance or "exclude" in provenance:
+        return [n for n, _ in find_targets(model, include=provenance.get("include"), exclude=provenance.get("exclude"))]
+    log.warning("the allocation does not record its profile's include/exclude: checking that it covers the "
+                "profile's targets only")
+    return list(provenance.get("shapes") or assignments)
+
+
+def _dense_targets(names: list[str], assignments: dict[str, str] | None, keep_dense: Any) -> list[str]:
+    """The targets kept dense: those ``keep_dense`` names; refuses targets the allocation leaves without a config."""
+    keep = re.compile(keep_dense) if isinstance(keep_dense, str) else keep_dense
+    dense = [n for n in names if keep is not None and keep.search(n)]
+    uncovered = [n for n in names if assignments is not None and n not in assignments and n not in dense]
+    if uncovered:
+        raise InputError(
+            f"the allocation gives no config to {len(uncovered)} target(s) of this model: "
+            f"{', '.join(uncovered[:5])}{' ...' if len(uncovered) > 5 else ''}; solve a profile that covers them, "
+            "or keep them dense with --keep-dense REGEX (counted at their stored bits)"
+        )
+    if keep is not None and not dense:
+        raise InputError(f"--keep-dense {keep.pattern!r} matches no target of this model")
+    return dense
 
 
 def _targets_for(model: torch.nn.Module, assignments: dict[str, str] | None, header: Mapping[str, Any],
@@ -101,6 +127,32 @@ def _targets_for(model: torch.nn.Module, assignments: dict[str, str] | None, hea
                              f"{shapes[name][1]} in the allocation's profile: the allocation is for another model")
         out.append((name, module, QuantConfig.from_name(config, allow_unusual=True)))
     return out
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, so the same tensors give the same
+    bytes (safetensors writes the metadata map in a per-process random order); same header length."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if isinstance(header.get("__metadata__"), dict):
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > size:  # never: the same entries in another order
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
+def _check_recorded_model(spec: str | None) -> None:
+    """Say which model an allocation's provenance makes ``apply`` load; refuse a local path that is gone."""
+    log.info("no model given: quantizing %s, the model the allocation was made for", spec or BUILTIN_ALIAS)
+    if not spec or spec.strip().lower() == BUILTIN_ALIAS:
+        return
+    local = spec.startswith((".", "~", "/")) or not looks_like_hub_id(spec)
+    if local and not Path(spec).expanduser().exists():
+        raise ModelNotFoundError(f"the allocation was made for model {spec!r}, which does not exist here "
+                                 "(no --model given): pass the model to quantize with --model")
 
 
 def _shared_parameter_ids(model: torch.nn.Module) -> set[int]:
@@ -162,6 +214,7 @@ def apply_allocation(
     fisher: bool | None = None,
     force: bool = False,
     ignore_model_hash: bool = False,
+    keep_dense: str | re.Pattern[str] | None = None,
     seed: int = 0,
     progress: bool = True,
     allow_unusual_config: bool = False,
@@ -171,16 +224,26 @@ def apply_allocation(
     ``model`` defaults to the allocation's model. Each target is decomposed ``Q + L1 L2`` with
     its config (Fisher-weighted when the allocation came from a Fisher profile and ``fisher``
     is not False; the profile's cached estimate is reused). ``include``/``exclude`` filter the
-    targets of a ``uniform`` run. Returns the directory. Raises ValueError for an allocation
-    made for another model, a ``uniform`` config that is unusual (unless ``allow_unusual_config``)
-    or does not fit a target, FileExistsError for a non-empty ``out`` without ``force``.
+    targets of a ``uniform`` run; an allocation's targets are its profile's (found with the
+    profile's include/exclude), and every one must have a config. ``keep_dense`` (a regex) keeps
+    the matching targets dense, whatever the allocation says; they are stored as in the source
+    model and counted at their stored bits in ``bits_per_param`` (``dense_targets`` in
+    ``bitalloc.json``). Returns the directory. Raises ValueError (InputError) for an allocation
+    made for another model or one leaving targets without a config, a ``uniform`` config that
+    is unusual (unless ``allow_unusual_config``) or does not fit a target, OutputExistsError (a
+    FileExistsError) for a non-empty ``out`` without ``force``.
     """
     started = time.perf_counter()
     assignments, header = _assignments(allocation, uniform, allow_unusual_config)
+    if assignments is not None and (include is not None or exclude is not None):
+        raise InputError("--include/--exclude choose the targets of --uniform; an allocation applies to the targets "
+                         "its profile found: to keep some of them dense, pass --keep-dense REGEX")
     out = Path(out)
-    _check_output(out, force)
+    check_output(out, force=force, kind="dir", what="--out")
     provenance = header.get("provenance", {})
     spec = model if model is not None else provenance.get("model")
+    if model is None and assignments is not None:
+        _check_recorded_model(spec)
     if spec is not None and is_applied_dir(spec):
         raise ValueError(f"{spec} is a `bitalloc apply` output, not a model to quantize; pass the model it was "
                          "made from (its bitalloc.json names it under 'model')")
@@ -188,7 +251,19 @@ def apply_allocation(
     dev = resolve_device(device)
     net, tokenizer = load_model(spec, dtype="auto")
     model_hash = model_fingerprint(net)
-    targets = _targets_for(net, assignments, header, include, exclude)
+    targets = _targets_for(net, assignments, header, include, exclude)  # refuses an allocation for another model
+    dense = set(_dense_targets(_model_targets(net, assignments, header, include, exclude), assignments, keep_dense))
+    targets = [t for t in targets if t[0] not in dense]
+    modules = dict(net.named_modules())
+    dense_details = {}
+    for name in sorted(dense, key=list(modules).index):
+        weight = target_weight(modules[name])
+        dense_details[name] = {"rows": int(weight.shape[0]), "cols": int(weight.shape[1]),
+                               "dtype": str(weight.dtype).removeprefix("torch."),
+                               "storage_bits": int(weight.numel() * weight.element_size() * 8)}
+    if dense:
+        log.warning("keeping %d target(s) dense, counted at their stored bits: %s", len(dense),
+                    ", ".join(list(dense_details)[:5]) + (" ..." if len(dense) > 5 else ""))
     if assignments is not None and provenance.get("model_hash") and provenance["model_hash"] != model_hash \
             and not ignore_model_hash:
         raise ValueError(
@@ -206,7 +281,7 @@ def apply_allocation(
     compute_dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out)
     try:
         arrays: dict[str, torch.Tensor] = {}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -249,6 +324,7 @@ def apply_allocation(
         tensors, tied = _non_target_tensors(net, target_names)
         tensors.update(arrays)
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "bitalloc_format": FORMAT})
+        _sort_header_metadata(tmp / MODEL_FILE)
         net.config.save_pretrained(tmp)
         if getattr(net, "generation_config", None) is not None and task_type_for(net):
             try:
@@ -264,7 +340,11 @@ def apply_allocation(
         if factors:
             write_adapter(tmp / ADAPTER_DIR, factors, base_model=str(base), task_type=task_type_for(net))
 
-        total_params = sum(d["rows"] * d["cols"] for d in details.values())
+        quantized_params = sum(d["rows"] * d["cols"] for d in details.values())
+        dense_params = sum(d["rows"] * d["cols"] for d in dense_details.values())
+        dense_bits = sum(d["storage_bits"] for d in dense_details.values())
+        total_params = quantized_params + dense_params
+        dense_keys = {f"{name}.weight" for name in dense_details}
         info = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -273,13 +353,15 @@ def apply_allocation(
             "model_hash": model_hash,
             "model_class": type(net).__name__,
             "dtype": str(compute_dtype).removeprefix("torch."),
-            "bits_per_param": sum(d["storage_bits"] for d in details.values()) / total_params,
-            "bits_per_param_on_disk": 8 * sum(d["bytes"] for d in details.values()) / total_params,
+            "bits_per_param": (sum(d["storage_bits"] for d in details.values()) + dense_bits) / total_params,
+            "bits_per_param_on_disk": (8 * sum(d["bytes"] for d in details.values()) + dense_bits) / total_params,
             "target_params": total_params,
-            "non_target_params": sum(t.numel() for k, t in tensors.items() if k not in arrays),
-            "non_target_bytes": sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in arrays),
+            "non_target_params": sum(t.numel() for k, t in tensors.items() if k not in arrays and k not in dense_keys),
+            "non_target_bytes": sum(t.numel() * t.element_size() for k, t in tensors.items()
+                                    if k not in arrays and k not in dense_keys),
             "targets": {name: d["config"] for name, d in details.items()},
             "target_details": details,
+            "dense_targets": dense_details,
             "tied": tied,
             "fisher": F is not None,
             "adapter": bool(factors),
@@ -288,7 +370,9 @@ def apply_allocation(
             "seconds": time.perf_counter() - started,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        permit_tree(tmp)
         info["files"] = file_sizes(tmp)
+        info["sha256"] = file_digests(tmp)
         atomic_write_json(tmp / INFO_FILE, info)
         _rename_into_place(tmp, out)
     except BaseException:

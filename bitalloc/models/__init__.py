@@ -9,7 +9,7 @@ from bitalloc.models.causal import is_causal_lm
 from bitalloc.models.device import resolve_device
 from bitalloc.models.evaluate import evaluate, kl_divergence, perplexity
 from bitalloc.models.hub import ModelNotFoundError
-from bitalloc.models.loading import NonFiniteWeightsError, load_model
+from bitalloc.models.loading import IncompleteCheckpointError, NonFiniteWeightsError, UnreadableCheckpointError, load_model
 from bitalloc.models.targets import find_targets, model_summary, set_target_weight, target_shapes, target_weight
 from bitalloc.models.text import TextSourceError, calibration_tokens, load_text, token_windows
 
@@ -18,7 +18,9 @@ __all__ = [
     "BuiltinModelMissingError",
     "Calibration",
     "ModelNotFoundError",
+    "IncompleteCheckpointError",
     "NonFiniteWeightsError",
+    "UnreadableCheckpointError",
     "TextSourceError",
     "calibration_fisher",
     "calibration_tokens",

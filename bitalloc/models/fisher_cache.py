@@ -25,7 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bitalloc.atomic import atomic_write_bytes
+from bitalloc.atomic import atomic_write_bytes, current_umask
+from bitalloc.errors import IntegrityError
 from bitalloc.models.fisher import FISHER_MODES, Targets, estimate_fisher, resolve_mode
 from bitalloc.models.targets import find_targets, target_weight
 
@@ -36,7 +37,7 @@ CACHE_DTYPE = torch.bfloat16
 KEY_FIELDS = ("model_id", "model_hash", "data", "samples", "seqlen", "mode", "seed")
 
 
-class FisherCacheError(ValueError):
+class FisherCacheError(IntegrityError):
     """A Fisher cache file that cannot be used (missing, truncated, corrupt or for other inputs)."""
 
 
@@ -115,6 +116,7 @@ def _fsync(path: Path) -> None:
 
 def _temp_path(folder: Path, stem: str) -> Path:
     fd, name = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the umask decides
     os.close(fd)
     return Path(name)
 

@@ -80,10 +80,11 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
 
     path = Path(gguf_path).resolve()
     logger.info("converting %s (dequantizing every tensor; done once, then cached)", path)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, trust_remote_code=False, gguf_file=path.name,
+                                                 dtype=torch.float32)
     forget_quantization(model)
     model.save_pretrained(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, trust_remote_code=False, gguf_file=path.name)
     tokenizer.save_pretrained(out_dir)
     config_file = Path(out_dir) / "config.json"
     config = json.loads(config_file.read_text())

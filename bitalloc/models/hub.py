@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from bitalloc.errors import InputError
 from bitalloc.identity import BUILTIN_ALIAS
 from bitalloc.preflight import PROBE_TIMEOUT_S, forget_probe_results, hub_endpoint, hub_reachable, is_offline
 
@@ -30,7 +31,7 @@ __all__ = ["ACCEPTED_MODEL_FORMS", "ModelNotFoundError", "PROBE_TIMEOUT_S", "acc
            "forget_probe_results", "hub_endpoint", "hub_reachable", "is_offline", "looks_like_hub_id", "offline_error"]
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(InputError):
     """The requested model cannot be found locally and cannot be fetched."""
 
 

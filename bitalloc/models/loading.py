@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
+from bitalloc.errors import InputError
 from bitalloc.identity import BUILTIN_ALIAS
 from bitalloc.models.builtin import builtin_gguf_path
 from bitalloc.models.device import resolve_device
@@ -59,8 +61,16 @@ _DTYPES = {
 _MAX_LISTED = 5
 
 
-class NonFiniteWeightsError(ValueError):
+class NonFiniteWeightsError(InputError):
     """A model holds NaN or infinite weights."""
+
+
+class UnreadableCheckpointError(InputError):
+    """A checkpoint file is truncated or damaged, or a pickle that would run code."""
+
+
+class IncompleteCheckpointError(InputError):
+    """A checkpoint lacks weights of its model (they would be randomly initialized) or holds others."""
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -77,18 +87,30 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return _DTYPES[name]
 
 
-def check_finite(model: torch.nn.Module) -> None:
-    """Raise NonFiniteWeightsError naming the first few parameters holding NaN or inf, with counts."""
+def check_finite(model: torch.nn.Module, modules: Iterable[str] | None = None) -> None:
+    """Raise NonFiniteWeightsError naming the first few parameters holding NaN or inf, with counts.
+
+    ``modules`` limits the check to the parameters of those modules (names as in
+    ``named_modules``); others holding NaN or inf are then only logged as a warning."""
     bad: list[tuple[str, int, int, int]] = []
+    wanted = None if modules is None else set(modules)
+    ignored: list[str] = []
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not param.is_floating_point():
+                continue
+            if wanted is not None and name.rpartition(".")[0] not in wanted:
+                if not bool(torch.isfinite(param).all()):
+                    ignored.append(name)
                 continue
             # A finite sum proves every element finite (NaN and inf propagate); only a
             # non-finite sum (or an overflow) needs the exact, slower element-wise check.
             if bool(torch.isfinite(param.sum(dtype=torch.float32))) or bool(torch.isfinite(param).all()):
                 continue
             bad.append((name, int(torch.isnan(param).sum()), int(torch.isinf(param).sum()), param.numel()))
+    if ignored:
+        logger.warning("non-finite values in %d tensor(s) outside the targets, ignored: %s", len(ignored),
+                       ", ".join(ignored[:_MAX_LISTED]))
     if not bad:
         return
     listed = ", ".join(f"{name} ({nan} NaN, {inf} inf of {numel})" for name, nan, inf, numel in bad[:_MAX_LISTED])
@@ -126,22 +148,84 @@ def auto_class_for(config: Any) -> type:
 
 
 def load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype | str, **kwargs: Any) -> torch.nn.Module:
-    """A model from a Hugging Face directory or hub id, with the Auto class its config calls for."""
+    """A model from a Hugging Face directory or hub id, with the Auto class its config calls for.
+
+    Raises UnreadableCheckpointError for a truncated or damaged safetensors file and for a
+    pickle checkpoint holding more than tensors (it is never unpickled with code)."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load_pretrained(source, dtype=dtype, **kwargs)
+    except SafetensorError as exc:
+        raise UnreadableCheckpointError(f"{source}: a weights file cannot be read ({exc}): it is truncated or "
+                                        "damaged; download or save it again") from exc
+    except pickle.UnpicklingError as exc:
+        raise UnreadableCheckpointError(
+            f"{source} stores its weights as a pickle (pytorch_model.bin) holding more than tensors, which bitalloc "
+            "does not unpickle: save the model as safetensors from a copy you trust"
+        ) from exc
+
+
+def _load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype | str, **kwargs: Any) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(source, **kwargs)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
     auto_class = auto_class_for(config)
     try:
-        model, info = auto_class.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
-                                                 **kwargs)
+        model, info = auto_class.from_pretrained(source, trust_remote_code=False, config=config, dtype=dtype,
+                                                 output_loading_info=True, **kwargs)
     except ValueError as err:
         if auto_class is AutoModel:
             raise
         logger.warning("%s cannot load %s (%s); loading the bare model", auto_class.__name__, source, err)
-        model, info = AutoModel.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
-                                                **kwargs)
-    check_layers_loaded(model, info.get("missing_keys", ()), source)
+        model, info = AutoModel.from_pretrained(source, trust_remote_code=False, config=config, dtype=dtype,
+                                                output_loading_info=True, **kwargs)
+    if info.get("missing_keys") and auto_class is not AutoModel:
+        # a checkpoint without head weights (e.g. a sentence-transformers BERT) fits the bare model:
+        # load that rather than a head initialized at random
+        bare, bare_info = AutoModel.from_pretrained(source, trust_remote_code=False, config=config, dtype=dtype,
+                                                    output_loading_info=True, **kwargs)
+        if not (bare_info.get("missing_keys") or bare_info.get("unexpected_keys") or bare_info.get("mismatched_keys")):
+            logger.warning("%s stores no weights for the head of %s (%s); loaded as %s, the class its weights fit",
+                           source, type(model).__name__, ", ".join(sorted(info["missing_keys"])[:3]),
+                           type(bare).__name__)
+            return bare
+    check_checkpoint_complete(model, info, source)
+    logger.info("loaded %s as %s", source, type(model).__name__)
     return model
+
+
+def check_checkpoint_complete(model: torch.nn.Module, info: Mapping[str, Any], source: str | os.PathLike) -> None:
+    """Raise IncompleteCheckpointError when transformers' loading info reports weights the checkpoint
+    lacks (they would be randomly initialized), weights the model has no place for, or weights of
+    another shape.
+
+    ``info`` is what ``from_pretrained(..., output_loading_info=True)`` returns. A directory
+    holding packed codes (``*.qweight``) is a ``bitalloc apply`` output whose ``bitalloc.json``
+    is missing, which the message says.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or ())
+    if not (missing or unexpected or mismatched):
+        return
+    if any(key.endswith(".qweight") for key in unexpected) and not (Path(source) / "bitalloc.json").is_file():
+        raise IncompleteCheckpointError(
+            f"{source} holds packed bitalloc codes but no bitalloc.json: it is an unfinished `bitalloc apply` "
+            "output; run `bitalloc apply` again"
+        )
+    check_layers_loaded(model, missing, source)
+    class_name = type(model).__name__
+    parts = []
+    for what, keys in (("lacks", missing), ("has no place in the model for", unexpected),
+                       ("has weights of another shape for", mismatched)):
+        if keys:
+            more = f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+            parts.append(f"{what} {len(keys)} weight(s): {', '.join(keys[:_MAX_LISTED])}{more}")
+    raise IncompleteCheckpointError(
+        f"{source} does not fit {class_name}: the checkpoint {'; it '.join(parts)}. Loading it would leave "
+        "weights randomly initialized or dropped; pass a complete checkpoint of this model"
+    )
 
 
 def check_layers_loaded(model: torch.nn.Module, missing_keys: Iterable[str], source: str | os.PathLike) -> None:
@@ -177,7 +261,7 @@ def load_tokenizer(source: str | os.PathLike, **kwargs: Any) -> Any | None:
         logger.warning("%s has no tokenizer files; returning no tokenizer", source)
         return None
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
     except OSError as err:
         if Path(source).is_dir():
             raise
@@ -192,11 +276,12 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype | str) -> tuple[torch.nn.Modu
         logger.warning("cannot write the GGUF cache (%s); converting in memory without caching", err)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, trust_remote_code=False,
+                                                     gguf_file=gguf_path.name, dtype=torch.float32)
         forget_quantization(model)
         if dtype != "auto":
             model = model.to(dtype)
-        return model, AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        return model, AutoTokenizer.from_pretrained(gguf_path.parent, trust_remote_code=False, gguf_file=gguf_path.name)
     return load_pretrained(folder, dtype=dtype), load_tokenizer(folder)
 
 
@@ -262,6 +347,7 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    require_finite: bool = True,
 ) -> tuple[torch.nn.Module, Any | None]:
     """Load a model and its tokenizer; returns ``(model, tokenizer)``.
 
@@ -277,14 +363,16 @@ def load_model(
     (``"auto"``: the checkpoint's), on ``device`` (``"auto"``: CUDA when available).
 
     Raises ModelNotFoundError (a ValueError) when the model cannot be found or fetched, and
-    NonFiniteWeightsError (a ValueError) when any weight is NaN or infinite.
+    NonFiniteWeightsError (a ValueError) when any weight is NaN or infinite (unless
+    ``require_finite`` is False: the caller then checks what it uses, see :func:`check_finite`).
     """
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     model, tokenizer = _load_any(spec, torch_dtype)
     model.eval()
     model.to(target)
-    check_finite(model)
+    if require_finite:
+        check_finite(model)
     logger.info(
         "loaded %s (%s, %s parameters) on %s",
         spec or BUILTIN_ALIAS,

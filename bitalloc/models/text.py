@@ -29,7 +29,7 @@ import torch
 
 from bitalloc.models.hub import hub_endpoint, hub_reachable, is_offline
 from bitalloc.models.sampling import sample_sequences
-from bitalloc.preflight import (C4_NAME, TEXT_SOURCE_FORMS, WIKITEXT2_FILE, WIKITEXT2_NAMES, TextSourceError,
+from bitalloc.preflight import (C4_NAME, TEXT_SOURCE_FORMS, WIKITEXT2_FILE, WIKITEXT2_NAMES, TextFileMissingError, TextSourceError,
                                 check_text_source, data_search_dirs, find_data_file, offline_text_hint,
                                 parse_self_source, text_source_forms)
 
@@ -39,7 +39,7 @@ C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
 C4_DOCUMENTS = 1100
 
 __all__ = ["C4_DOCUMENTS", "C4_NAME", "C4_SHARD", "TEXT_SOURCE_FORMS", "WIKITEXT2_FILE", "WIKITEXT2_NAMES",
-           "TextSourceError", "calibration_tokens", "check_text_source", "data_search_dirs", "find_data_file",
+           "TextFileMissingError", "TextSourceError", "calibration_tokens", "check_text_source", "data_search_dirs", "find_data_file",
            "is_self_source", "load_text", "parse_self_source", "read_text_file", "spread_indices", "token_windows"]
 
 
@@ -115,7 +115,7 @@ def load_text(src: str | os.PathLike) -> str:
         elif path.exists():
             raise TextSourceError(f"text source {name!r} is not a file")
         elif os.sep in name or "/" in name or path.suffix:
-            raise FileNotFoundError(f"text file not found: {path}")
+            raise TextFileMissingError(f"text file not found: {path}")
         else:
             raise TextSourceError(f"unknown text source {name!r}. Accepted forms:\n{text_source_forms()}")
     if not text.strip():

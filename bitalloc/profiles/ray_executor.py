@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bitalloc.atomic import atomic_write_bytes
 from bitalloc.configs import BUILTIN_SPACES, config_space, resolve_ranks
+from bitalloc.errors import UnavailableError
 from bitalloc.identity import BUILTIN_ALIAS, model_fingerprint
 from bitalloc.models import Calibration, find_targets, load_model, resolve_device, target_weight
 from bitalloc.models.calibration import fisher_cache_dir
@@ -57,7 +58,7 @@ SHARDS_SUFFIX = ".shards"
 _SHARD_DIR_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
 
-class RayNotInstalledError(ImportError, ValueError):
+class RayNotInstalledError(UnavailableError, ImportError, ValueError):
     """``--executor ray`` without the ``ray`` package (a ValueError too, so the CLI prints one line)."""
 
 

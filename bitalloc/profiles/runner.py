@@ -18,15 +18,19 @@ import torch
 from tqdm.auto import tqdm
 
 from bitalloc import __version__
+from bitalloc.atomic import output_lock
 from bitalloc.configs import QuantConfig, config_space, parse_ranks, resolve_ranks
+from bitalloc.errors import InputError, UnavailableError
 from bitalloc.identity import model_fingerprint, model_id
 from bitalloc.lowrank import decompose_many
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
 from bitalloc.models.fisher import FISHER_MODES
+from bitalloc.models.loading import check_finite
 from bitalloc.models.targets import float_target_weight
 from bitalloc.preflight import check_model_spec, check_text_source
 from bitalloc.profiles.shards import parse_shard, shard_indices
 from bitalloc.profiles.store import (
+    META_FILE,
     PROFILE_FORMAT,
     PROFILE_VERSION,
     ProfileError,
@@ -39,6 +43,10 @@ from bitalloc.profiles.store import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class WorkerDiedError(UnavailableError):
+    """A worker process of a ``--jobs`` profile died; the finished matrices are kept for a resume."""
 
 #: meta.json fields that must match for a run to resume an existing directory.
 RESUME_KEYS = ("model_hash", "targets", "configs", "fisher", "calibration", "seed", "shard")
@@ -172,11 +180,13 @@ def _prepare_directory(out: Path, meta: dict[str, Any], resume: bool) -> set[int
                 f"{out} holds a profile made differently, so it cannot be resumed: {differ}. "
                 "Choose another --out or delete that directory."
             )
-        done = done_indices(out)
+        done = done_indices(out, meta, repair=True)
         log.info("resuming %s: %d of %d matrices already done", out, len(done & set(meta["work"])), len(meta["work"]))
         return done
     if resume:
         raise ProfileError(f"--resume given but {out} holds no profile to resume (no meta.json)")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give the path of a directory")
     if out.exists() and any(out.iterdir()):
         raise ProfileError(f"output {out} exists, is not empty and is not a bitalloc profile; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -197,8 +207,15 @@ def profile(request: ProfileRequest,
 
     Every finished matrix is flushed atomically to ``parts/``; the table ``profile.csv`` is
     written once all matrices of the run (or shard) are done. ``decompose_fn(W, configs,
-    fisher=F)`` defaults to :func:`bitalloc.lowrank.decompose_many`.
+    fisher=F)`` defaults to :func:`bitalloc.lowrank.decompose_many`. While it runs, the lock
+    file ``.OUT.lock`` next to ``out`` names its process: a second run on the same ``out`` is
+    refused with OutputBusyError.
     """
+    with output_lock(request.out):
+        return _run_profile(request, decompose_fn)
+
+
+def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[Any]] | None) -> Path:
     decompose_fn = decompose_fn or decompose_many
     out = Path(request.out)
     shard = parse_shard(request.shard)
@@ -211,8 +228,10 @@ def profile(request: ProfileRequest,
     device = resolve_device(request.device)
     started = time.perf_counter()
 
-    model, tokenizer = load_model(request.model)
+    # without Fisher only the targets' weights are used: NaN elsewhere (an --exclude'd layer) is a warning
+    model, tokenizer = load_model(request.model, require_finite=request.fisher)
     targets = find_targets(model, include=request.include, exclude=request.exclude)
+    check_finite(model, [name for name, _ in targets])
     shapes = [tuple(target_weight(m).shape) for _, m in targets]
     ranks = resolve_ranks(request.ranks, shapes)
     configs = config_space(request.space, ranks=ranks, allow_unusual=request.allow_unusual_config)
@@ -230,11 +249,19 @@ def profile(request: ProfileRequest,
         "seed": request.seed, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
         "work": work, "device": str(device), "versions": _versions(), "complete": False,
     }
+    fresh, created = not (out / META_FILE).exists(), not out.exists()
     done = _prepare_directory(out, meta, request.resume)
     todo = [i for i in work if i not in done]
 
-    fisher = (request_fisher(request, model, tokenizer, targets, calibration, meta["model_hash"], device)
-              if todo and calibration is not None else None)
+    try:
+        fisher = (request_fisher(request, model, tokenizer, targets, calibration, meta["model_hash"], device)
+                  if todo and calibration is not None else None)
+    except BaseException:  # e.g. a missing --calib file: leave no meta-only directory that blocks the next run
+        if fresh:
+            (out / META_FILE).unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
     numels = [shapes[i][0] * shapes[i][1] for i in todo]
     jobs = (resolve_jobs(request.jobs, device, len(todo), sum(numels) * len(configs), max(numels, default=0))
             if decompose_fn is decompose_many else 1)
@@ -384,6 +411,14 @@ def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], job
                 for fut in finished:
                     write_part(out, running.pop(fut), fut.result())
                     done_one()
+        except cf.process.BrokenProcessPool as exc:
+            for fut in running:
+                fut.cancel()
+            raise WorkerDiedError(
+                f"a profiling worker process died (killed, or out of memory) with {len(running)} matrices in "
+                f"flight; the finished ones are kept in {out}: rerun the same command to resume (with fewer "
+                "--jobs if memory is short)"
+            ) from exc
         except BaseException:
             for fut in running:
                 fut.cancel()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
+from bitalloc.atomic import check_output
 from bitalloc.profiles.store import (
     ProfileError,
     load_profile,
@@ -45,7 +47,7 @@ def shard_indices(n_targets: int, shard: tuple[int, int] | None) -> list[int]:
     return list(range(i - 1, n_targets, n))
 
 
-def merge_profiles(sources: Sequence[str | Path], out: str | Path) -> Path:
+def merge_profiles(sources: Sequence[str | Path], out: str | Path, *, force: bool = False) -> Path:
     """Join shard profiles into one profile at ``out``.
 
     The shards must describe the same model, targets, configs and calibration, and together
@@ -81,9 +83,9 @@ def merge_profiles(sources: Sequence[str | Path], out: str | Path) -> Path:
             f"the shards cover {len(seen)} of {n_targets} matrices; missing e.g. {names}: "
             "profile the missing shards and merge again"
         )
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ProfileError(f"output {out} exists and is not empty; choose another --out")
+    out = check_output(out, force=force, kind="dir", what="--out")
+    if force and out.is_dir() and any(out.iterdir()):
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     table = pd.concat(frames, ignore_index=True).sort_values("index", kind="stable")
     meta = dict(first)

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from bitalloc.atomic import atomic_write_bytes, atomic_write_json
+from bitalloc.errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ _DTYPES = {
 }
 
 
-class ProfileError(ValueError):
+class ProfileError(IntegrityError):
     """A profile directory that cannot be used as asked (corrupt, foreign, incomplete)."""
 
 
@@ -80,11 +81,17 @@ def read_meta(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ProfileError(f"{directory} is not a bitalloc profile: {META_FILE} is missing")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path} is corrupt ({exc}); delete the profile directory and rerun") from exc
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(
+            f"{path} is corrupt, not JSON ({exc}); without it the finished matrices in {PARTS_DIR}/ cannot be "
+            f"checked: remove {directory} and rerun the `bitalloc profile` command"
+        ) from exc
     if not isinstance(meta, dict) or meta.get("format") != PROFILE_FORMAT:
         raise ProfileError(f"{path} is not a bitalloc profile meta file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if not isinstance(meta.get("format_version", 0), int) or not isinstance(meta.get("targets", []), list):
+        raise ProfileError(f"{path} has mistyped entries (format_version {meta.get('format_version')!r}); it was not "
+                           f"written by bitalloc: remove {directory} and rerun the `bitalloc profile` command")
     if int(meta.get("format_version", 0)) > PROFILE_VERSION:
         raise ProfileError(
             f"{path} has format version {meta.get('format_version')}, newer than this bitalloc "
@@ -109,25 +116,50 @@ def write_part(directory: Path, index: int, rows: pd.DataFrame) -> None:
     atomic_write_bytes(part_path(directory, index), _csv_bytes(rows))
 
 
-def done_indices(directory: Path) -> set[int]:
-    """Target indices whose part file exists (unreadable parts are removed and redone)."""
+def part_problem(path: Path, index: int, meta: dict[str, Any] | None = None) -> str | None:
+    """Why the part at ``path`` cannot be used for target ``index``, or None when it is whole.
+
+    A whole part holds one row per config of ``meta["configs"]``, in order, all for the matrix
+    ``meta["targets"][index]``: so a part cut on a line boundary (fewer rows) is caught as well
+    as an unreadable one. Without ``meta`` only readability and the index are checked."""
+    try:
+        df = _read_csv(path)
+    except ProfileError as exc:
+        return str(exc)
+    if len(df) == 0 or (df["index"] != index).any():
+        return "rows of another matrix or none"
+    if meta is None:
+        return None
+    configs = meta.get("configs") or []
+    if list(df["config"]) != list(configs):
+        return f"{len(df)} rows, {len(configs)} expected (one per config, in the order of {META_FILE})"
+    targets = meta.get("targets") or []
+    if index < len(targets) and (df["matrix"] != targets[index].get("name")).any():
+        return f"rows of another matrix than {targets[index].get('name')}"
+    return None
+
+
+def done_indices(directory: Path, meta: dict[str, Any] | None = None, *, repair: bool = False) -> set[int]:
+    """Target indices whose part file is whole (see :func:`part_problem`).
+
+    Reading never changes the directory; ``repair=True`` (the profiler, which redoes them)
+    removes the parts that are not whole, with a warning."""
     found: set[int] = set()
     folder = Path(directory) / PARTS_DIR
     if not folder.is_dir():
         return found
-    for path in folder.glob("*.csv"):
+    for path in sorted(folder.glob("*.csv")):
         try:
             index = int(path.stem)
-            df = _read_csv(path)
-        except (ValueError, ProfileError) as exc:
-            log.warning("discarding unreadable part %s (%s); it will be profiled again", path, exc)
+        except ValueError:
+            problem = "not a part name"
+        else:
+            problem = part_problem(path, index, meta)
+        if problem is None:
+            found.add(index)
+        elif repair:
+            log.warning("discarding part %s (%s); it will be profiled again", path, problem)
             path.unlink(missing_ok=True)
-            continue
-        if len(df) == 0 or (df["index"] != index).any():
-            log.warning("discarding inconsistent part %s; it will be profiled again", path)
-            path.unlink(missing_ok=True)
-            continue
-        found.add(index)
     return found
 
 
@@ -166,7 +198,7 @@ def load_profile(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, 
     table = directory / TABLE_FILE
     if not meta.get("complete") or not table.is_file():
         raise ProfileError(
-            f"profile {directory} is not finished ({len(done_indices(directory))} of "
+            f"profile {directory} is not finished ({len(done_indices(directory, meta))} of "
             f"{len(meta.get('work', meta.get('targets', [])))} matrices done); rerun the same "
             "`bitalloc profile` command to resume it"
         )

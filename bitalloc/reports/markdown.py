@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from bitalloc import __version__
-from bitalloc.atomic import atomic_write_bytes
+from bitalloc.atomic import atomic_write_bytes, check_output
 
 from .allocation_map import allocation_figure
 from .data import (
@@ -49,8 +49,11 @@ def report(
     out: PathLike,
     objectives: Sequence[str] | str | None = None,
     budgets: Sequence[float] | str | None = None,
+    force: bool = False,
 ) -> Path:
     """Write ``out/report.md`` with its figures (PNG + SVG) next to it; return the report path.
+
+    A non-empty ``out`` is refused (OutputExistsError) unless ``force``, checked before any work.
 
     ``profile``: a profile directory. ``sweep``: a ``bitalloc sweep --out`` CSV of that profile
     (checked to be from it); objectives it lacks are computed (exact solves at ``budgets``,
@@ -59,7 +62,7 @@ def report(
     ``allocs``: allocation JSON files of that profile, one map each. ``objectives``: ``plain``
     and/or ``fisher`` (default: those the profile has; a missing Fisher curve is noted).
     """
-    out = Path(out)
+    out = check_output(out, force=force, kind="dir", what="--out")
     info = profile_info(profile)
     chosen, notes = resolve_objectives(info, objectives)
     sweep_table = None

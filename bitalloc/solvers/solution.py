@@ -9,13 +9,15 @@ from typing import Any
 
 import numpy as np
 
+from bitalloc.errors import InputError, UnavailableError
+
 #: Note set when the budget exceeds the most expensive useful allocation.
 ABOVE_MAX_NOTE = (
     "budget above the most expensive allocation; every matrix takes its least-error config"
 )
 
 
-class InfeasibleBudgetError(ValueError):
+class InfeasibleBudgetError(InputError):
     """The budget is below the cheapest allocation; ``min_budget`` is the least feasible one."""
 
     def __init__(self, budget: float, min_budget: float) -> None:
@@ -30,7 +32,7 @@ class InfeasibleBudgetError(ValueError):
         )
 
 
-class SolverUnavailableError(RuntimeError):
+class SolverUnavailableError(UnavailableError):
     """A requested solver backend is not installed or cannot run here."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,17 @@ def test_the_model_loader_refuses_an_applied_dir_with_a_pointer(applied):
 
     with pytest.raises(ModelNotFoundError, match="bitalloc.load"):
         load_model(str(applied))
+
+
+def test_an_applied_dir_without_bitalloc_json_is_refused_by_load_and_eval(applied, tmp_path):
+    import shutil
+
+    from bitalloc.apply import AppliedModelError, evaluate_model, load
+    from bitalloc.models import IncompleteCheckpointError
+
+    unfinished = Path(shutil.copytree(applied, tmp_path / "unfinished"))
+    (unfinished / "bitalloc.json").unlink()
+    with pytest.raises(AppliedModelError, match="bitalloc.json"):
+        load(unfinished)
+    with pytest.raises(IncompleteCheckpointError, match="bitalloc apply"):
+        evaluate_model(str(unfinished), data="self:1", seqlen=16, windows=1, kl=False, device="cpu")

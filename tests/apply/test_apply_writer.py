@@ -307,3 +307,168 @@ def test_bad_uniform_config_and_missing_inputs(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="rank"):
         apply_allocation(None, uniform="nf4-g16-s16-r100", model=str(tiny_llama_dir), out=tmp_path / "q",
                          progress=False)
+
+
+def _flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_byte_of_the_same_size_is_refused_naming_the_file(applied, tmp_path):
+    out, _, _ = applied
+    assert set(read_info(out)["sha256"]) == set(read_info(out)["files"])
+    for name in (MODEL_FILE, f"{ADAPTER_DIR}/adapter_model.safetensors"):
+        broken = Path(shutil.copytree(out, tmp_path / name.replace("/", "-")))
+        size = (broken / name).stat().st_size
+        _flip_one_byte(broken / name)
+        assert (broken / name).stat().st_size == size
+        with pytest.raises(AppliedModelError, match=f"{name}.*SHA-256"):
+            load(broken)
+        with pytest.raises(AppliedModelError, match="SHA-256"):
+            bitalloc.apply.evaluate_model(str(broken), data="self:1", seqlen=16, windows=1, kl=False, device="cpu")
+    assert load(broken, verify=False) is not None  # the stated escape: sizes only
+
+
+def test_a_directory_without_digests_loads_unverified_with_a_warning(applied, tmp_path, caplog):
+    out, _, _ = applied
+    old = Path(shutil.copytree(out, tmp_path / "old"))
+    info = json.loads((old / "bitalloc.json").read_text())
+    del info["sha256"]
+    (old / "bitalloc.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING):
+        assert load(old) is not None
+    assert "not verified" in caplog.text
+
+
+@pytest.mark.parametrize("entry", ["../outside.bin", "/etc/hostname"])
+def test_a_files_entry_outside_the_directory_is_refused(applied, tmp_path, entry):
+    out, _, _ = applied
+    probe = Path(shutil.copytree(out, tmp_path / "probe"))
+    info = json.loads((probe / "bitalloc.json").read_text())
+    info["files"][entry] = 1
+    (probe / "bitalloc.json").write_text(json.dumps(info))
+    with pytest.raises(AppliedModelError, match="outside"):
+        read_info(probe)
+
+
+def _without(alloc, name: str) -> dict:
+    data = alloc.to_dict()
+    data["assignments"] = {k: v for k, v in data["assignments"].items() if k != name}
+    return data
+
+
+def test_an_allocation_missing_a_matrix_is_refused_naming_it(applied, tmp_path):
+    out, alloc, _ = applied
+    name = "model.layers.1.mlp.up_proj"
+    with pytest.raises(ValueError, match=rf"no config to 1 target.*{name}.*--keep-dense"):
+        apply_allocation(_without(alloc, name), out=tmp_path / "q", device="cpu", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_dense_keeps_the_matrix_dense_and_counts_its_stored_bits(applied, tmp_path):
+    out, alloc, model_dir = applied
+    name = "model.layers.1.mlp.up_proj"
+    q = apply_allocation(_without(alloc, name), out=tmp_path / "q", keep_dense=r"layers\.1\.mlp\.up_proj",
+                         device="cpu", progress=False)
+    info = read_info(q)
+    dense = info["dense_targets"][name]
+    original = dict(load_model(str(model_dir))[0].named_modules())[name].weight
+    assert dense["storage_bits"] == original.numel() * original.element_size() * 8
+    quantized = sum(d["storage_bits"] for d in info["target_details"].values())
+    params = sum(d["rows"] * d["cols"] for d in [*info["target_details"].values(), dense])
+    assert info["target_params"] == params
+    assert info["bits_per_param"] == pytest.approx((quantized + dense["storage_bits"]) / params)
+    assert name not in info["targets"]
+    layer = dict(load(q).named_modules())[name]
+    assert not isinstance(layer, QuantizedLinear) and torch.equal(layer.weight, original)
+
+
+def test_extra_target_layers_with_ignore_model_hash_are_refused_unless_kept_dense(applied, tmp_path):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    _, alloc, model_dir = applied
+    config = AutoConfig.from_pretrained(model_dir)
+    config.num_hidden_layers = 3
+    torch.manual_seed(3)
+    bigger = tmp_path / "three-layers"
+    LlamaForCausalLM(config).save_pretrained(bigger)
+    with pytest.raises(ValueError, match=r"no config to 7 target.*model\.layers\.2\."):
+        apply_allocation(alloc, model=str(bigger), out=tmp_path / "q", ignore_model_hash=True, device="cpu",
+                         progress=False)
+    assert not (tmp_path / "q").exists()
+    q = apply_allocation(alloc, model=str(bigger), out=tmp_path / "q", ignore_model_hash=True,
+                         keep_dense=r"layers\.2\.", device="cpu", progress=False)
+    assert len(read_info(q)["dense_targets"]) == 7 and len(read_info(q)["targets"]) == 14
+
+
+def test_include_with_an_allocation_is_refused(applied, tmp_path):
+    _, alloc, _ = applied
+    with pytest.raises(ValueError, match="--include/--exclude choose the targets of --uniform"):
+        apply_allocation(alloc, out=tmp_path / "q", include="mlp", progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_outputs_respect_the_umask_and_stale_temporaries_of_the_target_are_removed(tiny_llama_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f".q.tmp-{host}.{int(dead.stdout)}.abc123"
+    live = tmp_path / f".q.tmp-{host}.{os.getpid()}.def456"  # a writer still running: kept
+    other = tmp_path / f".other.tmp-{host}.{int(dead.stdout)}.abc123"  # another target: kept
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / MODEL_FILE).write_bytes(b"half-written")
+    previous = os.umask(0o022)
+    try:
+        q = apply_allocation(None, uniform="nf4-g16-s16-r0", model=str(tiny_llama_dir), out=tmp_path / "q",
+                             device="cpu", progress=False)
+    finally:
+        os.umask(previous)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert q.stat().st_mode & 0o777 == 0o755
+    assert (q / "bitalloc.json").stat().st_mode & 0o777 == 0o644
+    assert (q / MODEL_FILE).stat().st_mode & 0o777 == 0o644
+
+
+def test_apply_without_model_says_which_it_loads_and_refuses_a_path_that_is_gone(applied, tmp_path, caplog):
+    from bitalloc.models import ModelNotFoundError
+
+    _, alloc, model_dir = applied
+    data = alloc.to_dict()
+    data["provenance"] = dict(data["provenance"], model=str(tmp_path / "moved-away"))
+    with pytest.raises(ModelNotFoundError, match=r"moved-away.*does not exist here.*--model"):
+        apply_allocation(data, out=tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
+    with caplog.at_level(logging.INFO, logger="bitalloc"):
+        apply_allocation(alloc, out=tmp_path / "q", device="cpu", progress=False)
+    assert f"quantizing {model_dir}, the model the allocation was made for" in caplog.text
+
+
+def test_a_checkpoint_without_head_weights_applies_and_loads_as_its_bare_class(tiny_builders, tiny_tokenizer,
+                                                                               tmp_path):
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "bert-bare"
+    BertModel(tiny_builders.bert(len(tiny_tokenizer)).config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    q = apply_allocation(None, uniform="nf4-g16-s16-r0", model=str(folder), out=tmp_path / "q", device="cpu",
+                         progress=False)
+    assert read_info(q)["model_class"] == "BertModel"
+    loaded = load(q)
+    assert type(loaded) is BertModel
+    assert any(isinstance(m, QuantizedLinear) for m in loaded.modules())
+
+
+def test_the_same_apply_twice_gives_the_same_bytes(tiny_llama_dir, tmp_path):
+    runs = [apply_allocation(None, uniform="nf3-g16-s16-r4", model=str(tiny_llama_dir), out=tmp_path / name,
+                             device="cpu", progress=False) for name in ("a", "b", "c")]
+    digests = [read_info(run)["sha256"] for run in runs]
+    assert digests[0] == digests[1] == digests[2]
+    with safe_open(str(runs[0] / MODEL_FILE), framework="pt") as f:
+        assert f.metadata() == {"bitalloc_format": "bitalloc-model", "format": "pt"}

@@ -181,3 +181,104 @@ def test_a_checkpoint_without_its_layer_weights_is_refused(tiny_llama_dir, tmp_p
     save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelNotFoundError, match="none of the weights of its 14 Linear/Conv1D layers"):
         load_model(str(folder))
+
+
+@pytest.mark.parametrize("change", ["drop", "add"])
+def test_a_checkpoint_with_missing_or_unexpected_weights_is_refused_naming_them(tiny_llama_dir, tmp_path, change):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bitalloc.models import IncompleteCheckpointError
+
+    folder = tmp_path / change
+    shutil.copytree(tiny_llama_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    if change == "drop":
+        del weights[key]
+    else:
+        weights["model.layers.1.mlp.extra.weight"] = weights[key].clone()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    name = key if change == "drop" else "model.layers.1.mlp.extra.weight"
+    with pytest.raises(IncompleteCheckpointError, match=name.replace(".", r"\.")):
+        load_model(str(folder))
+
+
+def test_a_checkpoint_asking_for_remote_code_is_refused_without_running_it(tmp_path, monkeypatch):
+    """A config with ``auto_map`` (code shipped with the checkpoint) is never trusted: no prompt, no import."""
+    import json
+
+    from transformers.models.auto import configuration_auto
+
+    asked = []
+    real = configuration_auto.resolve_trust_remote_code
+
+    def spy(trust_remote_code, *args, **kwargs):
+        asked.append(trust_remote_code)  # None would mean transformers' interactive prompt
+        return real(trust_remote_code, *args, **kwargs)
+
+    monkeypatch.setattr(configuration_auto, "resolve_trust_remote_code", spy)
+
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    )
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil",
+                                                    "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(str(folder))
+    assert not marker.exists() and asked == [False]
+
+
+def test_a_truncated_safetensors_or_a_code_pickle_is_refused_in_one_line(tiny_builders, tiny_tokenizer, tmp_path, capsys):
+    from bitalloc.cli import main
+    from bitalloc.models import UnreadableCheckpointError
+
+    tiny_llama = tiny_builders.llama(len(tiny_tokenizer))
+
+    truncated = tmp_path / "truncated"
+    tiny_llama.save_pretrained(truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UnreadableCheckpointError, match="truncated or damaged"):
+        load_model(str(truncated))
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    pickled = tmp_path / "pickled"
+    tiny_llama.config.save_pretrained(pickled)
+    torch.save({"model.embed_tokens.weight": RunsCode()}, pickled / "pytorch_model.bin")
+    with pytest.raises(UnreadableCheckpointError, match="does not unpickle"):
+        load_model(str(pickled))
+    capsys.readouterr()
+    assert main(["-q", "info", str(pickled)]) == 2
+    captured = capsys.readouterr()
+    assert "code ran" not in captured.out and captured.err.count("\n") == 1
+
+
+def test_a_checkpoint_without_head_weights_loads_as_the_bare_model_it_fits(tiny_bert, tiny_tokenizer, tmp_path,
+                                                                          caplog):
+    import logging
+
+    from transformers import BertModel
+
+    from bitalloc.models import find_targets
+
+    masked_lm, tokenizer = tiny_bert, tiny_tokenizer
+    folder = tmp_path / "bert-bare"
+    torch.manual_seed(0)
+    BertModel(masked_lm.config).save_pretrained(folder)  # encoder and pooler, no head: as sentence-transformers
+    tokenizer.save_pretrained(folder)
+    with caplog.at_level(logging.WARNING):
+        first, _ = load_model(str(folder))
+    second, _ = load_model(str(folder))
+    assert type(first) is BertModel and "loaded as BertModel" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert {n for n, _ in find_targets(first)} == {n for n, _ in find_targets(second)}

@@ -159,3 +159,37 @@ def test_in_process_profile_runs_one_thread_and_restores_it(tiny_llama_dir, tmp_
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to find the workers")
+def test_a_killed_worker_is_one_line_and_the_profile_resumes(tiny_llama_dir, tmp_path, space_file):
+    out = tmp_path / "worker-killed"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from bitalloc.cli import main
+        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher",
+                       "--space", {str(space_file)!r}, "--jobs", "2", "--out", {str(out)!r}]))
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        if len(workers) >= 3 and (out / "parts").is_dir():  # two pool workers and the resource tracker
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the profile finished before a worker could be killed")
+    pool = [w for w in workers if b"resource_tracker" not in Path(f"/proc/{w}/cmdline").read_bytes()]
+    os.kill(pool[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the killed process was no pool worker")
+    assert proc.returncode == 2, err
+    lines = [line for line in err.splitlines() if "profile" in line and "error" in line]
+    assert len(lines) == 1 and "worker process died" in lines[0] and "Traceback" not in err
+    resumed, _ = load_profile(profile(_request(tiny_llama_dir, out, space_file, jobs=1)))
+    full, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "full", space_file, jobs=1)))
+    pd.testing.assert_frame_equal(_without_timing(resumed), _without_timing(full), check_exact=False, rtol=1e-6)

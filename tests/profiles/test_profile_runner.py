@@ -343,3 +343,87 @@ def test_profile_refuses_an_unusual_space_file_before_the_model_loads(tmp_path, 
                  "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "nf4-g46-s8x256" in err and "nf4-g64-s8x256-r0" in err and "--allow-unusual-config" in err
+
+
+def test_a_part_cut_on_a_line_boundary_is_redone_and_reading_deletes_nothing(tiny_llama_dir, tmp_path, space_file):
+    out = profile(_request(tiny_llama_dir, tmp_path / "p", space_file))
+    good, _ = load_profile(out)
+    part = sorted((out / "parts").glob("*.csv"))[2]
+    lines = part.read_text().splitlines(keepends=True)
+    short = "".join(lines[:3])  # header + 2 of len(SPACE) rows, cut exactly at a line end
+    part.write_text(short)
+    (out / "profile.csv").unlink()
+    with pytest.raises(ProfileError, match="not finished"):
+        load_profile(out)
+    assert part.read_text() == short  # reading never deletes or repairs
+    redone, _ = load_profile(profile(_request(tiny_llama_dir, out, space_file)))
+    assert len(redone) == len(good)
+    pd.testing.assert_frame_equal(_without_timing(redone), _without_timing(good))
+
+
+def test_a_missing_calib_file_leaves_nothing_behind(tiny_llama_dir, tmp_path, space_file):
+    from bitalloc.errors import InputError
+
+    out = tmp_path / "p"
+    with pytest.raises(InputError, match="not found"):
+        profile(_request(tiny_llama_dir, out, space_file, fisher=True, calib=str(tmp_path / "missing.txt")))
+    assert not out.exists()
+    (tmp_path / "calib.txt").write_text("Some calibration text for the model. " * 200)
+    done = profile(_request(tiny_llama_dir, out, space_file, fisher=True, calib=str(tmp_path / "calib.txt")))
+    assert load_profile(done)[1]["fisher"] is True
+
+
+def test_an_out_that_is_a_file_or_a_mistyped_meta_is_refused_naming_it(tiny_llama_dir, tmp_path, space_file):
+    from bitalloc.errors import InputError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        profile(_request(tiny_llama_dir, tmp_path / "file", space_file))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "meta.json").write_text('{"format": "bitalloc-profile", "format_version": "one"}')
+    with pytest.raises(ProfileError, match="meta.json has mistyped"):
+        load_profile(tmp_path / "d")
+
+
+def test_a_second_profile_on_the_same_out_is_refused_naming_the_holder(tiny_llama_dir, tmp_path, space_file):
+    import socket
+    import subprocess
+    import sys
+
+    from bitalloc.errors import OutputBusyError
+
+    out = tmp_path / "p"
+    lock = tmp_path / ".p.lock"
+    host = socket.gethostname()
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": host, "since": "now"}))  # a running holder
+    with pytest.raises(OutputBusyError, match=rf"process {os.getpid()} on {host}"):
+        profile(_request(tiny_llama_dir, out, space_file))
+    assert not out.exists() and lock.exists()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    lock.write_text(json.dumps({"pid": dead, "host": host, "since": "then"}))  # its holder died: taken over
+    assert load_profile(profile(_request(tiny_llama_dir, out, space_file)))[0] is not None
+    assert not lock.exists()
+
+
+def test_a_nan_in_an_excluded_layer_is_a_warning_not_a_refusal(tiny_builders, tiny_tokenizer, tmp_path, space_file,
+                                                               caplog):
+    import logging
+
+    import torch
+
+    from bitalloc.models import NonFiniteWeightsError
+
+    model = tiny_builders.llama(len(tiny_tokenizer))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    folder = tmp_path / "nan-model"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    with pytest.raises(NonFiniteWeightsError, match=r"layers\.1\.mlp\.down_proj"):
+        profile(_request(folder, tmp_path / "all", space_file))
+    with caplog.at_level(logging.WARNING):
+        out = profile(_request(folder, tmp_path / "some", space_file, exclude=r"layers\.1\.mlp\.down_proj"))
+    df, _ = load_profile(out)
+    assert "model.layers.1.mlp.down_proj" not in set(df["matrix"]) and np.isfinite(df["error"]).all()
+    assert "outside the targets" in caplog.text
