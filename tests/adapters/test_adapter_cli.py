@@ -109,3 +109,15 @@ def test_pickle_only_adapter_is_refused(adapter_dirs, tmp_path, capsys):
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     _expect_error(capsys, tmp_path / "prof", "adapter", "profile", str(pickled), "--out", str(tmp_path / "prof"),
                   match="does not load")
+
+
+def test_solve_refuses_an_existing_out_without_force(adapter_dirs, tmp_path, capsys):
+    prof, alloc = tmp_path / "prof", tmp_path / "alloc.json"
+    assert main(["-q", "adapter", "profile", *map(str, adapter_dirs), "--out", str(prof), "--groups", "128"]) == 0
+    alloc.write_text("keep me")
+    capsys.readouterr()
+    code, _, err = _run(capsys, "-q", "adapter", "solve", str(prof), "--budget", "2.0", "--out", str(alloc))
+    assert code == 2 and "exists" in err and "--force" in err
+    assert alloc.read_text() == "keep me"
+    code, _, _ = _run(capsys, "-q", "adapter", "solve", str(prof), "--budget", "2.0", "--out", str(alloc), "--force")
+    assert code == 0 and json.loads(alloc.read_text())["mode"] == "fleet"

@@ -14,10 +14,13 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from bitalloc import __version__
 from bitalloc.atomic import atomic_write_bytes, check_output
+from bitalloc.cli.adapter_commands import add_adapter_commands
+from bitalloc.cli.common import (BUILTIN_HELP, MODEL_FORMS, add_allow_unusual, add_model_arg, add_target_filters, jobs_count,
+                                 positive_int, print_json, table)
 from bitalloc.errors import BitallocError
 from bitalloc.identity import BUILTIN_ALIAS
 from bitalloc.preflight import check_appendable, check_input_file, check_model_spec, check_text_source
@@ -27,30 +30,6 @@ if TYPE_CHECKING:  # the CLI imports the stages lazily, to answer --help fast
 
 log = logging.getLogger("bitalloc")
 
-MODEL_FORMS = f"a Hugging Face hub id, a local directory, a .gguf file, or the built-in alias {BUILTIN_ALIAS}"
-BUILTIN_HELP = f"model: {MODEL_FORMS} (default: {BUILTIN_ALIAS})"
-
-
-# ----- output helpers --------------------------------------------------------------------
-def _print_json(obj: Any) -> None:
-    """Print one JSON object on one line (the last line of --json output)."""
-    print(json.dumps(obj, default=_json_default))
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # ----- subcommands -----------------------------------------------------------------------
@@ -61,10 +40,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     summary = model_info(args.model, include=args.include, exclude=args.exclude)
     if args.json:
-        _print_json(summary)
+        print_json(summary)
         return 0
     rows = [(t["name"], f"{t['rows']}x{t['cols']}", t["params"], t["type"]) for t in summary["targets"]]
-    print(_table(rows, ["target", "shape", "params", "type"]))
+    print(table(rows, ["target", "shape", "params", "type"]))
     print(
         f"\n{len(summary['targets'])} targets, {summary['target_params']:,} target parameters; "
         f"{summary['other_params']:,} other parameters (embeddings, norms, ...); "
@@ -89,12 +68,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             kl=not args.no_kl, label=args.label, append=args.append, device=args.device,
                             progress=not args.quiet)
     if args.json:
-        _print_json(result)
+        print_json(result)
         return 0
     kl = "-" if result["kl"] is None else f"{result['kl']:.5f}"
     bits = "-" if result["bits_per_param"] is None else f"{result['bits_per_param']:.4f}"
     print(
-        _table(
+        table(
             [(result["label"], bits, result["data"], result["windows"], result["seqlen"], result["tokens"],
               f"{result['perplexity']:.4f}", kl, f"{result['seconds']:.1f}")],
             ["model", "bits/param", "data", "windows", "seqlen", "tokens", "perplexity", "kl", "seconds"],
@@ -160,7 +139,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     )
     summary = applied_summary(out)
     if args.json:
-        _print_json(summary)
+        print_json(summary)
         return 0
     print(f"wrote {out}: {summary['targets']} targets at {summary['bits_per_param']:.4f} bits/param "
           f"({summary['bits_per_param_on_disk']:.4f} on disk), adapter: {'yes' if summary['adapter'] else 'no'}, "
@@ -187,10 +166,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
     if args.out:
         alloc.save(args.out)
     if args.json:
-        _print_json(alloc.to_dict())
+        print_json(alloc.to_dict())
         return 0
     gap = "-" if alloc.gap is None else f"{100 * alloc.gap:.4f}%"
-    print(_table([(alloc.budget, f"{alloc.bits_per_param:.4f}", f"{alloc.objective:.6g}", alloc.status, gap,
+    print(table([(alloc.budget, f"{alloc.bits_per_param:.4f}", f"{alloc.objective:.6g}", alloc.status, gap,
                    f"{alloc.seconds:.2f}", alloc.backend, alloc.n_candidates_after_pruning)],
                  ["budget", "bits/param", "predicted error", "status", "gap", "seconds", "backend", "candidates kept"]))
     shares = alloc.params_by_bits or {}
@@ -224,11 +203,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 alloc.save(folder / f"alloc-{alloc.budget:.4f}.json")
     ilp = pareto[pareto["kind"] == "ilp"]
     if args.json:
-        _print_json({"rows": json.loads(pareto.to_json(orient="records"))})
+        print_json({"rows": json.loads(pareto.to_json(orient="records"))})
         return 0
     rows = [(f"{r.budget:.4f}", f"{r.bits_per_param:.4f}", f"{r.objective:.6g}", r.status,
              "-" if r.gap != r.gap else f"{100 * r.gap:.4f}%", f"{r.seconds:.2f}") for r in ilp.itertuples()]
-    print(_table(rows, ["budget", "bits/param", "predicted error", "status", "gap", "seconds"]))
+    print(table(rows, ["budget", "bits/param", "predicted error", "status", "gap", "seconds"]))
     print(f"\n{len(ilp)} budgets, {int((pareto['kind'] == 'hull').sum())} Lagrangian hull points, "
           f"{ilp['seconds'].sum():.2f} s solving")
     if args.out:
@@ -247,154 +226,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----- adapter subcommands (LoRAQuant) ----------------------------------------------------
-def cmd_adapter_profile(args: argparse.Namespace) -> int:
-    """`bitalloc adapter profile ADAPTER_DIR... --out DIR`: error and storage of every config of every module."""
-    from bitalloc.adapters import load_adapter_profile, profile_adapters
-
-    try:
-        groups = None if args.groups is None else [int(g) for g in args.groups.split(",") if g.strip()]
-    except ValueError:
-        raise ValueError(f"invalid --groups {args.groups!r}: expected comma-separated ints like 64,128") from None
-    out = profile_adapters(args.adapters, args.out, space=args.space, groups=groups, base_model=args.base_model,
-                           model=args.model, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-                           seed=args.seed, force=args.force)
-    meta = load_adapter_profile(out).meta
-    print(f"adapter profile written to {out}: {meta['n_modules']} modules of {len(meta['adapters'])} adapters, "
-          f"{meta['table']['rows']} rows, {meta['seconds']:.1f} s")
-    return 0
-
-
-def cmd_adapter_solve(args: argparse.Namespace) -> int:
-    """`bitalloc adapter solve PROFILE --budget B` (or `--variant b@rho`): one config per module."""
-    from bitalloc.adapters import solve_adapters
-
-    alloc = solve_adapters(args.profile, args.budget, objective=args.objective, per_adapter=args.per_adapter,
-                           variant=args.variant, h_rule=args.h_rule, backend=args.backend,
-                           time_limit=args.time_limit, mip_gap=args.mip_gap)
-    if args.out:
-        alloc.save(args.out)
-    d = alloc.to_dict()
-    if args.json:
-        _print_json(d)
-        return 0
-    rows = [(name, a["modules"], f"{a['bits_per_param']:.4f}", f"{a['bits_per_param_codes']:.4f}",
-             f"{a['objective']:.6g}", a.get("status", d["status"])) for name, a in d["adapters"].items()]
-    rows.append(("(all)", d["n_matrices"], f"{d['bits_per_param']:.4f}", f"{d['bits_per_param_codes']:.4f}",
-                 f"{d['objective']:.6g}", d["status"]))
-    print(_table(rows, ["adapter", "modules", "bits/param", "codes only", "error", "status"]))
-    gap = "-" if d["gap"] is None else f"{100 * d['gap']:.4f}%"
-    print(f"\n{d['mode']}: budget {d['budget']}, gap {gap}, {d['seconds']:.2f} s, backend {d['backend']}")
-    if args.out:
-        print(f"allocation written to {args.out}")
-    return 0
-
-
-def cmd_adapter_apply(args: argparse.Namespace) -> int:
-    """`bitalloc adapter apply ALLOC --out DIR [--dequantized]`: packed adapters (and plain PEFT copies)."""
-    from bitalloc.adapters import apply_adapters
-
-    out = apply_adapters(args.allocation, args.out, dequantized=args.dequantized, adapters=args.adapters,
-                         force=args.force)
-    index = json.loads((out / "adapters.json").read_text())
-    if args.json:
-        _print_json(index)
-        return 0
-    rows = [(a["name"], a["bytes"], f"{a['bits_per_param']:.4f}", f"{a['bits_per_param_codes']:.4f}")
-            for a in index["adapters"]]
-    print(_table(rows, ["adapter", "bytes", "bits/param", "codes only"]))
-    print(f"\nwrote {out}{' (with plain PEFT copies in NAME/peft)' if args.dequantized else ''}")
-    return 0
-
-
-def _add_adapter_commands(sub: Any) -> None:
-    """The `bitalloc adapter profile|solve|apply` group."""
-    group = sub.add_parser("adapter", help="LoRAQuant: profile, solve and apply LoRA adapters under one bit budget")
-    inner = group.add_subparsers(dest="adapter_command", metavar="ADAPTER_COMMAND")
-    inner.required = True
-
-    p = inner.add_parser("profile", help="error and storage bits of every config for every module of PEFT LoRA adapters")
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA adapter directories (named by directory name)")
-    p.add_argument("--out", required=True, help="adapter profile directory")
-    p.add_argument("--space", default="default",
-                   help="config space: default (b in 2,3,4,8, every h, groups 32,64,128) or a JSON/YAML file")
-    p.add_argument("--groups", default=None, help="comma-separated group sizes, overriding the space's (e.g. 64,128)")
-    p.add_argument("--base-model", default=None, metavar="NAME",
-                   help="refuse adapters whose base_model_name_or_path is not NAME")
-    p.add_argument("--model", default=None,
-                   help="the base model (" + BUILTIN_HELP + "): refuse adapters that do not fit its layers")
-    p.add_argument("--calib", default=None,
-                   help="with --model: calibration text (wikitext2, c4, a file, self:N) for the activation-weighted "
-                        "error_act = tr(dE H dE^T), H the layers' input second moments")
-    p.add_argument("--samples", type=_positive_int, default=16, help="calibration sequences (default 16)")
-    p.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per calibration sequence (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed for self: calibration text (default 0)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(func=cmd_adapter_profile)
-
-    p = inner.add_parser("solve", help="one config per module under one bits/param budget for all adapters")
-    p.add_argument("profile", help="adapter profile directory (from `bitalloc adapter profile`)")
-    p.add_argument("--budget", type=float, default=None, help="bits per LoRA parameter, everything stored counted (e.g. 1.8)")
-    p.add_argument("--objective", default="plain",
-                   help="plain (default) or act (activation-weighted; needs a profile made with --model and --calib)")
-    p.add_argument("--per-adapter", action="store_true", help="the budget holds for each adapter on its own")
-    p.add_argument("--variant", default=None, metavar="B@RHO",
-                   help="LoRAQuant's fixed rule instead of the solver, e.g. 2@0.8 (group 128; 3@0.9-g64 for another group)")
-    p.add_argument("--h-rule", choices=["paper", "code"], default="paper",
-                   help="with --variant: paper (smallest h reaching rho, default) or code (the released code's, one less)")
-    p.add_argument("--backend", default="highs", help="highs (default) | pulp-highs | pulp-cbc | lagrange")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S", help="stop after S seconds with the best allocation found")
-    p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default 0: exact)")
-    p.add_argument("--out", default=None, help="write the allocation JSON here")
-    p.add_argument("--json", action="store_true", help="print the allocation as one JSON object")
-    p.set_defaults(func=cmd_adapter_solve)
-
-    p = inner.add_parser("apply", help="write packed quantized adapters (and plain PEFT copies with --dequantized)")
-    p.add_argument("allocation", help="adapter allocation JSON (from `bitalloc adapter solve --out`)")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty unless --force)")
-    p.add_argument("--dequantized", action="store_true", help="also write NAME/peft: a plain PEFT LoRA adapter directory")
-    p.add_argument("--adapters", nargs="+", default=None, metavar="ADAPTER_DIR",
-                   help="adapter directories, when they moved since profiling (default: the recorded paths)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--json", action="store_true", help="print adapters.json as one JSON object")
-    p.set_defaults(func=cmd_adapter_apply)
-
-
 # ----- parser ----------------------------------------------------------------------------
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help=BUILTIN_HELP)
-
-
-def _add_target_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--include", default=None, help="regex: only layers whose name matches")
-    p.add_argument("--exclude", default=None, help="regex: drop layers whose name matches")
-
-
-def _add_allow_unusual(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-unusual-config", action="store_true",
-                   help="accept valid but unusual configs (a block or scale group that is not a power of two "
-                        "from 8 or 4 to 1024), which are otherwise refused as likely typos")
-
-
-def _int_at_least(low: int, what: str):
-    """An argparse type: an int >= ``low``, else an error saying ``what`` was expected."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_jobs_count = _int_at_least(0, "a number of worker processes >= 0 (0: one per core)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the `bitalloc` command."""
     parser = argparse.ArgumentParser(
@@ -408,17 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("info", help="list a model's target matrices, shapes and parameter counts")
-    _add_model_arg(p)
-    _add_target_filters(p)
+    add_model_arg(p)
+    add_target_filters(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("eval", help="perplexity (GPTQ convention) and KL divergence to a reference model")
-    _add_model_arg(p)
+    add_model_arg(p)
     p.add_argument("--data", default="wikitext2",
                    help="text source: wikitext2 (shared data when present), c4, a text file, or self:N (default: wikitext2)")
-    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--windows", type=_positive_int, default=None, help="evaluate the first N windows (default: all)")
+    p.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--windows", type=positive_int, default=None, help="evaluate the first N windows (default: all)")
     p.add_argument("--kl-to", default=None, metavar="MODEL",
                    help="reference model for the mean per-token KL divergence (default for an applied DIR: its source model)")
     p.add_argument("--no-kl", action="store_true", help="perplexity only, no KL")
@@ -432,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="measure the error of every config for every target matrix")
     p.add_argument("--model", default=None, help=BUILTIN_HELP)
     p.add_argument("--calib", default=None, help="calibration text for the Fisher: wikitext2, c4, a file, or self:N (default: self: text)")
-    p.add_argument("--samples", type=_positive_int, default=None, help="calibration sequences (default: chosen per device)")
-    p.add_argument("--seqlen", type=_positive_int, default=None, help="tokens per calibration sequence (default: chosen per device)")
+    p.add_argument("--samples", type=positive_int, default=None, help="calibration sequences (default: chosen per device)")
+    p.add_argument("--seqlen", type=positive_int, default=None, help="tokens per calibration sequence (default: chosen per device)")
     p.add_argument("--no-fisher", action="store_true", help="plain errors only (no Fisher estimate)")
     p.add_argument("--fisher-mode", choices=["exact", "batched"], default=None,
                    help="exact: one sequence per backward pass (LQ-LoRA); batched: cheaper (default: chosen per device)")
@@ -442,17 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="low-rank ranks: one value fixes it, several let the solver choose (e.g. 0,16,64); "
                         "auto (default): 0 and the largest power of two whose bf16 factors cost at most 0.5 "
                         "bits/param on the median target (0,8 on the built-in model, 0,64 on a 7B)")
-    _add_target_filters(p)
+    add_target_filters(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     p.add_argument("--out", default="profile", help="profile directory (default ./profile)")
     p.add_argument("--shard", default=None, help="i/n: profile every n-th matrix starting at the i-th (1 <= i <= n)")
-    p.add_argument("--jobs", type=_jobs_count, default=None,
+    p.add_argument("--jobs", type=jobs_count, default=None,
                    help="CPU worker processes, one matrix each at a time, one thread each (default: one per core when the "
                         "profile is big enough to pay for starting them, as many as the available memory "
                         "holds; 1 on CUDA)")
     p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    _add_allow_unusual(p)
+    add_allow_unusual(p)
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: this process (default); ray: shards as Ray tasks on a Ray cluster, one GPU each "
                         "where the cluster has GPUs, merged into --out (needs pip install 'bitalloc[ray]')")
@@ -460,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster for --executor ray, as ray.init(address=ADDR) takes it (default: $RAY_ADDRESS, "
                         "else a cluster started with `ray start` on this machine, else a new local Ray instance; "
                         "'auto' refuses to start one)")
-    p.add_argument("--shards", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--shards", type=positive_int, default=None, metavar="N",
                    help="with --executor ray: split into N shards, kept in OUT.shards/ for resuming (default: the "
                         "cluster's GPUs, else its CPUs, at most one per target matrix)")
     p.set_defaults(func=cmd_profile)
@@ -487,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", default=None, help="regex: with --uniform, drop layers whose name matches")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print bitalloc.json's summary as one JSON object")
-    _add_allow_unusual(p)
+    add_allow_unusual(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("merge", help="join shard profiles (from --shard i/n) into one profile")
@@ -538,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_report)
 
-    _add_adapter_commands(sub)
+    add_adapter_commands(sub)
     return parser
 
 
