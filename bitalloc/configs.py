@@ -329,17 +329,22 @@ def _unique(configs: Iterable[QuantConfig]) -> list[QuantConfig]:
 _HAS_RANK = re.compile(r"-r\d+(-lr8)?$")
 
 
-def _load_space_file(path: Path, ranks: Sequence[int], allow_unusual: bool) -> list[QuantConfig]:
+def read_space_file(path: Path, what: str = "config space file") -> Any:
+    """The JSON (or, by suffix, YAML) content of a config space file; ValueError naming ``what``
+    and the file when it does not parse."""
     text = path.read_text()
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+            return yaml.safe_load(text)
+        return json.loads(text)
     except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
-        raise ValueError(f"config space file {path} is not valid JSON/YAML: {exc}") from exc
+        raise ValueError(f"{what} {path} is not valid JSON/YAML: {exc}") from exc
+
+
+def _load_space_file(path: Path, ranks: Sequence[int], allow_unusual: bool) -> list[QuantConfig]:
+    data = read_space_file(path)
     if isinstance(data, dict) and "configs" in data:
         data = data["configs"]
     if isinstance(data, dict):

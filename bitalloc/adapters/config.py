@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from bitalloc.configs import read_space_file
 from bitalloc.quant.affine import affine_storage_bits, binary_storage_bits
 
 HIGH_BITS = (2, 3, 4, 8)
@@ -221,16 +221,7 @@ def adapter_space(spec: str | Path | None = None, groups: Sequence[int] | None =
         path = Path(spec)
         if not path.is_file():
             raise ValueError(f"adapter config space {str(spec)!r}: no such file (use 'default' or a JSON/YAML file)")
-        text = path.read_text()
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
-            raise ValueError(f"adapter config space file {path} is not valid JSON/YAML: {exc}") from exc
+        data = read_space_file(path, "adapter config space file")
         if isinstance(data, list):
             if not data or not all(isinstance(n, str) for n in data):
                 raise ValueError(f"adapter config space file {path}: a list must hold config names like 'lq2-h3-g128'")
