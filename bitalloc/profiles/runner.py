@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -350,6 +351,13 @@ def _profile_matrix(index: int, name: str, W: torch.Tensor, F: torch.Tensor | No
     return _matrix_rows(index, name, W, configs, decs, time.perf_counter() - t0)
 
 
+def _profile_arrays(index: int, name: str, W: np.ndarray, F: np.ndarray | None, configs: list[QuantConfig],
+                    seed: int) -> pd.DataFrame:
+    """:func:`_profile_matrix` of a worker process, on the arrays it was sent."""
+    return _profile_matrix(index, name, torch.from_numpy(W), None if F is None else torch.from_numpy(F), configs,
+                           seed, decompose_many)
+
+
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """On the CPU, profile with one torch thread, as each worker process does.
@@ -404,8 +412,10 @@ def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], job
             while pending or running:
                 while pending and len(running) < 2 * jobs:
                     index, name, W, F, configs = task(pending.pop(0))
-                    fut = pool.submit(_profile_matrix, index, name, W.cpu(), None if F is None else F.cpu(),
-                                      configs, seed, decompose_many)
+                    # numpy arrays pickle as plain bytes; tensors would pass file descriptors, and a
+                    # worker killed mid-transfer would print a traceback from the parent's sharing thread
+                    fut = pool.submit(_profile_arrays, index, name, W.cpu().numpy(),
+                                      None if F is None else F.cpu().numpy(), configs, seed)
                     running[fut] = index
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in finished:

@@ -64,7 +64,7 @@ def test_eval_append_to_an_unwritable_path_fails_before_evaluating(tiny_llama_di
     monkeypatch.setattr("bitalloc.apply.evaluation.evaluate", no_evaluation)
     folder = tmp_path / "a-directory"
     folder.mkdir()
-    assert main(["eval", str(tiny_llama_dir), "--seqlen", "32", "--append", str(folder)]) == 2
+    assert main(["eval", str(tiny_llama_dir), "--data", "self:2", "--seqlen", "32", "--append", str(folder)]) == 2
     assert "a-directory" in capsys.readouterr().err
 
 
@@ -136,5 +136,6 @@ def test_interrupted_eval_append_leaves_no_empty_file(tiny_llama_dir, tmp_path, 
     evals = tmp_path / "evals.jsonl"
     assert main(["eval", str(tiny_llama_dir), "--data", "self:2", "--seqlen", "16", "--append", str(evals)]) == 130
     assert not evals.exists()
-    assert main(["eval", str(tiny_llama_dir), "--seqlen", "16", "--append", str(tmp_path / "no-dir" / "e.jsonl")]) == 2
+    assert main(["eval", str(tiny_llama_dir), "--data", "self:2", "--seqlen", "16", "--append",
+                 str(tmp_path / "no-dir" / "e.jsonl")]) == 2
     assert "no-dir" in capsys.readouterr().err
