@@ -73,3 +73,12 @@ def model_fingerprint(model: Any) -> str:
             sample = flat[::step][:FINGERPRINT_VALUES].to("cpu", torch.float32).contiguous()
             digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,7 +9,6 @@ from safetensors only (never a pickle ``adapter_model.bin``). A module's scale i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from bitalloc.identity import file_digest
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -108,15 +109,6 @@ def _check_config(config: dict[str, Any], where: Path) -> None:
         raise AdapterError(f"{where}: fan_in_fan_out adapters (GPT-2 Conv1D layout) are not supported")
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_adapter(path: str | os.PathLike[str], name: str | None = None) -> LoraAdapter:
     """Read one PEFT LoRA adapter directory; raises :class:`AdapterError` with a clear message."""
     from safetensors import SafetensorError
@@ -188,7 +180,7 @@ def read_adapter(path: str | os.PathLike[str], name: str | None = None) -> LoraA
         path=str(folder.resolve()),
         config=config,
         modules=tuple(modules),
-        sha256=file_sha256(weights),
+        sha256=file_digest(weights),
     )
 
 

@@ -25,7 +25,6 @@ warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bitalloc.errors import IntegrityError
+from bitalloc.identity import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,6 @@ def file_sizes(folder: Path) -> dict[str, int]:
         if path.is_file() and path.name != INFO_FILE:
             sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
     return sizes
-
-
-def file_digest(path: Path) -> str:
-    """The SHA-256 of a file's bytes, as hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_digests(folder: Path) -> dict[str, str]:
