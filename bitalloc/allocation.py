@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,7 +21,8 @@ import pandas as pd
 
 from bitalloc.atomic import atomic_write_json
 from bitalloc.profiles.store import load_profile
-from bitalloc.solvers import SolveOptions, TableSolution, TableSweep, default_objective, solve_table, sweep_table
+from bitalloc.solvers import (MissingObjectiveError, SolveOptions, TableProblem, TableSolution, TableSweep,
+                              default_objective, solve_table, sweep_table)
 
 __all__ = ["ALLOCATION_FORMAT", "ALLOCATION_VERSION", "Allocation", "SolveOptions", "default_objective", "solve",
            "sweep"]
@@ -189,10 +191,50 @@ def _provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _options_for(df: pd.DataFrame, options: SolveOptions | None, changes: dict[str, Any]) -> SolveOptions:
-    """``options`` with ``changes``, its objective resolved for this profile."""
+def profile_command(meta: Mapping[str, Any], out: str) -> str:
+    """The `bitalloc profile` command line that resumes the profile in ``out`` (made as ``meta`` says)
+    with every optional column on: rerun, it keeps the finished matrices and adds what is missing."""
+    words = ["bitalloc", "profile", "--out", out]
+    if meta.get("model") is not None:
+        words += ["--model", str(meta["model"])]
+    for key in ("space", "include", "exclude"):
+        if meta.get(key) is not None:
+            words += [f"--{key}", str(meta[key])]
+    if meta.get("ranks"):
+        words += ["--ranks", ",".join(str(r) for r in meta["ranks"])]
+    calibration = meta.get("calibration") or {}
+    if calibration:
+        words += ["--calib", str(calibration["source"]), "--samples", str(calibration["samples"]),
+                  "--seqlen", str(calibration["seqlen"])]
+    if meta.get("fisher") is False:
+        words.append("--no-fisher")
+    if meta.get("seed"):
+        words += ["--seed", str(meta["seed"])]
+    if meta.get("shard"):
+        words += ["--shard", str(meta["shard"])]
+    return shlex.join(words)
+
+
+def _options_for(df: pd.DataFrame, options: SolveOptions | None, changes: dict[str, Any],
+                 meta: Mapping[str, Any] | None = None, profile_id: str = "PROFILE") -> SolveOptions:
+    """``options`` with ``changes``, its objective resolved for this profile and checked against its columns
+    (a missing one is a ValueError naming the command that adds it)."""
     options = SolveOptions.of(options, **changes)
-    return options if options.objective else options.replace(objective=default_objective(df))
+    options = options if options.objective else options.replace(objective=default_objective(df))
+    try:
+        TableProblem.check_objective(df, options.objective)
+    except MissingObjectiveError as exc:
+        if not meta:
+            raise
+        if exc.column == "error_fisher":  # a profile made without a Fisher estimate does not resume with one
+            fresh = dict(meta, fisher=True)
+            raise MissingObjectiveError(
+                exc.objective, exc.column,
+                f"objective {exc.objective!r} needs Fisher-weighted errors (error_fisher), which this profile was made without "
+                f"(--no-fisher); profile again into another directory: "
+                f"`{profile_command(fresh, profile_id.rstrip('/') + '-fisher')}`") from None
+        raise MissingObjectiveError(exc.objective, exc.column, f"{exc}: `{profile_command(meta, profile_id)}`") from None
+    return options
 
 
 def solve(profile: Any, budget: float, options: SolveOptions | None = None, **changes: Any) -> Allocation:
@@ -202,7 +244,7 @@ def solve(profile: Any, budget: float, options: SolveOptions | None = None, **ch
     (``objective="plain"``, ``ties=["fuse"]``, ``min_bits=["down_proj=4"]``, ...).
     """
     df, meta, profile_id = _table_and_meta(profile)
-    options = _options_for(df, options, changes)
+    options = _options_for(df, options, changes, meta, profile_id)
     return Allocation.from_result(solve_table(df, budget, options), profile_id, options, meta)
 
 
@@ -218,7 +260,7 @@ def sweep(
     ``seconds``, ``objective_column``. ``progress`` shows a bar in budgets.
     """
     df, meta, profile_id = _table_and_meta(profile)
-    options = _options_for(df, options, changes)
+    options = _options_for(df, options, changes, meta, profile_id)
     raw = sweep_table(df, budgets, options, progress=progress)
     allocations = [Allocation.from_result(r, profile_id, options, meta) for r in raw.results]
     ilp = raw.frame()

@@ -343,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="write the Pareto table (CSV) here")
             p.add_argument("--allocs", default=None, metavar="DIR", help="also write one allocation JSON per budget into DIR")
             p.add_argument("--json", action="store_true", help="print the table as one JSON object")
-        p.add_argument("--objective", default=None, help="error column: fisher | plain (default: fisher when profiled)")
+        p.add_argument("--objective", default=None,
+                       help="what is minimized: plain (error) | fisher (error_fisher) | act (error_act) | kl (error_kl) "
+                            "(default: fisher when profiled, else plain)")
         p.add_argument("--backend", default="highs", help="highs (default) | pulp-highs | pulp-cbc | lagrange")
         p.add_argument("--tie", action="append", metavar="REGEX",
                        help="matrices matching REGEX share one config within each layer, e.g. 'self_attn\\.[qkv]_proj' (repeatable)")
