@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from bitalloc import __version__
 from bitalloc.atomic import atomic_write_bytes, check_output
 from bitalloc.cli.adapter_commands import add_adapter_commands
-from bitalloc.cli.common import (BUILTIN_HELP, MODEL_FORMS, add_allow_unusual, add_model_arg, add_target_filters, jobs_count,
-                                 positive_int, print_json, table)
+from bitalloc.cli.common import (BUILTIN_HELP, MODEL_FORMS, add_allow_unusual, add_model_arg, add_target_filters,
+                                 float_list, jobs_count, positive_int, print_json, table)
 from bitalloc.errors import BitallocError
 from bitalloc.identity import BUILTIN_ALIAS
 from bitalloc.preflight import check_appendable, check_input_file, check_model_spec, check_text_source
@@ -85,14 +85,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     """`bitalloc profile`: the error of every config for every target matrix (resumable)."""
     check_model_spec(args.model, flag="--model")  # before the stages' heavy imports
-    if not (args.no_fisher and args.no_act):
+    if not (args.no_fisher and args.no_act and args.no_kl):
         check_text_source(args.calib, flag="--calib")
     from bitalloc.configs import parse_ranks
     from bitalloc.profiles import ProfileRequest, profile
 
     request = ProfileRequest(
         model=args.model, out=args.out, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-        fisher=not args.no_fisher, fisher_mode=args.fisher_mode, act=not args.no_act, space=args.space,
+        fisher=not args.no_fisher, fisher_mode=args.fisher_mode, act=not args.no_act, kl=not args.no_kl,
+        kl_windows=args.kl_windows, kl_levels=args.kl_levels, space=args.space,
         ranks=parse_ranks(args.ranks), include=args.include, exclude=args.exclude,
         device=args.device, shard=args.shard, resume=args.resume, seed=args.seed,
         progress=not args.quiet, jobs=args.jobs, allow_unusual_config=args.allow_unusual_config,
@@ -269,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fisher", action="store_true", help="no Fisher-weighted errors (no Fisher estimate)")
     p.add_argument("--no-act", action="store_true",
                    help="no activation-aware errors (error_act, from the calibration inputs' second moments)")
+    p.add_argument("--no-kl", action="store_true",
+                   help="no KL-calibrated errors (error_kl: per-matrix factors measured by injecting noise into "
+                        "one matrix at a time)")
+    p.add_argument("--kl-windows", type=positive_int, default=2, metavar="N",
+                   help="calibration sequences each KL probe runs on (default 2; cost grows linearly)")
+    p.add_argument("--kl-levels", type=float_list, default=(0.01, 0.04), metavar="A,B",
+                   help="relative errors of the injected noise, one probe per matrix and level (default 0.01,0.04)")
     p.add_argument("--fisher-mode", choices=["exact", "batched"], default=None,
                    help="exact: one sequence per backward pass (LQ-LoRA); batched: cheaper (default: chosen per device)")
     p.add_argument("--space", default="default", help="config space: default, lqlora, or a JSON/YAML file")
