@@ -160,10 +160,15 @@ def _solve_options(args: argparse.Namespace) -> SolveOptions:
 
 def cmd_solve(args: argparse.Namespace) -> int:
     """`bitalloc solve PROFILE --budget B`: the exact allocation at one budget."""
-    from bitalloc.allocation import solve
+    from bitalloc.allocation import RefineOptions, refine, solve
     if args.out:
         check_output(args.out, force=args.force, kind="file", what="--out")
-    alloc = solve(args.profile, args.budget, _solve_options(args))
+    if args.refine:
+        alloc = refine(args.profile, args.budget, _solve_options(args),
+                       RefineOptions(iterations=args.refine, windows=args.refine_windows, device=args.device,
+                                     progress=not args.quiet))
+    else:
+        alloc = solve(args.profile, args.budget, _solve_options(args))
     if args.out:
         alloc.save(args.out)
     if args.json:
@@ -179,6 +184,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
         print(f"{bits:>7}  {count:>8}  {100 * shares.get(bits, 0.0):>14.1f}%")
     if alloc.note:
         print(f"\nnote: {alloc.note}")
+    done = alloc.extra.get("refinement")
+    if done:
+        print(f"\nrefined: measured KL {done['kl_start']:.5g} -> {done['kl_best']:.5g} (round {done['chosen_round']} of "
+              f"{done['iterations']}, {done['kl_runs']} KL runs on {done['positions']} positions, {done['seconds']:.1f} s)")
     if alloc.status != "optimal":
         print(f"\nnot proven optimal (status {alloc.status}, gap {gap})")
     if args.out:
@@ -346,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--budget", type=float, required=True, help="bits per parameter, everything stored counted (e.g. 2.85)")
             p.add_argument("--out", default=None, help="write the allocation JSON here")
             p.add_argument("--json", action="store_true", help="print the allocation as one JSON object")
+            p.add_argument("--refine", type=positive_int, default=None, metavar="N",
+                           help="then N rounds of: measure the KL of one-step moves of each matrix (or tied group) "
+                                "around the allocation, correct its objective factor, solve again; the allocation "
+                                "with the lowest measured KL is kept (loads the profile's model)")
+            p.add_argument("--refine-windows", type=positive_int, default=None, metavar="N",
+                           help="calibration sequences the refinement measures KL on (default: the profile's "
+                                "--kl-windows, else 2)")
+            p.add_argument("--device", default="auto", help="where --refine runs the model: auto | cpu | cuda[:i]")
         else:
             p.add_argument("--budgets", required=True, help="A:B:STEP (inclusive) or a comma list, e.g. 2.25:4.5:0.05")
             p.add_argument("--out", default=None, help="write the Pareto table (CSV) here")
