@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bitalloc.models.activations import act_error
 from bitalloc.models.causal import eval_mode
 from bitalloc.models.targets import set_target_weight, target_weight
 
@@ -236,10 +237,9 @@ class KLProbe:
 
 def basis_error(delta: torch.Tensor, *, H: torch.Tensor | None = None, fisher: torch.Tensor | None = None) -> float:
     """The error a KL factor multiplies: ``tr(ΔW H ΔWᵀ)`` with ``H``, else ``Σ F ΔW²``, else ``‖ΔW‖²``."""
-    d = delta.double()
     if H is not None:
-        h = H.to(device=d.device, dtype=torch.float64)
-        return float((d.square() * h).sum()) if h.dim() == 1 else float(((d @ h) * d).sum())
+        return act_error(delta, H)
+    d = delta.double()
     if fisher is not None:
         return float((fisher.to(device=d.device, dtype=torch.float64) * d.square()).sum())
     return float(d.square().sum())
