@@ -27,12 +27,12 @@ from bitalloc.lowrank import decompose_many
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
 from bitalloc.models.activations import ACT_FULL_MAX, act_error, calibration_moments
 from bitalloc.models.calibration import calibration_token_source
-from bitalloc.models.kl_probe import ProbeSettings
-from bitalloc.profiles.kl_factors import add_error_kl, kl_basis, measure_kl_factors
 from bitalloc.models.fisher import FISHER_MODES
+from bitalloc.models.kl_probe import ProbeSettings
 from bitalloc.models.loading import check_finite
 from bitalloc.models.targets import float_target_weight
 from bitalloc.preflight import check_model_spec, check_text_source
+from bitalloc.profiles.kl_factors import add_error_kl, kl_basis, measure_kl_factors
 from bitalloc.profiles.shards import parse_shard, shard_indices
 from bitalloc.profiles.store import (
     META_FILE,
@@ -65,8 +65,9 @@ class ProfileRequest:
     defaults (see :meth:`calibration`). ``act`` records ``error_act`` (the activation-aware
     error, see :mod:`bitalloc.models.activations`) from the same calibration text; ``kl``
     records ``error_kl`` from per-matrix KL factors measured on ``kl_windows`` calibration
-    sequences at the relative noise levels ``kl_levels`` (see :mod:`bitalloc.profiles.kl_factors`). ``ranks`` is a sequence of ranks, ``"0,8"`` or ``"auto"``;
-    ``shard`` is ``"i/n"`` or None; ``jobs`` None or 0 lets the profiler choose.
+    sequences at the relative noise levels ``kl_levels`` (see :mod:`bitalloc.profiles.kl_factors`).
+    ``ranks`` is a sequence of ranks, ``"0,8"`` or ``"auto"``; ``shard`` is ``"i/n"`` or
+    None; ``jobs`` None or 0 lets the profiler choose.
     """
 
     model: str | None = None
