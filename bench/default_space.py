@@ -263,7 +263,7 @@ def rank_profile_timing(args: argparse.Namespace, work: Path, chosen: list[str])
     for label, space in (("chosen", str(chosen_file)), ("lqlora", "lqlora")):
         out = work / f"r64-{label}"
         timing = out.with_name(out.name + "-timing.json")
-        cmd = _cli("-q", "profile", "--no-fisher", "--space", space, "--ranks", "64", "--device", "cpu",
+        cmd = _cli("-q", "profile", "--no-fisher", "--no-act", "--no-kl", "--space", space, "--ranks", "64", "--device", "cpu",
                    "--include", include, "--out", str(out))
         try:
             df, meta = load_profile(out)

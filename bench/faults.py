@@ -137,7 +137,8 @@ def main() -> None:
         space.write_text(json.dumps(SPACE))
 
         def profile_cmd(out: Path, jobs: int) -> list[str]:
-            return _bitalloc("profile", "--model", str(model), "--no-fisher", "--space", str(space),
+            return _bitalloc("profile", "--model", str(model), "--no-fisher", "--no-act", "--no-kl",
+                             "--space", str(space),
                              "--jobs", str(jobs), "--out", str(out))
 
         _run(profile_cmd(tmp / "ref-profile", 1))

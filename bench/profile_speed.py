@@ -703,7 +703,7 @@ def run_full_models(specs: list[str], threads: int) -> dict:
     out = {}
     for spec in specs:
         space, every, ranks, jobs = parse_full_spec(spec)
-        cmd = [str(Path(sys.executable).with_name("bitalloc")), "profile", "--no-fisher", "--space", space,
+        cmd = [str(Path(sys.executable).with_name("bitalloc")), "profile", "--no-fisher", "--no-act", "--no-kl", "--space", space,
                "--ranks", ranks, "--device", "cpu"] + (["--jobs", jobs] if jobs else [])
         subset = None
         if every:
