@@ -3,8 +3,12 @@
 A :class:`QuantConfig` describes how one weight matrix ``W`` (rows x cols) is stored as
 ``Q + L1 @ L2``:
 
-* ``Q``: NF-``bits`` codes in blocks of ``block`` consecutive weights along a row (each row
-  is zero-padded to a multiple of ``block``), one absmax scale per block.
+* ``Q``: ``bits``-bit codes in blocks of ``block`` consecutive weights along a row (each row
+  is zero-padded to a multiple of ``block``), one scale per block. Two families
+  (``family``): ``nf``, NormalFloat levels times the block's absmax; ``int``, asymmetric
+  integers ``(code - zero) * step`` with the block's step ``(hi - lo) / (2**bits - 1)`` (``lo``,
+  ``hi`` the block's minimum and maximum, widened to include 0) as its scale and a
+  ``bits``-bit integer zero point per block, stored packed beside the codes.
 * Block scales: with ``scale_bits == 16`` stored as fp16. Otherwise double-quantized:
   a per-matrix fp32 offset (the minimum scale) is subtracted and the rest is stored as
   ``scale_bits``-bit unsigned codes, in groups of ``scale_block`` blocks, each group with one
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 NF_BITS = (2, 3, 4, 8)
+#: Code families: NormalFloat levels with absmax scales, asymmetric integers with zero points.
+FAMILIES = ("nf", "int")
 SCALE_DTYPE_BITS = {"fp16": 16, "fp32": 32}
 OFFSET_BITS = 32  # the per-matrix fp32 offset of double-quantized scales
 LOWRANK_BITS = (16, 8)
@@ -44,17 +50,19 @@ USUAL_SCALE_BLOCKS = tuple(2**k for k in range(2, 11))
 ALLOW_UNUSUAL_HINT = "pass --allow-unusual-config (allow_unusual=True) to use it anyway"
 
 _NAME_RE = re.compile(
-    r"^nf(?P<bits>\d+)-g(?P<block>\d+)-s(?P<scale_bits>\d+)(?:x(?P<scale_block>\d+))?"
+    r"^(?P<family>nf|int)(?P<bits>\d+)-g(?P<block>\d+)-s(?P<scale_bits>\d+)(?:x(?P<scale_block>\d+))?"
     r"(?P<fp32>-fp32)?-r(?P<rank>\d+)(?P<lr8>-lr8)?$"
 )
 
 
 @dataclass(frozen=True, order=True)
 class QuantConfig:
-    """How one matrix is stored: NF codes, (double-quantized) block scales, low-rank factors.
+    """How one matrix is stored: NF or integer codes, (double-quantized) block scales, the integer
+    family's zero points, low-rank factors.
 
-    The name grammar is ``nf{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32]-r{rank}[-lr8]``
-    (``nf4-g64-s16-r0`` when scales are plain fp16); :meth:`from_name` parses it back.
+    The name grammar is ``{family}{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32]-r{rank}[-lr8]``
+    with ``family`` ``nf`` or ``int`` (``nf4-g64-s16-r0`` when scales are plain fp16);
+    :meth:`from_name` parses it back. A config dict without ``family`` (older files) reads as NF.
     """
 
     bits: int = 4
@@ -64,12 +72,15 @@ class QuantConfig:
     scale_dtype: str = "fp16"
     rank: int = 0
     lowrank_bits: int = 16
+    family: str = "nf"
 
     def __post_init__(self) -> None:
         for field in ("bits", "block", "scale_bits", "scale_block", "rank", "lowrank_bits"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"QuantConfig.{field} must be an int, got {value!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"QuantConfig.family must be one of {FAMILIES}, got {self.family!r}")
         if self.bits not in NF_BITS:
             raise ValueError(f"QuantConfig.bits must be one of {NF_BITS}, got {self.bits}")
         if self.block < 1:
@@ -102,14 +113,14 @@ class QuantConfig:
     # ----- names -------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        """The stable name, e.g. ``nf3-g64-s8x256-r64``."""
+        """The stable name, e.g. ``nf3-g64-s8x256-r64`` or ``int3-g64-s16-r0``."""
         if self.scale_bits == 16:
             scales = "s16"
         else:
             scales = f"s{self.scale_bits}x{self.scale_block}"
             if self.scale_dtype == "fp32":
                 scales += "-fp32"
-        name = f"nf{self.bits}-g{self.block}-{scales}-r{self.rank}"
+        name = f"{self.family}{self.bits}-g{self.block}-{scales}-r{self.rank}"
         if self.lowrank_bits == 8 and self.rank > 0:
             name += "-lr8"
         return name
@@ -128,10 +139,13 @@ class QuantConfig:
             raise ValueError(f"a config name must be a string, got {name!r}")
         m = _NAME_RE.match(name.strip())
         if m is None:
+            near = nearest_config_names(name.strip())
+            hint = f"; did you mean {' or '.join(repr(c) for c in near)}?" if near else ""
             raise ValueError(
                 f"invalid config name {name!r}: expected "
-                "'nf{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32]-r{rank}[-lr8]' "
-                "(e.g. 'nf3-g64-s8x256-r64') or 'nf{bits}-g{block}-s16-r{rank}'"
+                "'{nf|int}{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32]-r{rank}[-lr8]' "
+                "(e.g. 'nf3-g64-s8x256-r64') or '{nf|int}{bits}-g{block}-s16-r{rank}' (e.g. 'int3-g64-s16-r0')"
+                + hint
             )
         scale_bits = int(m["scale_bits"])
         if scale_bits == 16:
@@ -159,6 +173,7 @@ class QuantConfig:
             scale_dtype="fp32" if m["fp32"] else "fp16",
             rank=rank,
             lowrank_bits=8 if m["lr8"] else 16,
+            family=m["family"],
         )
         if not allow_unusual:
             check_usual(cfg, spelled=name.strip())
@@ -174,11 +189,13 @@ class QuantConfig:
 
     # ----- accounting --------------------------------------------------------------------
     def quant_bits(self, rows: int, cols: int) -> int:
-        """Bits of the quantized part Q alone (codes, scales, constants), padding included."""
+        """Bits of the quantized part Q alone (codes, scales, zero points, constants), padding included."""
         _check_shape(rows, cols)
         blocks_per_row = -(-cols // self.block)
         n_blocks = rows * blocks_per_row
         code_bits = n_blocks * self.block * self.bits
+        if self.family == "int":  # one ``bits``-bit integer zero point per block
+            code_bits += n_blocks * self.bits
         if self.scale_bits == 16:
             scale_bits = n_blocks * 16
         else:
@@ -210,7 +227,7 @@ class QuantConfig:
 
     def stored_arrays(self) -> int:
         """How many packed arrays Q is stored as (for the one-byte-per-array padding rule)."""
-        return 2 if self.scale_bits == 16 else 4
+        return (2 if self.scale_bits == 16 else 4) + (self.family == "int")
 
 
 #: How NF8 low-rank factors are stored: NF8 codes in blocks of 64 with fp16 scales.
@@ -230,9 +247,14 @@ def unusual_reasons(cfg: QuantConfig) -> list[str]:
 
 
 def known_config_names(rank: int = 0, lowrank_bits: int = 16) -> list[str]:
-    """The names of the built-in spaces' configs (``lqlora`` and ``default``) at one rank."""
-    configs = _expand_grid(LQLORA_GRID, (rank,)) + [QuantConfig.from_name(c, allow_unusual=True).replace(rank=rank)
-                                                   for c in DEFAULT_CONFIGS]
+    """The names of the configs a user most likely means, at one rank: the built-in spaces'
+    (``lqlora`` and ``default``), LQ-LoRA's grid in the integer family too, and fp16-scale
+    configs of both families at the usual blocks 16..128."""
+    plain = [QuantConfig(family=f, bits=b, block=g, scale_bits=16)
+             for f in FAMILIES for b in NF_BITS for g in (16, 32, 64, 128)]
+    configs = (_expand_grid(dict(LQLORA_GRID, family=FAMILIES), (rank,))
+               + [QuantConfig.from_name(c, allow_unusual=True).replace(rank=rank) for c in DEFAULT_CONFIGS]
+               + [c.replace(rank=rank) for c in plain])
     if rank and lowrank_bits != 16:
         configs = [c.replace(lowrank_bits=lowrank_bits) for c in configs]
     return [c.name for c in _unique(configs)]
@@ -298,7 +320,7 @@ DEFAULT_CONFIGS: tuple[str, ...] = (
     "nf2-g16-s3x16-r0", "nf4-g16-s8x64-r0", "nf2-g16-s3x256-r0", "nf3-g64-s3x64-r0",
 )
 
-_GRID_FIELDS = ("bits", "block", "scale_bits", "scale_block", "scale_dtype", "rank", "lowrank_bits")
+_GRID_FIELDS = ("family", "bits", "block", "scale_bits", "scale_block", "scale_dtype", "rank", "lowrank_bits")
 BUILTIN_SPACES: dict[str, Any] = {"lqlora": LQLORA_GRID, "default": DEFAULT_CONFIGS}
 
 
