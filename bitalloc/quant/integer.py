@@ -46,9 +46,9 @@ def block_step_lo(blocks: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     return true_divide(hi - lo, top_code(bits)), lo
 
 
-#: Alternating least-squares steps of :func:`fit_step_lo`. On SmolLM2's matrices of 2 layers
-#: (int3/int4, g64, fp16 steps) they lower the weight error by 13.7% and 10.8%; most of it in
-#: the first two steps.
+#: Alternating least-squares steps of :func:`fit_step_lo`. On the built-in model's matrices of
+#: layers 3 and 20 (int3/int4, g64, fp16 steps) the weight error falls to 0.916/0.949 of min-max's
+#: after 1 step, 0.884/0.915 after 2, 0.863/0.892 after 5 and 0.862/0.891 after 10.
 FIT_STEPS = 5
 
 
