@@ -16,6 +16,12 @@
    (matrix, config)), and with ``--rank-layers`` a rank-64 profile of those layers for
    `lqlora` and the chosen set, side by side.
 
+``--pool families`` chooses over the union of code families instead: a pool of the NF-only
+space that step 2 picks from LQ-LoRA's grid (:data:`NF_SPACE`), NF with fp16 scales, and the
+integer family (:func:`int_pool`: int2/3/4/8 x blocks 16-128 x six scale options), on the
+``--include`` layers; spaces are then compared with the NF-only space instead of `lqlora`
+(which is not in that pool). Its report goes to ``reports/default_space/families/``.
+
 Writes ``reports/default_space/results.json`` and ``results.md``; the profile lives in
 ``--work`` and is reused (and resumed) by later runs.
 """
@@ -56,6 +62,33 @@ GRID_32 = {
 }
 
 
+#: The 24 NF configs step 2 picks from LQ-LoRA's grid (``reports/default_space/results.md``).
+NF_SPACE = (
+    "nf4-g64-s3x64-r0", "nf3-g16-s4x16-r0", "nf4-g32-s4x64-r0", "nf3-g32-s4x64-r0",
+    "nf4-g16-s2x64-r0", "nf2-g16-s2x16-r0", "nf8-g32-s8x16-r0", "nf2-g16-s2x64-r0",
+    "nf4-g16-s3x16-r0", "nf3-g32-s3x64-r0", "nf4-g16-s4x64-r0", "nf3-g16-s4x256-r0",
+    "nf8-g64-s3x16-r0", "nf3-g32-s3x256-r0", "nf3-g16-s3x64-r0", "nf4-g16-s4x16-r0",
+    "nf3-g32-s2x64-r0", "nf8-g64-s8x16-r0", "nf3-g64-s2x16-r0", "nf4-g32-s3x64-r0",
+    "nf2-g16-s3x16-r0", "nf4-g16-s8x64-r0", "nf2-g16-s3x256-r0", "nf3-g64-s3x64-r0",
+)
+#: Scale options of the integer pool: fp16 steps, and double-quantized ones from 8 bits in groups
+#: of 256 blocks down to 2 bits in groups of 16.
+INT_SCALES = ((16, 1), (8, 256), (4, 64), (3, 64), (4, 16), (2, 16))
+
+
+def int_pool() -> list[QuantConfig]:
+    """The integer family's pool: int2/3/4/8 x blocks 16-128 x :data:`INT_SCALES` (rank 0)."""
+    return [QuantConfig(family="int", bits=b, block=g, scale_bits=sb, scale_block=sg)
+            for b in (2, 3, 4, 8) for g in (16, 32, 64, 128) for sb, sg in INT_SCALES]
+
+
+def families_pool() -> list[QuantConfig]:
+    """:data:`NF_SPACE`, NF with fp16 scales at blocks 16-128, and :func:`int_pool`."""
+    pool = [QuantConfig.from_name(c) for c in NF_SPACE]
+    pool += _expand_grid({"bits": (2, 3, 4, 8), "scale_bits": (16,), "block": (16, 32, 64, 128)}, (0,))
+    return list({c.name: c for c in pool + int_pool()}.values())
+
+
 def pool_configs() -> list[QuantConfig]:
     """LQ-LoRA's grid, blocks of 128, and plain fp16 scales at every block size (rank 0)."""
     pool = _expand_grid(LQLORA_GRID, (0,))
@@ -85,7 +118,8 @@ def make_profile(args: argparse.Namespace, work: Path) -> Path:
         log.info("pool profile %s already complete", out)
         return out
     space_file = work / "pool.json"
-    space_file.write_text(json.dumps([c.name for c in pool_configs()], indent=1))
+    configs = families_pool() if args.pool == "families" else pool_configs()
+    space_file.write_text(json.dumps([c.name for c in configs], indent=1))
     cmd = ["profile", "--space", str(space_file), "--ranks", "0", "--calib", args.calib,
            "--samples", str(args.samples), "--seqlen", str(args.calib_seqlen), "--device", "cpu",
            "--jobs", str(max(0, args.jobs)), "--out", str(out)]
@@ -220,11 +254,12 @@ def bits_to_reach(hull_bits: np.ndarray, hull_obj: np.ndarray, target: float) ->
     return float(b0 + (e0 - target) / (e0 - e1) * (b1 - b0))
 
 
-def compare(df: pd.DataFrame, spaces: dict[str, set[str]], objectives: list[str]) -> dict[str, Any]:
+def compare(df: pd.DataFrame, spaces: dict[str, set[str]], objectives: list[str],
+            reference: str = "lqlora") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for obj in objectives:
         sweeps = {name: sweep_space(df, names, obj) for name, names in spaces.items()}
-        ref = sweeps["lqlora"]
+        ref = sweeps[reference]
         rows = []
         for i, budget in enumerate(ref["budget"]):
             row: dict[str, Any] = {"budget": float(budget), "lqlora_objective": float(ref["objective"].iloc[i])}
@@ -286,9 +321,11 @@ def rank_profile_timing(args: argparse.Namespace, work: Path, chosen: list[str])
     return rows
 
 
-def prefix_tradeoff(df: pd.DataFrame, pool: Pool, chosen: list[str], sizes: list[int]) -> list[dict[str, Any]]:
-    """Worst exact-ILP ratio to lqlora (both objectives) and rank-0 cost for the first k chosen configs."""
-    lq = {c.name for c in _expand_grid(LQLORA_GRID, (0,))}
+def prefix_tradeoff(df: pd.DataFrame, pool: Pool, chosen: list[str], sizes: list[int],
+                    lq: set[str] | None = None) -> list[dict[str, Any]]:
+    """Worst exact-ILP ratio to the reference space ``lq`` (default lqlora; both objectives) and
+    rank-0 cost for the first k chosen configs."""
+    lq = lq or {c.name for c in _expand_grid(LQLORA_GRID, (0,))}
     refs = {obj: sweep_space(df, lq, obj) for obj in pool.objectives}
     out = []
     for k in sizes:
@@ -315,7 +352,8 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     L = ["# default_space: choosing the `default` config space by measurement", ""]
     L += [f"- date: {res['date']}", f"- command: `{res['command']}`", f"- machine: {res['machine']}",
-          f"- pool profile: rank 0, {res['pool_size']} configs x {res['matrices']} matrices of the built-in model, "
+          f"- pool profile: rank 0, {res['pool_size']} configs x {res['matrices']} matrices of the built-in model"
+          + (f" (targets matching `{res['include']}`)" if res.get("include") else "") + ", "
           f"Fisher from `{res['calib']}` ({res['samples']} x {res['calib_seqlen']} tokens); "
           f"profile wall time {res['pool_profile_seconds']}", ""]
     L += ["## The chosen space", "", f"{len(res['chosen'])} configs (rank 0 names; `--ranks` sets the rank):", ""]
@@ -335,7 +373,7 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
         L.append("")
     L += ["## Spaces compared", "", "| space | configs | rank-0 profile CPU s (measured rows) | vs lqlora |",
           "| --- | ---: | ---: | ---: |"]
-    lq = res["spaces"]["lqlora"]["seconds"]
+    lq = res["spaces"][res.get("reference", "lqlora")]["seconds"]
     for name, s in res["spaces"].items():
         L.append(f"| {name} | {s['configs']} | {s['seconds']:.1f} | {s['seconds'] / lq:.3f}x |")
     L.append("")
@@ -365,7 +403,10 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
             L.append(f"| {bud:.3f} | {_fmt(oa / ob if np.isfinite(oa) and np.isfinite(ob) else None)} |")
         L.append("")
     L += ["## Notes", "", *res["notes"], ""]
-    (out / "results.md").write_text("\n".join(L))
+    text = "\n".join(L)
+    if res.get("reference", "lqlora") != "lqlora":  # the spaces are compared with another reference
+        text = text.replace("lqlora", res["reference"])
+    (out / "results.md").write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,9 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-size", type=int, default=24)
     p.add_argument("--size", type=int, default=None, help="keep the first N configs the selection ranked")
     p.add_argument("--rank-layers", default="0,15,29", help="layers for the rank-64 comparison ('' to skip)")
-    p.add_argument("--work", default=str(ROOT / ".bench-cache" / "default_space"))
-    p.add_argument("--out", default=str(ROOT / "reports" / "default_space"))
+    p.add_argument("--pool", choices=("nf", "families"), default="nf",
+                   help="nf: LQ-LoRA's grid and more NF configs; families: NF and integer codes (see above)")
+    p.add_argument("--work", default=None, help="default .bench-cache/default_space[-families]")
+    p.add_argument("--out", default=None, help="default reports/default_space[/families]")
     args = p.parse_args(argv)
+    fam = args.pool == "families"
+    args.work = args.work or str(ROOT / ".bench-cache" / ("default_space-families" if fam else "default_space"))
+    args.out = args.out or str(ROOT / "reports" / "default_space" / ("families" if fam else ""))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.calib is None:
         data = ROOT.parent / "shared" / "data" / "wikitext2-valid.tokens"
@@ -395,13 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     df, meta = load_profile(prof)
     pool = Pool(df)
     chosen, trace = greedy_select(pool, args.tolerance, args.max_size)
-    lq = {c.name for c in _expand_grid(LQLORA_GRID, (0,))}
+    reference = "NF-only space" if fam else "lqlora"
+    lq = set(NF_SPACE) if fam else {c.name for c in _expand_grid(LQLORA_GRID, (0,))}
     grid32 = {c.name for c in _expand_grid(GRID_32, (0,))}
-    tradeoff = prefix_tradeoff(df, pool, chosen, [k for k in (6, 8, 12, 16, 20, 24) if k <= len(chosen)])
+    tradeoff = prefix_tradeoff(df, pool, chosen, [k for k in (6, 8, 12, 16, 20, 24) if k <= len(chosen)], lq)
     chosen = chosen[: args.size] if args.size else chosen
-    spaces = {"pool": set(pool.configs), "lqlora": lq, "32-config grid": grid32, "chosen": set(chosen)}
-    fronts = compare(df, spaces, pool.objectives)
-    rank64 = rank_profile_timing(args, work, chosen) if args.rank_layers else []
+    spaces = {"pool": set(pool.configs), reference: lq, "chosen": set(chosen)}
+    if not fam:
+        spaces["32-config grid"] = grid32
+    fronts = compare(df, spaces, pool.objectives, reference)
+    rank64 = rank_profile_timing(args, work, chosen) if args.rank_layers and not fam else []
     seconds_file = work / "pool-profile-seconds.txt"
     res = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -410,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "calib": args.calib, "samples": args.samples, "calib_seqlen": args.calib_seqlen,
         "pool_size": len(pool.configs), "matrices": len(pool.matrices),
         "pool_profile_seconds": (seconds_file.read_text().strip() + " s") if seconds_file.exists() else "reused",
-        "chosen": chosen, "trace": trace,
+        "chosen": chosen, "trace": trace, "reference": reference, "include": args.include,
         "spaces": {n: {"configs": len(s), "seconds": space_seconds(pool, s)} for n, s in spaces.items()},
         "fronts": fronts, "rank64": rank64, "tradeoff": tradeoff,
         "notes": [

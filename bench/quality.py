@@ -100,10 +100,10 @@ def plan(args: argparse.Namespace, profile_dir: Path, work: Path) -> list[dict[s
     df, meta = load_profile(profile_dir)
     r = args.fixed_rank
     entries: list[dict[str, Any]] = [{"label": "original", "kind": "original"}]
-    for quant in BASELINE_QUANT:
-        for rank in (0, r):
-            cfg = QuantConfig.from_name(f"{quant}-r{rank}")
-            entries.append({"label": f"uniform-{cfg.name}", "kind": "uniform", "config": cfg.name, "rank": rank,
+    for quant in args.baselines:  # a name with -r{rank} is taken as it is; else at ranks 0 and --fixed-rank
+        for rank in ((None,) if re.search(r"-r\d+(-lr8)?$", quant) else (0, r)):
+            cfg = QuantConfig.from_name(quant if rank is None else f"{quant}-r{rank}")
+            entries.append({"label": f"uniform-{cfg.name}", "kind": "uniform", "config": cfg.name, "rank": cfg.rank,
                             "rank_mode": "fixed"})
     fixed = df[df["rank"] == r]
     variants = [("plain", f"fixed-r{r}", fixed), ("fisher", f"fixed-r{r}", fixed), ("fisher", "solver", df)]
@@ -267,6 +267,12 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
             best = min(richer, key=lambda u: u["kl"])
             lines.append(f"- (KL) budget {r['budget']:.2f}: KL {r['kl']:.4f} vs {best['kl']:.4f} ({best['label']}): "
                          f"{'at most half' if r['kl'] <= 0.5 * best['kl'] else 'more than half'}")
+    for r in ours:  # at or below the best uniform baseline (any family) with at least as many bits
+        richer = [u for u in uniform if r.get("perplexity") is not None and u["bits_per_param"] >= r["bits_per_param"] - 1e-9]
+        if richer:
+            best = min(richer, key=lambda u: u["perplexity"])
+            lines.append(f"- (at or below) budget {r['budget']:.2f}: {r['perplexity']:.3f} vs {best['perplexity']:.3f} "
+                         f"({best['label']}): **{'met' if r['perplexity'] <= best['perplexity'] else 'missed'}**")
     at = [r for r in ours if r.get("budget") == 3.25 and r.get("perplexity") is not None]
     nf4 = [u for u in uniform if u.get("config") == f"{BASELINE_QUANT[0]}-r0"]
     if at and nf4:
@@ -353,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--space", default="default")
     p.add_argument("--ranks", default="0,8,16,32")
     p.add_argument("--fixed-rank", type=int, default=8)
+    p.add_argument("--baselines", default=",".join(BASELINE_QUANT),
+                   help="uniform baselines (apply --uniform), comma-separated; a name without -r{rank} runs at "
+                        "ranks 0 and --fixed-rank, e.g. nf4-g64-s8x256-fp32-r0,int4-g64-s16-r0,int3-g64-s16-r0")
     p.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
     p.add_argument("--calib", default="wikitext2")
     p.add_argument("--samples", type=int, default=16)
@@ -380,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         args.work = str(Path(args.work).with_name("quality-quick"))
         args.out = str(Path(args.work) / "report")
     args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

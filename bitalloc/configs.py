@@ -3,8 +3,14 @@
 A :class:`QuantConfig` describes how one weight matrix ``W`` (rows x cols) is stored as
 ``Q + L1 @ L2``:
 
-* ``Q``: NF-``bits`` codes in blocks of ``block`` consecutive weights along a row (each row
-  is zero-padded to a multiple of ``block``), one absmax scale per block.
+* ``Q``: ``bits``-bit codes in blocks of ``block`` consecutive weights along a row (each row
+  is zero-padded to a multiple of ``block``), one scale per block. Two families
+  (``family``): ``nf``, NormalFloat levels times the block's absmax; ``int``, asymmetric
+  integers ``(code - zero) * step`` with the block's step ``(hi - lo) / (2**bits - 1)`` (``lo``,
+  ``hi`` the block's minimum and maximum, widened to include 0) as its scale and a
+  ``bits``-bit integer zero point per block, stored packed beside the codes. With ``fit``
+  (``-fit`` in the name) the step and zero point are refitted to the block by a few
+  least-squares steps instead of min-max (the same bits).
 * Block scales: with ``scale_bits == 16`` stored as fp16. Otherwise double-quantized:
   a per-matrix fp32 offset (the minimum scale) is subtracted and the rest is stored as
   ``scale_bits``-bit unsigned codes, in groups of ``scale_block`` blocks, each group with one
@@ -31,6 +37,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 NF_BITS = (2, 3, 4, 8)
+#: Code families: NormalFloat levels with absmax scales, asymmetric integers with zero points.
+FAMILIES = ("nf", "int")
 SCALE_DTYPE_BITS = {"fp16": 16, "fp32": 32}
 OFFSET_BITS = 32  # the per-matrix fp32 offset of double-quantized scales
 LOWRANK_BITS = (16, 8)
@@ -44,17 +52,20 @@ USUAL_SCALE_BLOCKS = tuple(2**k for k in range(2, 11))
 ALLOW_UNUSUAL_HINT = "pass --allow-unusual-config (allow_unusual=True) to use it anyway"
 
 _NAME_RE = re.compile(
-    r"^nf(?P<bits>\d+)-g(?P<block>\d+)-s(?P<scale_bits>\d+)(?:x(?P<scale_block>\d+))?"
-    r"(?P<fp32>-fp32)?-r(?P<rank>\d+)(?P<lr8>-lr8)?$"
+    r"^(?P<family>nf|int)(?P<bits>\d+)-g(?P<block>\d+)-s(?P<scale_bits>\d+)(?:x(?P<scale_block>\d+))?"
+    r"(?P<fp32>-fp32)?(?P<fit>-fit)?-r(?P<rank>\d+)(?P<lr8>-lr8)?$"
 )
 
 
 @dataclass(frozen=True, order=True)
 class QuantConfig:
-    """How one matrix is stored: NF codes, (double-quantized) block scales, low-rank factors.
+    """How one matrix is stored: NF or integer codes, (double-quantized) block scales, the integer
+    family's zero points, low-rank factors.
 
-    The name grammar is ``nf{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32]-r{rank}[-lr8]``
-    (``nf4-g64-s16-r0`` when scales are plain fp16); :meth:`from_name` parses it back.
+    The name grammar is ``{family}{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32][-fit]-r{rank}[-lr8]``
+    with ``family`` ``nf`` or ``int`` (``nf4-g64-s16-r0`` when scales are plain fp16) and
+    ``-fit`` (``fit``, integer family only) for least-squares fitted steps and zero points;
+    :meth:`from_name` parses it back. A config dict without ``family`` (older files) reads as NF.
     """
 
     bits: int = 4
@@ -64,12 +75,20 @@ class QuantConfig:
     scale_dtype: str = "fp16"
     rank: int = 0
     lowrank_bits: int = 16
+    family: str = "nf"
+    fit: bool = False
 
     def __post_init__(self) -> None:
         for field in ("bits", "block", "scale_bits", "scale_block", "rank", "lowrank_bits"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"QuantConfig.{field} must be an int, got {value!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"QuantConfig.family must be one of {FAMILIES}, got {self.family!r}")
+        if not isinstance(self.fit, bool):
+            raise ValueError(f"QuantConfig.fit must be a bool, got {self.fit!r}")
+        if self.fit and self.family != "int":
+            raise ValueError(f"QuantConfig.fit (fitted steps and zero points) needs the int family, got {self.family!r}")
         if self.bits not in NF_BITS:
             raise ValueError(f"QuantConfig.bits must be one of {NF_BITS}, got {self.bits}")
         if self.block < 1:
@@ -102,14 +121,16 @@ class QuantConfig:
     # ----- names -------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        """The stable name, e.g. ``nf3-g64-s8x256-r64``."""
+        """The stable name, e.g. ``nf3-g64-s8x256-r64`` or ``int3-g64-s16-r0``."""
         if self.scale_bits == 16:
             scales = "s16"
         else:
             scales = f"s{self.scale_bits}x{self.scale_block}"
             if self.scale_dtype == "fp32":
                 scales += "-fp32"
-        name = f"nf{self.bits}-g{self.block}-{scales}-r{self.rank}"
+        if self.fit:
+            scales += "-fit"
+        name = f"{self.family}{self.bits}-g{self.block}-{scales}-r{self.rank}"
         if self.lowrank_bits == 8 and self.rank > 0:
             name += "-lr8"
         return name
@@ -128,10 +149,13 @@ class QuantConfig:
             raise ValueError(f"a config name must be a string, got {name!r}")
         m = _NAME_RE.match(name.strip())
         if m is None:
+            near = nearest_config_names(name.strip())
+            hint = f"; did you mean {' or '.join(repr(c) for c in near)}?" if near else ""
             raise ValueError(
                 f"invalid config name {name!r}: expected "
-                "'nf{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32]-r{rank}[-lr8]' "
-                "(e.g. 'nf3-g64-s8x256-r64') or 'nf{bits}-g{block}-s16-r{rank}'"
+                "'{nf|int}{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32][-fit]-r{rank}[-lr8]' "
+                "(e.g. 'nf3-g64-s8x256-r64') or '{nf|int}{bits}-g{block}-s16-r{rank}' (e.g. 'int3-g64-s16-r0')"
+                + hint
             )
         scale_bits = int(m["scale_bits"])
         if scale_bits == 16:
@@ -159,6 +183,8 @@ class QuantConfig:
             scale_dtype="fp32" if m["fp32"] else "fp16",
             rank=rank,
             lowrank_bits=8 if m["lr8"] else 16,
+            family=m["family"],
+            fit=bool(m["fit"]),
         )
         if not allow_unusual:
             check_usual(cfg, spelled=name.strip())
@@ -174,11 +200,13 @@ class QuantConfig:
 
     # ----- accounting --------------------------------------------------------------------
     def quant_bits(self, rows: int, cols: int) -> int:
-        """Bits of the quantized part Q alone (codes, scales, constants), padding included."""
+        """Bits of the quantized part Q alone (codes, scales, zero points, constants), padding included."""
         _check_shape(rows, cols)
         blocks_per_row = -(-cols // self.block)
         n_blocks = rows * blocks_per_row
         code_bits = n_blocks * self.block * self.bits
+        if self.family == "int":  # one ``bits``-bit integer zero point per block
+            code_bits += n_blocks * self.bits
         if self.scale_bits == 16:
             scale_bits = n_blocks * 16
         else:
@@ -210,7 +238,7 @@ class QuantConfig:
 
     def stored_arrays(self) -> int:
         """How many packed arrays Q is stored as (for the one-byte-per-array padding rule)."""
-        return 2 if self.scale_bits == 16 else 4
+        return (2 if self.scale_bits == 16 else 4) + (self.family == "int")
 
 
 #: How NF8 low-rank factors are stored: NF8 codes in blocks of 64 with fp16 scales.
@@ -230,9 +258,14 @@ def unusual_reasons(cfg: QuantConfig) -> list[str]:
 
 
 def known_config_names(rank: int = 0, lowrank_bits: int = 16) -> list[str]:
-    """The names of the built-in spaces' configs (``lqlora`` and ``default``) at one rank."""
-    configs = _expand_grid(LQLORA_GRID, (rank,)) + [QuantConfig.from_name(c, allow_unusual=True).replace(rank=rank)
-                                                   for c in DEFAULT_CONFIGS]
+    """The names of the configs a user most likely means, at one rank: the built-in spaces'
+    (``lqlora`` and ``default``), LQ-LoRA's grid in the integer family too, and fp16-scale
+    configs of both families at the usual blocks 16..128."""
+    plain = [QuantConfig(family=f, bits=b, block=g, scale_bits=16)
+             for f in FAMILIES for b in NF_BITS for g in (16, 32, 64, 128)]
+    configs = (_expand_grid(dict(LQLORA_GRID, family=FAMILIES), (rank,))
+               + [QuantConfig.from_name(c, allow_unusual=True).replace(rank=rank) for c in DEFAULT_CONFIGS]
+               + [c.replace(rank=rank) for c in plain])
     if rank and lowrank_bits != 16:
         configs = [c.replace(lowrank_bits=lowrank_bits) for c in configs]
     return [c.name for c in _unique(configs)]
@@ -283,22 +316,24 @@ LQLORA_GRID: dict[str, Sequence[Any]] = {
     "scale_block": (16, 64, 256),
 }
 
-#: The cheaper default space, chosen by measurement (``bench/default_space.py``, results in
-#: ``reports/default_space/``): greedy forward selection over LQ-LoRA's grid plus blocks of 128
-#: and plain fp16 scales, on the built-in model's rank-0 Fisher and plain errors, in the order
-#: picked. Its exact optimum is within 1.7% (median 0.9%) of the `lqlora` space's at every
-#: budget from 2.25 to 4.5 bits/param, at 24/288 of the configs. Rank-0 names: the rank comes
-#: from ``ranks``.
+#: The cheaper default space, chosen by measurement (``bench/default_space.py --pool families``,
+#: results in ``reports/default_space/families/``): greedy forward selection over the union of
+#: both families (the NF configs the same selection picks from LQ-LoRA's grid, NF with fp16
+#: scales, and int2/3/4/8 at blocks 16-128 with six scale options) on the rank-0 Fisher and
+#: plain errors of 5 of the built-in model's 30 layers, in the order picked. Its exact optimum is
+#: 0.76-0.997x the NF-only space's at every budget from 2.25 to 4.5 bits/param (Fisher: 0.83-0.99),
+#: at 0.92x its rank-0 profiling cost; the NF-only space is within 1.7% of `lqlora`'s optimum
+#: (``reports/default_space/results.md``). Rank-0 names: the rank comes from ``ranks``.
 DEFAULT_CONFIGS: tuple[str, ...] = (
-    "nf4-g64-s3x64-r0", "nf3-g16-s4x16-r0", "nf4-g32-s4x64-r0", "nf3-g32-s4x64-r0",
-    "nf4-g16-s2x64-r0", "nf2-g16-s2x16-r0", "nf8-g32-s8x16-r0", "nf2-g16-s2x64-r0",
-    "nf4-g16-s3x16-r0", "nf3-g32-s3x64-r0", "nf4-g16-s4x64-r0", "nf3-g16-s4x256-r0",
-    "nf8-g64-s3x16-r0", "nf3-g32-s3x256-r0", "nf3-g16-s3x64-r0", "nf4-g16-s4x16-r0",
-    "nf3-g32-s2x64-r0", "nf8-g64-s8x16-r0", "nf3-g64-s2x16-r0", "nf4-g32-s3x64-r0",
-    "nf2-g16-s3x16-r0", "nf4-g16-s8x64-r0", "nf2-g16-s3x256-r0", "nf3-g64-s3x64-r0",
+    "nf4-g64-s3x64-r0", "nf3-g16-s4x256-r0", "nf4-g32-s4x64-r0", "int2-g16-s2x16-r0",
+    "nf8-g32-s8x16-r0", "int2-g64-s3x64-r0", "nf3-g16-s3x64-r0", "nf4-g16-s4x64-r0",
+    "nf3-g32-s4x64-r0", "int4-g16-s8x256-r0", "nf3-g32-s3x64-r0", "int4-g16-s4x64-r0",
+    "int2-g16-s3x64-r0", "int8-g128-s16-r0", "nf4-g16-s2x64-r0", "nf4-g16-s4x16-r0",
+    "int2-g32-s3x64-r0", "nf4-g16-s3x16-r0", "nf8-g64-s3x16-r0", "int3-g16-s4x64-r0",
+    "nf8-g64-s8x16-r0", "int4-g32-s4x64-r0",
 )
 
-_GRID_FIELDS = ("bits", "block", "scale_bits", "scale_block", "scale_dtype", "rank", "lowrank_bits")
+_GRID_FIELDS = ("family", "fit", "bits", "block", "scale_bits", "scale_block", "scale_dtype", "rank", "lowrank_bits")
 BUILTIN_SPACES: dict[str, Any] = {"lqlora": LQLORA_GRID, "default": DEFAULT_CONFIGS}
 
 
@@ -390,7 +425,7 @@ def _load_space_file(path: Path, ranks: Sequence[int], allow_unusual: bool) -> l
 
 def config_space(name: str | Path = "default", ranks: Sequence[int] = (64,), *,
                  allow_unusual: bool = False) -> list[QuantConfig]:
-    """The configs of a space: ``"lqlora"`` (288 per rank), ``"default"`` (24 per rank), or a JSON/YAML file.
+    """The configs of a space: ``"lqlora"`` (288 per rank), ``"default"`` (22 per rank), or a JSON/YAML file.
 
     A file holds either a list of config names (``["nf4-g64-s8x256-r0", ...]``; a name without
     ``-r{rank}``, like ``"nf4-g64-s8x256"``, takes each rank of ``ranks``) or dicts,

@@ -250,3 +250,83 @@ def test_check_fits_refuses_a_block_longer_than_a_row_and_a_rank_above_the_matri
         check_fits(QuantConfig.from_name("nf4-g128-s16-r0"), 256, 64)
     with pytest.raises(ValueError, match="rank 128 .*smaller side 64"):
         check_fits(QuantConfig.from_name("nf4-g64-s16-r128"), 64, 256)
+
+
+# ----- the integer family ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["int3-g64-s16-r0", "int4-g32-s8x256-r8", "int2-g16-s2x16-fp32-r0",
+                                  "int8-g64-s4x64-r16-lr8", "int4-g128-s16-r8-lr8"])
+def test_int_names_round_trip(name):
+    cfg = QuantConfig.from_name(name)
+    assert cfg.family == "int" and cfg.name == name
+    assert QuantConfig.from_name(cfg.name) == cfg
+    assert QuantConfig(**cfg.to_dict()) == cfg
+    assert cfg != QuantConfig.from_name("nf" + name[3:])
+
+
+def test_a_config_dict_without_family_reads_as_nf():
+    d = QuantConfig.from_name("nf3-g64-s8x256-r0").to_dict()
+    del d["family"]
+    assert QuantConfig(**d).family == "nf"
+
+
+def test_int_accounting_adds_one_zero_point_per_block():
+    for name, rows, cols in [("int3-g64-s16-r0", 10, 130), ("int4-g32-s8x256-fp32-r8", 7, 64),
+                             ("int2-g16-s3x16-r4-lr8", 33, 17)]:
+        cfg = QuantConfig.from_name(name)
+        nf = cfg.replace(family="nf")
+        n_blocks = rows * -(-cols // cfg.block)
+        assert cfg.storage_bits(rows, cols) - nf.storage_bits(rows, cols) == n_blocks * cfg.bits
+        assert cfg.stored_arrays() == nf.stored_arrays() + 1
+    assert QuantConfig.from_name("int3-g64-s16-r0").bits_per_param(128, 64 * 9) == 3.296875
+
+
+@pytest.mark.parametrize("bad", ["int5-g64-s16-r0", "INT3-g64-s16-r0", "int3-g64-s8-r0", "uint3-g64-s16-r0",
+                                 "int3-g64-s16x64-r0", "int-g64-s16-r0"])
+def test_invalid_int_names_raise(bad):
+    with pytest.raises(ValueError):
+        QuantConfig.from_name(bad)
+
+
+def test_invalid_family_names_the_field():
+    with pytest.raises(ValueError, match="family"):
+        QuantConfig(family="fp")
+
+
+def test_int_typos_name_the_nearest_int_configs():
+    with pytest.raises(ValueError, match=r"unusual config 'int3-g46-s16-r0'.*did you mean 'int3-g64-s16-r0'"):
+        QuantConfig.from_name("int3-g46-s16-r0")
+    with pytest.raises(ValueError, match=r"invalid config name 'itn4-g64-s16-r0'.*did you mean 'int4-g64-s16-r0'"):
+        QuantConfig.from_name("itn4-g64-s16-r0")
+    near = nearest_config_names("int4-g46-s8x256-r16-lr8",
+                                QuantConfig.from_name("int4-g46-s8x256-r16-lr8", allow_unusual=True))
+    assert near[0] == "int4-g64-s8x256-r16-lr8" and all(n.startswith("int") and n.endswith("-r16-lr8") for n in near)
+
+
+def test_space_files_and_grids_name_any_family(tmp_path):
+    names = tmp_path / "mixed.json"
+    names.write_text(json.dumps(["nf4-g64-s8x256", "int3-g64-s16", "int4-g32-s4x64-r0"]))
+    space = config_space(names, ranks=(0, 8))
+    assert {c.family for c in space} == {"nf", "int"}
+    assert "int3-g64-s16-r8" in {c.name for c in space}
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"family": ["nf", "int"], "bits": [3, 4], "block": [64], "scale_bits": [16]}))
+    assert sorted(c.name for c in config_space(grid, ranks=(0,))) == [
+        "int3-g64-s16-r0", "int4-g64-s16-r0", "nf3-g64-s16-r0", "nf4-g64-s16-r0"]
+    with pytest.raises(ValueError, match="family"):
+        grid.write_text(json.dumps({"family": ["fp"], "bits": [3]}))
+        config_space(grid, ranks=(0,))
+
+
+def test_lqlora_space_stays_nf_only():
+    assert {c.family for c in config_space("lqlora", ranks=(0,))} == {"nf"}
+
+
+def test_fit_flag_names_round_trip_and_needs_the_int_family():
+    for name in ("int3-g64-s16-fit-r0", "int4-g32-s8x256-fp32-fit-r8-lr8"):
+        cfg = QuantConfig.from_name(name)
+        assert cfg.fit and cfg.name == name and QuantConfig(**cfg.to_dict()) == cfg
+    assert not QuantConfig.from_name("int3-g64-s16-r0").fit
+    with pytest.raises(ValueError, match="int family"):
+        QuantConfig.from_name("nf3-g64-s16-fit-r0")
+    with pytest.raises(ValueError, match="invalid config name"):
+        QuantConfig.from_name("int3-g64-s16-r0-fit")

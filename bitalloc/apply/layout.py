@@ -8,8 +8,9 @@
     DIR/adapter/              a PEFT LoRA adapter with L1, L2 (scale 1), when any rank > 0
     DIR/dequantized/          with --dequantized: a plain HF checkpoint (Q in bf16)
 
-In ``model.safetensors`` target ``T`` is stored as ``T.qweight`` (packed NF codes) and its
-scale arrays ``T.scales`` or ``T.scale_codes``/``T.scale2``/``T.offset``: exactly the buffers
+In ``model.safetensors`` target ``T`` is stored as ``T.qweight`` (packed NF or integer codes),
+its scale arrays ``T.scales`` or ``T.scale_codes``/``T.scale2``/``T.offset`` and, for an
+``int`` config, its packed zero points ``T.qzeros``: exactly the buffers
 of :class:`bitalloc.apply.QuantizedLinear`, so the file is that model's state dict. NF8
 low-rank factors (``lowrank_bits == 8``) are stored packed too, under ``T.lowrank.l1t.*`` (L1
 transposed) and ``T.lowrank.l2.*``; bf16 factors live only in the adapter, whose bytes are
@@ -44,7 +45,7 @@ ADAPTER_DIR = "adapter"
 DEQUANTIZED_DIR = "dequantized"
 #: QuantizedLinear buffer name -> QuantizedTensor array name
 BUFFER_TO_ARRAY = {"qweight": "codes", "scales": "scales", "scale_codes": "scale_codes",
-                   "scale2": "scale2", "offset": "offset"}
+                   "scale2": "scale2", "offset": "offset", "qzeros": "zeros"}
 ARRAY_TO_BUFFER = {v: k for k, v in BUFFER_TO_ARRAY.items()}
 
 

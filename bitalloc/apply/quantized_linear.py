@@ -1,9 +1,10 @@
 """``QuantizedLinear``: a linear layer that keeps ``Q`` packed and dequantizes it in forward.
 
 It subclasses ``torch.nn.Linear`` (so PEFT wraps it with its ordinary LoRA ``Linear``) but has
-no ``weight`` parameter: the packed NF codes are the buffer ``qweight`` (the name PEFT and
-GPTQ tools look for to find the layer's device) and the block scales are buffers named as
-:meth:`bitalloc.quant.QuantizedTensor.arrays` names them. ``compute_dtype`` is the dtype
+no ``weight`` parameter: the packed codes (NF or integer, as its config's family says) are the
+buffer ``qweight`` (the name PEFT and GPTQ tools look for to find the layer's device), the
+block scales are buffers named as :meth:`bitalloc.quant.QuantizedTensor.arrays` names them,
+and an integer config's packed zero points are ``qzeros``. ``compute_dtype`` is the dtype
 ``forward`` dequantizes to (PEFT reads it to cast the adapter). The weight is always held as
 (out_features, in_features), whatever layer type it replaced (``Linear`` or GPT-2's ``Conv1D``).
 """

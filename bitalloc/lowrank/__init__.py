@@ -1,6 +1,6 @@
 """The LQ-LoRA decomposition ``W ≈ Q + L1 @ L2`` (plain and Fisher-weighted).
 
-``Q`` is ``bitalloc.quant.quantize``'d with the config's NF codes and (double-quantized)
+``Q`` is ``bitalloc.quant.quantize``'d with the config's family (NF or integer codes) and (double-quantized)
 block scales; ``L1`` (rows x r) and ``L2`` (r x cols) are a rank-r factorization stored as the
 config says (bf16, or NF8 with ``lowrank_bits == 8``).
 

@@ -1,6 +1,7 @@
 """Many configs of one matrix (:func:`decompose_many`): who starts from whom, and the repairs.
 
-Configs are grouped by their codes (bits, block). In each group the *leader* (highest rank,
+Configs are grouped by their codes (family, bits, block); each config's Q is its family's
+quantizer (:func:`bitalloc.quant.quantize_residual` dispatches on ``cfg.family``). In each group the *leader* (highest rank,
 bf16 factors, most precise block scales; for codes in ``policy.coarse_first`` the least
 precise) runs the loop from a cold start. The others follow in order of scale precision, each fp16 twin right after its
 fp32 sibling, each warm-started from the nearest config solved before it (:func:`warm_plan`).
@@ -138,13 +139,13 @@ def decompose_many(
     for cfg in cfgs:
         check_rank(cfg, m.W)
     out: list[Decomposition | None] = [None] * len(cfgs)
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[str, int, int], list[int]] = {}
     for i, cfg in enumerate(cfgs):
         if cfg.rank == 0 or not policy.share:
             out[i] = solve(m, cfg, None, policy, policy.max_iters)
         else:
-            groups.setdefault((cfg.bits, cfg.block), []).append(i)
-    for (bits, _), members in sorted(groups.items()):
+            groups.setdefault((cfg.family, cfg.bits, cfg.block), []).append(i)
+    for (_, bits, _), members in sorted(groups.items()):
         sign = -1 if bits in policy.coarse_first else 1
         order = sorted(
             members,

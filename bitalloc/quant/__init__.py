@@ -1,4 +1,5 @@
-"""Pure tensor quantization code: NF codebooks, block scales, affine/binary RTN, bit packing.
+"""Pure tensor quantization code: NF codebooks, integer codes with zero points, block scales,
+affine/binary RTN, bit packing.
 
 No model, file or solver code lives here. Every stored array is counted exactly as
 :class:`bitalloc.configs.QuantConfig` (and :func:`affine_storage_bits` /

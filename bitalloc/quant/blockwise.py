@@ -1,9 +1,12 @@
-"""Blockwise NF quantization of a weight matrix, stored exactly as ``QuantConfig`` counts it.
+"""Blockwise quantization of a weight matrix, stored exactly as ``QuantConfig`` counts it.
 
 Each row of ``W`` (rows x cols) is zero-padded to a multiple of ``cfg.block``; blocks are
-consecutive weights along a row, ordered row-major. Each block has one absmax scale
-(stored per :mod:`bitalloc.quant.scales`), and each weight is coded as the nearest NF level
-of ``w / scale``. Codes, padded positions included, are packed densely in the same order.
+consecutive weights along a row, ordered row-major. Each block has one scale (stored per
+:mod:`bitalloc.quant.scales`). In the ``nf`` family the scale is the block's absmax and each
+weight is coded as the nearest NF level of ``w / scale``; in the ``int`` family the scale is
+the block's min-max step and each block also stores a ``bits``-bit zero point
+(:mod:`bitalloc.quant.integer`). Codes, padded positions included, are packed densely in the
+same order; zero points likewise, one per block.
 
 Work is done in float32 on ``W``'s device, a slab of rows at a time, so that no more than
 a few float32 copies of a slab exist at once.
@@ -24,6 +27,7 @@ import torch
 
 from bitalloc.configs import QuantConfig
 from bitalloc.quant import kernels
+from bitalloc.quant.integer import block_step_lo, fit_step_lo, int_codes, int_round, int_values, zero_points
 from bitalloc.quant.nf import nf_decode, nf_encode_index, nf_round
 from bitalloc.quant.packing import pack_bits, packed_nbytes, unpack_bits
 from bitalloc.quant.scales import (
@@ -81,11 +85,13 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 @dataclass
 class QuantizedTensor:
-    """A matrix stored as packed NF codes and (double-quantized) block scales.
+    """A matrix stored as packed codes, (double-quantized) block scales and, for the ``int``
+    family, packed zero points.
 
-    ``codes`` holds the packed NF codes; the scales are ``scales`` (fp16) when
+    ``codes`` holds the packed NF or integer codes; the scales are ``scales`` (fp16) when
     ``config.scale_bits == 16``, else ``scale_codes`` (packed), ``scale2`` (fp16/fp32,
-    one per group of blocks) and ``offset`` (one fp32).
+    one per group of blocks) and ``offset`` (one fp32); ``zeros`` the packed ``bits``-bit
+    zero points of an ``int`` config (one per block).
     """
 
     codes: torch.Tensor
@@ -96,6 +102,7 @@ class QuantizedTensor:
     scale_codes: torch.Tensor | None = None
     scale2: torch.Tensor | None = None
     offset: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
@@ -109,7 +116,7 @@ class QuantizedTensor:
                     f"array {name!r} of a {self.shape} {self.config.name} matrix must be "
                     f"{count} x {dtype}, got {value.numel()} x {value.dtype}"
                 )
-        stray = [n for n in ("scales", "scale_codes", "scale2", "offset")
+        stray = [n for n in ("scales", "scale_codes", "scale2", "offset", "zeros")
                  if getattr(self, n) is not None and n not in self.array_specs()]
         if stray:
             raise ValueError(f"arrays {stray} do not belong to a {self.config.name} matrix")
@@ -131,6 +138,8 @@ class QuantizedTensor:
         n_codes = self.n_blocks * cfg.block
         specs = {"codes": (torch.uint8, packed_nbytes(n_codes, cfg.bits))}
         specs.update(scale_array_specs(self.n_blocks, cfg))
+        if cfg.family == "int":
+            specs["zeros"] = (torch.uint8, packed_nbytes(self.n_blocks, cfg.bits))
         return specs
 
     def arrays(self) -> dict[str, torch.Tensor]:
@@ -146,7 +155,7 @@ class QuantizedTensor:
         config: QuantConfig,
     ) -> "QuantizedTensor":
         """Rebuild from :meth:`arrays` (sizes and dtypes are checked against ``config``)."""
-        known = {"codes", "scales", "scale_codes", "scale2", "offset"}
+        known = {"codes", "scales", "scale_codes", "scale2", "offset", "zeros"}
         unknown = set(arrays) - known
         if unknown:
             raise ValueError(f"unknown arrays {sorted(unknown)}; expected some of {sorted(known)}")
@@ -169,7 +178,7 @@ class QuantizedTensor:
     # ----- decoding ----------------------------------------------------------------------
     def block_scales(self) -> torch.Tensor:
         """The decoded float32 block scales, (rows, blocks_per_row)."""
-        scale_arrays = {k: v for k, v in self.arrays().items() if k != "codes"}
+        scale_arrays = {k: v for k, v in self.arrays().items() if k not in ("codes", "zeros")}
         s = decode_block_scales(scale_arrays, self.n_blocks, self.config)
         return s.view(self.shape[0], self.blocks_per_row)
 
@@ -179,15 +188,27 @@ class QuantizedTensor:
         bits, block = self.config.bits, self.config.block
         row_len = self.blocks_per_row * block
         scales = self.block_scales()
+        zeros = self.zero_points()
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         for start, stop in _slabs(rows, row_len):
             first = start * row_len * bits // 8
             n_codes = (stop - start) * row_len
             codes = unpack_bits(self.codes[first:], bits, n_codes)
-            levels = nf_decode(codes, bits).view(stop - start, self.blocks_per_row, block)
-            values = (levels * scales[start:stop].unsqueeze(-1)).view(stop - start, row_len)
-            out[start:stop] = values[:, :cols]
+            if zeros is None:
+                levels = nf_decode(codes, bits).view(stop - start, self.blocks_per_row, block)
+                values = levels * scales[start:stop].unsqueeze(-1)
+            else:
+                q = codes.to(torch.float32).view(stop - start, self.blocks_per_row, block)
+                values = int_values(q, scales[start:stop], zeros[start:stop])
+            out[start:stop] = values.view(stop - start, row_len)[:, :cols]
         return out
+
+    def zero_points(self) -> torch.Tensor | None:
+        """The float32 integer zero points, (rows, blocks_per_row), of an ``int`` config; else None."""
+        if self.config.family != "int":
+            return None
+        z = unpack_bits(self.zeros, self.config.bits, self.n_blocks).to(torch.float32)
+        return z.view(self.shape[0], self.blocks_per_row)
 
 
 def _absmax(W: torch.Tensor, block: int) -> torch.Tensor:
@@ -197,6 +218,21 @@ def _absmax(W: torch.Tensor, block: int) -> torch.Tensor:
     for start, stop in _slabs(rows, blocks_per_row * block):
         absmax[start:stop] = _blocks(W, start, stop, block).abs().amax(dim=-1)
     return absmax
+
+
+def _int_step_lo(W: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The steps and minima of every block, each (rows, blocks_per_row): min-max with the range
+    widened to 0, or refitted (:func:`~bitalloc.quant.integer.fit_step_lo`) when ``cfg.fit``."""
+    rows, cols = W.shape
+    block, bits = cfg.block, cfg.bits
+    blocks_per_row = -(-cols // block)
+    step = torch.empty(rows, blocks_per_row, dtype=torch.float32, device=W.device)
+    lo = torch.empty_like(step)
+    for start, stop in _slabs(rows, blocks_per_row * block):
+        blocks = _blocks(W, start, stop, block)
+        s, low = block_step_lo(blocks, bits)
+        step[start:stop], lo[start:stop] = fit_step_lo(blocks, s, low, bits) if cfg.fit else (s, low)
+    return step, lo
 
 
 def _scaled(W: torch.Tensor, start: int, stop: int, block: int, s: torch.Tensor) -> torch.Tensor:
@@ -209,12 +245,14 @@ def _scaled(W: torch.Tensor, start: int, stop: int, block: int, s: torch.Tensor)
 
 
 def quantize(W: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
-    """Quantize a 2-D floating-point matrix with NF codes and block scales as ``cfg`` says.
+    """Quantize a 2-D floating-point matrix with NF or integer codes and block scales as ``cfg`` says.
 
     ``cfg.rank`` and ``cfg.lowrank_bits`` are ignored: this stores the matrix it is given.
     Raises ValueError for non-2-D, empty, non-float or non-finite input.
     """
     _check_matrix(W)
+    if cfg.family == "int":
+        return _quantize_int(W, cfg)
     rows, cols = W.shape
     bits, block = cfg.bits, cfg.block
     blocks_per_row = -(-cols // block)
@@ -233,6 +271,26 @@ def quantize(W: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
     packed = pack_bits(codes, bits)
     return QuantizedTensor(
         codes=packed, shape=(rows, cols), dtype=W.dtype, config=cfg, **scale_arrays
+    )
+
+
+def _quantize_int(W: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
+    """:func:`quantize` for the ``int`` family: steps as block scales, packed zero points."""
+    rows, cols = W.shape
+    bits, block = cfg.bits, cfg.block
+    blocks_per_row = -(-cols // block)
+    row_len = blocks_per_row * block
+    step, lo = _int_step_lo(W, cfg)
+    scale_arrays = encode_block_scales(step.view(-1), cfg)
+    steps = decode_block_scales(scale_arrays, rows * blocks_per_row, cfg).view(rows, blocks_per_row)
+    zeros = zero_points(lo, steps, bits)
+    codes = torch.empty(rows * row_len, dtype=torch.uint8, device=W.device)
+    for start, stop in _slabs(rows, row_len):
+        q = int_codes(_blocks(W, start, stop, block), steps[start:stop], zeros[start:stop], bits)
+        codes[start * row_len : stop * row_len] = q.to(torch.uint8).view(-1)
+    return QuantizedTensor(
+        codes=pack_bits(codes, bits), shape=(rows, cols), dtype=W.dtype, config=cfg,
+        zeros=pack_bits(zeros.to(torch.uint8).view(-1), bits), **scale_arrays,
     )
 
 
@@ -258,6 +316,8 @@ def quantize_residual(W: torch.Tensor, cfg: QuantConfig, *, check: bool = True) 
 
 def _round_trip(W: torch.Tensor, cfg: QuantConfig, residual: bool) -> torch.Tensor:
     """The values of ``quantize(W, cfg)`` (or ``W`` minus them), without packing."""
+    if cfg.family == "int":
+        return _round_trip_int(W, cfg, residual)
     if kernels.applies(W):
         return _round_trip_compiled(W.contiguous(), cfg, residual)
     rows, cols = W.shape
@@ -273,6 +333,21 @@ def _round_trip(W: torch.Tensor, cfg: QuantConfig, residual: bool) -> torch.Tens
     for start, stop in slabs:
         s = scales[start:stop]
         values = nf_round(_scaled(W, start, stop, block, s), bits).mul_(s)
+        out[start:stop] = values.view(stop - start, row_len)[:, :cols]
+    return W - out if residual else out
+
+
+def _round_trip_int(W: torch.Tensor, cfg: QuantConfig, residual: bool) -> torch.Tensor:
+    """:func:`_round_trip` for the ``int`` family (tensor code, a slab at a time)."""
+    rows, cols = W.shape
+    bits, block = cfg.bits, cfg.block
+    blocks_per_row = -(-cols // block)
+    row_len = blocks_per_row * block
+    step, lo = _int_step_lo(W, cfg)
+    steps = roundtrip_block_scales(step, cfg).view(rows, blocks_per_row)
+    out = torch.empty((rows, cols), dtype=W.dtype, device=W.device)
+    for start, stop in _slabs(rows, row_len):
+        values = int_round(_blocks(W, start, stop, block), steps[start:stop], lo[start:stop], bits)
         out[start:stop] = values.view(stop - start, row_len)[:, :cols]
     return W - out if residual else out
 
