@@ -285,16 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity (GPTQ convention) and KL divergence to a reference model")
     add_model_arg(p)
     p.add_argument("--data", default="wikitext2",
-                   help="text source: wikitext2 (shared data when present), c4, a text file, or self:N (default: wikitext2)")
-    p.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default 2048)")
+                   help="text source: wikitext2 (a local copy, else the hub), c4, a text file, or self:N (default: wikitext2)")
+    p.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--windows", type=positive_int, default=None, help="evaluate the first N windows (default: all)")
     p.add_argument("--kl-to", default=None, metavar="MODEL",
-                   help="reference model for the mean per-token KL divergence (default for an applied DIR: its source model)")
+                   help="reference model for the mean per-token KL divergence (default: an applied DIR's source model; none for a "
+                        "plain model)")
     p.add_argument("--no-kl", action="store_true", help="perplexity only, no KL")
-    p.add_argument("--label", default=None, help="name of this model in the output (default: the DIR's name)")
+    p.add_argument("--label", default=None, help="name of this model in the output (default: the DIR's name, or the model's id)")
     p.add_argument("--append", default=None, metavar="JSONL",
                    help="append the result as one JSON line to this file (the evals file `bitalloc report --evals` reads)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
     p.add_argument("--no-verify", action="store_true",
                    help="for an applied DIR: check its files' sizes only, not their SHA-256 (faster on big models; a "
                         "changed byte of the same size then goes unnoticed)")
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="measure the error of every config for every target matrix")
     p.add_argument("--model", default=None, help=BUILTIN_HELP)
-    p.add_argument("--calib", default=None, help="calibration text for the Fisher: wikitext2, c4, a file, or self:N (default: self: text)")
+    p.add_argument("--calib", default=None, help="calibration text for the Fisher: wikitext2, c4, a file, or self:N (default: self:SAMPLES, text "
+                        "sampled from the model itself)")
     p.add_argument("--samples", type=positive_int, default=None, help="calibration sequences (default: chosen per device)")
     p.add_argument("--seqlen", type=positive_int, default=None, help="tokens per calibration sequence (default: chosen per device)")
     p.add_argument("--no-fisher", action="store_true", help="plain errors only (no Fisher estimate)")
@@ -315,15 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto (default): 0 and the largest power of two whose bf16 factors cost at most 0.5 "
                         "bits/param on the median target (0,8 on the built-in model, 0,64 on a 7B)")
     add_target_filters(p)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
-    p.add_argument("--out", default="profile", help="profile directory (default ./profile)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
+    p.add_argument("--out", default="profile", help="profile directory (default: ./profile)")
     p.add_argument("--shard", default=None, help="i/n: profile every n-th matrix starting at the i-th (1 <= i <= n)")
     p.add_argument("--jobs", type=jobs_count, default=None,
                    help="CPU worker processes, one matrix each at a time, one thread each (default: one per core when the "
                         "profile is big enough to pay for starting them, as many as the available memory "
                         "holds; 1 on CUDA)")
     p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     add_allow_unusual(p)
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: this process (default); ray: shards as Ray tasks on a Ray cluster, one GPU each "
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be new or empty unless --force)")
     p.add_argument("--dequantized", action="store_true",
                    help="also write DIR/dequantized: a plain Hugging Face checkpoint with Q in bf16")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
     p.add_argument("--no-fisher", action="store_true",
                    help="plain decomposition even when the allocation came from a Fisher profile")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -355,9 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-dense", default=None, metavar="REGEX",
                    help="keep the targets matching REGEX dense (as stored in the model), counted at their stored bits; "
                         "every other target needs a config")
-    p.add_argument("--include", default=None, help="regex: with --uniform, only layers whose name matches")
-    p.add_argument("--exclude", default=None, help="regex: with --uniform, drop layers whose name matches")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--include", default=None, metavar="REGEX", help="with --uniform: only layers whose name matches REGEX")
+    p.add_argument("--exclude", default=None, metavar="REGEX", help="with --uniform: drop layers whose name matches REGEX")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print what was written (bitalloc.json's summary, parameter counts and bytes) as one JSON object")
     add_allow_unusual(p)
     p.set_defaults(func=cmd_apply)
@@ -391,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--exclude-lowrank-from-budget", action="store_true",
                        help="LQ-LoRA's convention: low-rank factors outside the budget (for comparison)")
         p.add_argument("--time-limit", type=float, default=None, metavar="S", help="stop after S seconds with the best allocation found")
-        p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default 0: exact)")
+        p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default: 0, exact)")
         p.add_argument("--force", action="store_true", help="replace existing outputs (--out" +
                        (")" if name == "solve" else ", --allocs)"))
         p.set_defaults(func=cmd_solve if name == "solve" else cmd_sweep)

@@ -139,3 +139,18 @@ def test_interrupted_eval_append_leaves_no_empty_file(tiny_llama_dir, tmp_path, 
     assert main(["eval", str(tiny_llama_dir), "--data", "self:2", "--seqlen", "16", "--append",
                  str(tmp_path / "no-dir" / "e.jsonl")]) == 2
     assert "no-dir" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_changed_byte_unless_no_verify(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "nf4"
+    assert main(["-q", "apply", "--uniform", "nf4-g16-s16-r0", "--model", str(tiny_llama_dir), "--out", str(out)]) == 0
+    weights = out / "model.safetensors"  # same size, one bit of tensor data flipped: only the digest tells
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    argv = ["-q", "eval", str(out), "--data", str(tiny_text_file), "--seqlen", "32", "--windows", "1", "--no-kl"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "model.safetensors does not match the SHA-256" in capsys.readouterr().err
+    assert main(argv + ["--no-verify", "--json"]) == 0
+    assert _last_json(capsys)["perplexity"] > 0
