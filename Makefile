@@ -10,7 +10,7 @@ STAMP := $(VENV)/.bitalloc-installed
 DEMO_OUT ?= demo-out
 DEMO_WINDOWS ?= 8
 
-.PHONY: setup test test-slow demo smoke smoke-run bench report-index clean
+.PHONY: setup test test-slow smoke-clone ci demo smoke smoke-run bench report-index clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,14 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -ra -m slow
+
+# The reduced demo (`make smoke-run`) in a fresh clone of this checkout's commit, with no ../shared
+# beside it and an empty cache (tests/test_smoke.py; about 7 minutes on 2 cores).
+smoke-clone: setup
+	$(BIN)/python -m pytest -q -ra -s -m slow tests/test_smoke.py
+
+# What CI runs (.ci/run): the test suite, then the reduced demo in a fresh clone.
+ci: test smoke-clone
 
 # The main job on the built-in model: profile (default space, Fisher) -> sweep -> solve and apply at
 # DEMO_BUDGETS -> evaluate each against the original on DEMO_WINDOWS windows -> report in DEMO_OUT.
