@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU worker processes, one matrix each at a time, one thread each (default: one per core when the "
                         "profile is big enough to pay for starting them, as many as the available memory "
                         "holds; 1 on CUDA)")
-    p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")
+    p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches); "
+                        "a corrupt meta.json is rebuilt from this command line, keeping the parts that fit it")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     add_allow_unusual(p)
     p.add_argument("--executor", choices=["local", "ray"], default="local",
