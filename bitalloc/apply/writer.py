@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from bitalloc import __version__
 from bitalloc.allocation import Allocation
-from bitalloc.atomic import atomic_write_json, check_output, make_temp_dir, permit_tree
+from bitalloc.atomic import atomic_write_json, check_output, locked_output, make_temp_dir, permit_tree
 from bitalloc.configs import QuantConfig, check_fits
 from bitalloc.errors import InputError
 from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_VERSION, INFO_FILE, MODEL_FILE,
@@ -201,6 +201,7 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+@locked_output("out")  # .OUT.lock next to out: one apply per output at a time
 def apply_allocation(
     allocation: Allocation | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
