@@ -121,7 +121,8 @@ def _half_written_loads(kind: str, out: Path) -> bool:
 
 #: What each model mode profiles, for the report: (json file stem, description).
 MODES = {"tiny": ("results", "Tiny seeded Llama (4 layers, hidden 64, 28 targets), 5 configs, CPU."),
-         "builtin": ("results-builtin", "The built-in model (SmolLM2-135M), the targets of --include, the `default` "
+         "builtin": ("results-builtin", "The built-in model (SmolLM2-135M), the targets of --include (default: the "
+                                        "first layer's 7), the `default` "
                                         "space at rank 0 (24 configs), no Fisher, CPU.")}
 
 
@@ -219,16 +220,15 @@ def main() -> None:
 
 
 def render(report: Path) -> str:
-    """results.md: one table of kills survived per model whose results JSON is in ``report``."""
-    lines = ["# faults: killed profile and apply runs resume or rerun to the uninterrupted outputs", "",
-             "SIGKILL (process group, workers included) of `profile` once a random number of its matrices "
-             "(0 to all but one) is in `parts/`, of `apply` a random time after its temporary directory appears; "
-             "then the same command again."]
-    for stem, description in MODES.values():
+    """results.md: one table of kills survived, a row per command and model whose results JSON is in ``report``."""
+    runs, rows = [], []
+    for mode, (stem, description) in MODES.items():
         path = report / f"{stem}.json"
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
+        load = f", load {data['load']}" if data.get("load") else ""
+        runs.append(f"- {mode}: {description} `{data['command']}` ({data['machine']}{load}; {data['wall_s']:.0f} s)")
         results = pd.DataFrame(data["kills"])
         if "lock_left" not in results:
             results["lock_left"] = pd.NA
@@ -237,18 +237,19 @@ def render(report: Path) -> str:
             mid_work=("parts_or_temporaries_left", lambda v: int((v > 0).sum())),
             locks=("lock_left", lambda v: "-" if v.isna().all() else int(v.fillna(False).astype(bool).sum())),
             half_written_loaded=("half_written_loaded", "sum"), rerun_equal=("rerun_equals_uninterrupted", "sum"))
-        load = f", load {data['load']}" if data.get("load") else ""
-        lines += ["", f"## {description.rstrip('.')}", "",
-                  f"`{data['command']}` ({data['machine']}{load}; {data['wall_s']:.0f} s)", "",
-                  "| command | kills | killed mid-run | killed with work on disk | lock left behind | "
-                  "half-written output loaded | rerun equals uninterrupted |",
-                  "|---|---|---|---|---|---|---|"]
         for command, r in summary.iterrows():
-            lines.append(f"| `{command}` | {r.kills} | {r.killed_mid_run} | {r.mid_work} | {r.locks} | "
-                         f"{r.half_written_loaded} | {r.rerun_equal} of {r.kills} |")
-    lines += ["", "Killed with work on disk: a profile with finished matrices in `parts/`, or an apply that left "
-              "its temporary directory (removed by the rerun). Lock left behind: the killed run's `.OUT.lock`, "
-              "which the rerun takes over (`-`: not recorded)."]
+            rows.append(f"| {mode} | `{command}` | {r.kills} | {r.killed_mid_run} | {r.mid_work} | {r.locks} | "
+                        f"{r.half_written_loaded} | {r.rerun_equal} of {r.kills} |")
+    lines = ["# faults: killed profile and apply runs resume or rerun to the uninterrupted outputs", "",
+             "SIGKILL (process group, workers included) of `profile` once a random number of its matrices "
+             "(0 to all but one) is in `parts/`, of `apply` a random time after its temporary directory appears; "
+             "then the same command again.", "",
+             "| model | command | kills | killed mid-run | killed with work on disk | lock left behind | "
+             "half-written output loaded | rerun equals uninterrupted |",
+             "|---|---|---|---|---|---|---|---|", *rows, "", *runs, "",
+             "Killed with work on disk: a profile with finished matrices in `parts/`, or an apply that left its "
+             "temporary directory (removed by the rerun). Lock left behind: the killed run's `.OUT.lock`, which the "
+             "rerun takes over (`-`: not recorded in that run)."]
     return "\n".join(lines) + "\n"
 
 
