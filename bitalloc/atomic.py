@@ -4,6 +4,7 @@ one overwrite rule of every command that writes: an existing output is refused u
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -14,12 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 from bitalloc.errors import InputError, OutputBusyError, OutputExistsError
 
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def current_umask() -> int:
@@ -164,3 +166,19 @@ def output_lock(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield lock
     finally:
         lock.unlink(missing_ok=True)
+
+
+def locked_output(argument: str) -> Callable[[F], F]:
+    """Decorate a function that writes the output named by its keyword argument ``argument``: the
+    call holds :func:`output_lock` of that output, so a second writer of the same output (another
+    process, or this one) is refused with OutputBusyError naming the holder."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with output_lock(kwargs[argument]):
+                return func(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return decorate

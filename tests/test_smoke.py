@@ -1,5 +1,6 @@
 """A fresh clone with no ../shared beside it and an empty cache runs a reduced demo end to end
-(`make smoke-run`) on the built-in model. Slow: not part of `make test`; run by `make test-slow`."""
+(`make smoke-run`) on the built-in model. Slow: not part of `make test`; run by `make smoke-clone`
+(which CI runs after `make test`) and `make test-slow`."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from bitalloc.models.loading import auto_class_for, check_finite, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load", "load_applied", "load_model_or_applied"]
+__all__ = ["empty_model", "load", "load_applied", "load_model_or_applied"]
 
 
 def _no_init_weights():
@@ -53,6 +53,15 @@ def _skeleton(folder: Path, dtype: torch.dtype, model_class: str | None) -> torc
     finally:
         torch.set_default_dtype(previous)
     return model
+
+
+def empty_model(path: str | os.PathLike[str]) -> torch.nn.Module:
+    """The model class of an applied directory, with the source model's Linear layers, on the meta
+    device: its structure and shapes, no weights and no memory (what :func:`load` fills in)."""
+    folder = Path(path)
+    info = read_info(folder, check_files=False)
+    with torch.device("meta"):
+        return _skeleton(folder, torch.float32, info.get("model_class"))
 
 
 def _resolve_dtype(dtype: Any, info: dict[str, Any]) -> torch.dtype:
@@ -165,14 +174,15 @@ def load_model_or_applied(spec: str | os.PathLike[str] | None, *, device: str | 
     """``(model, tokenizer)`` of a model specification or of an applied directory.
 
     An applied directory (one holding ``bitalloc.json``) is loaded for inference as
-    ``Q + L1 L2`` (:func:`load_applied`, adapter attached); anything else goes to
+    ``Q + L1 L2`` (:func:`load_applied`, adapter attached when it has one); anything else goes to
     :func:`bitalloc.models.load_model`. ``dtype`` None means float32, ``"auto"`` the
     checkpoint's (for an applied directory: its source model's). ``verify``: see :func:`load`.
     """
     if spec is None or not is_applied_dir(spec):
         return load_model(spec, device=device, dtype=dtype)
     torch_dtype = resolve_dtype(dtype)
-    model, tokenizer = load_applied(spec, adapter=True, device=device,
+    has_adapter = bool(read_info(spec, check_files=False).get("adapter"))  # rank 0 everywhere: nothing to attach
+    model, tokenizer = load_applied(spec, adapter=has_adapter, device=device,
                                     dtype=None if torch_dtype == "auto" else torch_dtype, verify=verify)
     check_finite(model)
     return model, tokenizer

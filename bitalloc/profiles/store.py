@@ -81,28 +81,82 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 # ----- meta --------------------------------------------------------------------------------
+class CorruptMetaError(ProfileError):
+    """A profile's ``meta.json`` that cannot be read (not JSON, binary, mistyped entries): the
+    profile command rebuilds it from its command line with ``--resume`` (see :func:`rebuild_meta`)."""
+
+
+def _corrupt_meta_advice(directory: Path) -> str:
+    return (f"to keep the finished matrices in {Path(directory) / PARTS_DIR}/, rerun the `bitalloc profile` command "
+            f"that made it with --resume added ({META_FILE} is rebuilt from the command line and every part is "
+            f"checked against it), or remove {directory} and profile again")
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
-    """Read and check ``meta.json`` of a profile directory."""
+    """Read and check ``meta.json`` of a profile directory.
+
+    Raises CorruptMetaError (a ProfileError) for an unreadable or mistyped file, saying how to
+    rebuild it; ProfileError for a file that is not a profile's."""
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise ProfileError(f"{directory} is not a bitalloc profile: {META_FILE} is missing")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(
-            f"{path} is corrupt, not JSON ({exc}); without it the finished matrices in {PARTS_DIR}/ cannot be "
-            f"checked: remove {directory} and rerun the `bitalloc profile` command"
-        ) from exc
+        raise CorruptMetaError(f"{path} is corrupt, not JSON ({exc}); {_corrupt_meta_advice(directory)}") from exc
     if not isinstance(meta, dict) or meta.get("format") != PROFILE_FORMAT:
         raise ProfileError(f"{path} is not a bitalloc profile meta file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     if not isinstance(meta.get("format_version", 0), int) or not isinstance(meta.get("targets", []), list):
-        raise ProfileError(f"{path} has mistyped entries (format_version {meta.get('format_version')!r}); it was not "
-                           f"written by bitalloc: remove {directory} and rerun the `bitalloc profile` command")
+        raise CorruptMetaError(f"{path} has mistyped entries (format_version {meta.get('format_version')!r}); it was "
+                               f"not written by bitalloc as it is: {_corrupt_meta_advice(directory)}")
     if int(meta.get("format_version", 0)) > PROFILE_VERSION:
         raise ProfileError(
             f"{path} has format version {meta.get('format_version')}, newer than this bitalloc "
             f"reads ({PROFILE_VERSION}); upgrade bitalloc"
         )
+    return meta
+
+
+def rebuild_meta(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Replace a corrupt ``meta.json`` by ``meta`` (what the profile command line describes) when
+    every part in ``parts/`` fits it; return ``meta``.
+
+    A part fits when :func:`part_problem` finds it whole for ``meta`` (its matrix name and the
+    configs, in order) and its shape and Fisher column agree with ``meta``. Raises ProfileError,
+    naming the parts that do not fit and leaving the directory as it is, when one does not: the
+    command line is then not the one that made the profile. What no part records (the seed, the
+    calibration text) is taken from the command line on trust."""
+    directory = Path(directory)
+    targets = meta.get("targets") or []
+    misfits = []
+    parts = sorted((directory / PARTS_DIR).glob("*.csv")) if (directory / PARTS_DIR).is_dir() else []
+    for path in parts:
+        try:
+            index = int(path.stem)
+        except ValueError:
+            continue
+        if not 0 <= index < len(targets):
+            misfits.append(f"{path.name}: no target {index} in this command line's {len(targets)}")
+            continue
+        problem = part_problem(path, index, meta)
+        if problem is None:
+            df = _read_csv(path)
+            target = targets[index]
+            if (df["rows"] != target["rows"]).any() or (df["cols"] != target["cols"]).any():
+                problem = f"shape {int(df['rows'].iloc[0])}x{int(df['cols'].iloc[0])}, {target['rows']}x{target['cols']} expected"
+            elif bool(df["error_fisher"].notna().any()) != bool(meta.get("fisher")):
+                problem = "Fisher errors " + ("missing" if meta.get("fisher") else "present") + " (--no-fisher differs)"
+        if problem is not None and "not a readable" not in problem:  # an unreadable part is simply redone
+            misfits.append(f"{path.name}: {problem}")
+    if misfits:
+        raise ProfileError(
+            f"{directory / META_FILE} is corrupt and cannot be rebuilt from this command line: {len(misfits)} of "
+            f"{len(parts)} parts do not fit it ({'; '.join(misfits[:3])}); rerun the exact command that made the "
+            f"profile with --resume, or remove {directory} and profile again"
+        )
+    write_meta(directory, meta)
+    log.warning("rebuilt %s from the command line; %d finished matrices in %s/ fit it and are kept",
+                directory / META_FILE, len(parts), PARTS_DIR)
     return meta
 
 

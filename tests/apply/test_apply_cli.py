@@ -139,3 +139,44 @@ def test_interrupted_eval_append_leaves_no_empty_file(tiny_llama_dir, tmp_path, 
     assert main(["eval", str(tiny_llama_dir), "--data", "self:2", "--seqlen", "16", "--append",
                  str(tmp_path / "no-dir" / "e.jsonl")]) == 2
     assert "no-dir" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_changed_byte_unless_no_verify(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "nf4"
+    assert main(["-q", "apply", "--uniform", "nf4-g16-s16-r0", "--model", str(tiny_llama_dir), "--out", str(out)]) == 0
+    weights = out / "model.safetensors"  # same size, one bit of tensor data flipped: only the digest tells
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    argv = ["-q", "eval", str(out), "--data", str(tiny_text_file), "--seqlen", "32", "--windows", "1", "--no-kl"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "model.safetensors does not match the SHA-256" in capsys.readouterr().err
+    assert main(argv + ["--no-verify", "--json"]) == 0
+    assert _last_json(capsys)["perplexity"] > 0
+
+
+def test_a_second_apply_on_the_same_out_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(
+        tiny_llama_dir, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "q"
+    holder = subprocess.Popen(  # another process writing the same output: it holds .q.lock
+        [sys.executable, "-c", "import sys, time; from bitalloc.atomic import output_lock\n"
+         f"with output_lock({str(out)!r}):\n    print('holding', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        argv = ["-q", "apply", "--uniform", "nf4-g16-s16-r0", "--model", str(tiny_llama_dir), "--out", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by process {holder.pid}" in err and not out.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed: its lock file stays behind
+        holder.wait()
+    assert (tmp_path / ".q.lock").exists()
+    assert main(argv) == 0 and (out / "bitalloc.json").is_file()
+    assert not (tmp_path / ".q.lock").exists()

@@ -44,8 +44,8 @@ def test_applied_dir_loads_with_quantized_layers_and_a_plain_model_without(tiny_
     assert tokenizer is not None and any(isinstance(m, QuantizedLinear) for m in model.modules())
     plain, _ = load_model_or_applied(str(tiny_llama_dir))
     assert not any(isinstance(m, QuantizedLinear) for m in plain.modules())
-    with pytest.raises(ValueError):  # every Linear target is quantized: nothing left to quantize
-        model_info(str(applied))
+    info = model_info(str(applied))  # packed targets are targets too, counted at rows x cols
+    assert info["packed_targets"] == 14 and info["total_params"] == model_info(str(tiny_llama_dir))["total_params"]
     assert len(model_info(str(tiny_llama_dir))["targets"]) == 14
 
 

@@ -472,3 +472,30 @@ def test_the_same_apply_twice_gives_the_same_bytes(tiny_llama_dir, tmp_path):
     assert digests[0] == digests[1] == digests[2]
     with safe_open(str(runs[0] / MODEL_FILE), framework="pt") as f:
         assert f.metadata() == {"bitalloc_format": "bitalloc-model", "format": "pt"}
+
+
+def test_an_old_allocation_without_include_exclude_on_another_model_must_cover_its_new_layers(applied, tmp_path,
+                                                                                              caplog):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    _, alloc, model_dir = applied
+    old = alloc.to_dict()  # as an older bitalloc wrote it: no include/exclude in the provenance
+    old["provenance"] = {k: v for k, v in old["provenance"].items() if k not in ("include", "exclude")}
+    config = AutoConfig.from_pretrained(model_dir)
+    config.num_hidden_layers = 3
+    torch.manual_seed(3)
+    bigger = tmp_path / "three-layers"
+    LlamaForCausalLM(config).save_pretrained(bigger)
+    with caplog.at_level(logging.WARNING, logger="bitalloc"):
+        with pytest.raises(ValueError, match=r"no config to 7 target.*model\.layers\.2\."):
+            apply_allocation(old, model=str(bigger), out=tmp_path / "q", ignore_model_hash=True, device="cpu",
+                             progress=False)
+    assert "each of its 21 targets needs a config or --keep-dense (the allocation has 14)" in caplog.text
+    assert not (tmp_path / "q").exists()
+    q = apply_allocation(old, model=str(bigger), out=tmp_path / "q", ignore_model_hash=True,
+                         keep_dense=r"layers\.2\.", device="cpu", progress=False)
+    assert len(read_info(q)["dense_targets"]) == 7 and len(read_info(q)["targets"]) == 14
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bitalloc"):  # on its own model: its profile's targets, said so
+        same = apply_allocation(old, out=tmp_path / "same", device="cpu", progress=False)
+    assert "applying it to the 14 targets its profile had" in caplog.text and len(read_info(same)["targets"]) == 14

@@ -429,3 +429,46 @@ def test_a_nan_in_an_excluded_layer_is_a_warning_not_a_refusal(tiny_builders, ti
     df, _ = load_profile(out)
     assert "model.layers.1.mlp.down_proj" not in set(df["matrix"]) and np.isfinite(df["error"]).all()
     assert "outside the targets" in caplog.text
+
+
+def _counting(calls: list):
+    from bitalloc.lowrank import decompose_many
+
+    def decompose_fn(W, configs, **kw):
+        calls.append(1)
+        return decompose_many(W, configs, **kw)
+
+    return decompose_fn
+
+
+def test_a_corrupt_meta_is_rebuilt_from_the_same_command_line_with_resume_keeping_the_parts(
+        tiny_llama_dir, tmp_path, space_file):
+    from bitalloc.profiles.store import CorruptMetaError
+
+    out = profile(_request(tiny_llama_dir, tmp_path / "p", space_file))
+    good, _ = load_profile(out)
+    (out / "meta.json").write_text('{"format": "bitalloc-profile", "targ')  # cut mid-write by a crash
+    (out / "parts" / "00003.csv").unlink()  # and one matrix not done yet
+    with pytest.raises(CorruptMetaError, match=r"rerun the `bitalloc profile` command that made it with --resume"):
+        profile(_request(tiny_llama_dir, out, space_file))
+    calls: list = []
+    rebuilt, meta = load_profile(profile(_request(tiny_llama_dir, out, space_file, resume=True),
+                                         decompose_fn=_counting(calls)))
+    assert len(calls) == 1  # only the missing matrix was profiled again; the 13 intact parts were kept
+    assert meta["complete"] and len(meta["targets"]) == 14
+    pd.testing.assert_frame_equal(_without_timing(rebuilt), _without_timing(good))
+
+
+def test_a_corrupt_meta_is_not_rebuilt_from_another_command_line(tiny_llama_dir, tmp_path, space_file):
+    out = profile(_request(tiny_llama_dir, tmp_path / "p", space_file))
+    (out / "meta.json").write_bytes(b"\x00\xff binary garbage")
+    other_space = tmp_path / "other-space.json"
+    other_space.write_text(json.dumps(SPACE[:2]))
+    with pytest.raises(ProfileError, match=r"cannot be rebuilt from this command line: 14 of 14 parts do not fit"):
+        profile(_request(tiny_llama_dir, out, other_space, resume=True))
+    assert (out / "meta.json").read_bytes() == b"\x00\xff binary garbage"  # left as it was
+    assert len(list((out / "parts").glob("*.csv"))) == 14
+    (tmp_path / "calib.txt").write_text("Some calibration text for the model. " * 200)
+    with pytest.raises(ProfileError, match="do not fit"):  # --no-fisher differs: parts without Fisher errors
+        profile(_request(tiny_llama_dir, out, space_file, resume=True, fisher=True,
+                         calib=str(tmp_path / "calib.txt")))
