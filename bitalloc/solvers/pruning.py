@@ -28,17 +28,19 @@ def prune_dominated(error: np.ndarray, bits: np.ndarray) -> np.ndarray:
     ok = np.isfinite(err) & np.isfinite(b)
     e = np.where(ok, err, np.inf)
     bb = np.where(ok, b, np.inf)
-    rows = np.repeat(np.arange(n_rows), n_cols)
-    cols = np.tile(np.arange(n_cols), n_rows)
-    # Row-major order by (row, bits, error, column): each row stays a contiguous block.
-    order = np.lexsort((cols, e.ravel(), bb.ravel(), rows))
-    e_sorted = e.ravel()[order].reshape(n_rows, n_cols)
+    order = row_order(e, bb)
+    e_sorted = np.take_along_axis(e, order, axis=1)
     # Least error among the cheaper-or-equal configs that precede each entry in its row.
     running = np.minimum.accumulate(e_sorted, axis=1)
     before = np.empty_like(running)
     before[:, 0] = np.inf
     before[:, 1:] = running[:, :-1]
-    keep_sorted = (e_sorted < before).ravel()
-    keep = np.zeros(n_rows * n_cols, dtype=bool)
-    keep[order] = keep_sorted
-    return keep.reshape(n_rows, n_cols) & ok
+    keep = np.zeros(err.shape, dtype=bool)
+    np.put_along_axis(keep, order, e_sorted < before, axis=1)
+    return keep & ok
+
+
+def row_order(error: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """Per row, the column order by (bits, error, column); NaN/inf entries (give them inf) sort last."""
+    cols = np.broadcast_to(np.arange(error.shape[1]), error.shape)
+    return np.lexsort((cols, error, bits), axis=-1)
