@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,7 @@ import pandas as pd
 from bitalloc.adapters.config import Variant
 from bitalloc.adapters.profile import AdapterProfile, load_adapter_profile, singular_values
 from bitalloc.atomic import atomic_write_json
-from bitalloc.solvers import InfeasibleBudgetError, solve
+from bitalloc.solvers import InfeasibleBudgetError, Solution, solve
 from bitalloc.solvers.solution import json_ready
 
 ALLOCATION_FORMAT = "bitalloc-adapter-allocation"
@@ -134,19 +134,30 @@ def _summary(arr: _Arrays, rows: np.ndarray, choice: np.ndarray) -> dict[str, An
     }
 
 
+def solve_arrays(
+    error: Any, bits: Any, params: Any, budget: float, *, backend: str = "auto",
+    matrix_names: Sequence[str] | None = None, **options: Any,
+) -> tuple[Solution, str]:
+    """:func:`bitalloc.solvers.solve` with the ``auto`` backend too; returns the solution and the backend used.
+
+    ``options`` (``time_limit``, ``mip_gap``) go to the exact backends.
+    """
+    args = (error, bits, params, budget)
+    if backend not in ADAPTER_BACKENDS:
+        raise ValueError(f"unknown solver backend {backend!r}; choose one of {list(ADAPTER_BACKENDS)}")
+    if backend != "auto":
+        extra = {} if backend == "lagrange" else options
+        return solve(*args, matrix_names=matrix_names, backend=backend, **extra), backend
+    sol = solve(*args, matrix_names=matrix_names, backend="lagrange")
+    if sol.status == "optimal" or sol.gap <= AUTO_GAP:
+        return sol, "lagrange"
+    return solve(*args, matrix_names=matrix_names, backend="highs", **options), "highs"
+
+
 def _solve_rows(arr: _Arrays, rows: np.ndarray, budget: float, *, backend: str, **options: Any
                 ) -> tuple[np.ndarray, dict[str, Any]]:
-    args = (arr.error[rows], arr.bits[rows], arr.params[rows], budget)
-    names = [arr.matrices[i] for i in rows]
-    if backend == "auto":
-        sol = solve(*args, matrix_names=names, backend="lagrange")
-        used = "lagrange"
-        if sol.status != "optimal" and sol.gap > AUTO_GAP:
-            sol = solve(*args, matrix_names=names, backend="highs", **options)
-            used = "highs"
-    else:
-        sol = solve(*args, matrix_names=names, backend=backend, **options)
-        used = backend
+    sol, used = solve_arrays(arr.error[rows], arr.bits[rows], arr.params[rows], budget, backend=backend,
+                             matrix_names=[arr.matrices[i] for i in rows], **options)
     info = _summary(arr, rows, sol.choice)
     info.update(status=sol.status, gap=sol.gap, bound=sol.bound, seconds=sol.seconds, budget=budget,
                 n_candidates=sol.n_candidates, n_candidates_after_pruning=sol.n_candidates_after_pruning,
