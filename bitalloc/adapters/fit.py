@@ -42,12 +42,6 @@ def _codes(g: torch.Tensor, s: torch.Tensor, z: torch.Tensor, top: int) -> torch
     return q * positive
 
 
-def _group_error(g: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Per group ``Σ_valid (x - (q·s + z))²`` in float64, the decoded value computed as ``dequantize`` does."""
-    decoded = q * s + z
-    return (((g - decoded).double() ** 2) * w).sum(dim=-1, keepdim=True)
-
-
 def fit_groups(
     g: torch.Tensor, valid: torch.Tensor | None, bits: int, rounds: int = FIT_ROUNDS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,44 +49,56 @@ def fit_groups(
 
     ``g``: float32 (..., group); ``valid``: bool mask broadcastable to ``g`` (None: all valid),
     padding entries take no part in the fit and get code 0. Returns ``q`` (..., group) and
-    ``s``, ``z`` (..., 1). Each group's error is at most that of min-max RTN.
+    ``s``, ``z`` (..., 1). Each group's error (``Σ (x - q·s - z)²``, from the group's sums in
+    float64) is at most that of min-max RTN.
     """
     top = 2**bits - 1
-    w = torch.ones_like(g, dtype=torch.float64) if valid is None else valid.expand_as(g).to(torch.float64)
     inf = torch.tensor(float("inf"))
     if valid is None:
         lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
+        w = None
     else:
         lo = torch.where(valid, g, inf).amin(dim=-1, keepdim=True)
         hi = torch.where(valid, g, -inf).amax(dim=-1, keepdim=True)
-    s0 = _fp16(true_divide(hi - lo, top))
-    z0 = _fp16(lo)
-    q0 = _codes(g, s0, z0, top)
-    best_err = _group_error(g, q0, s0, z0, w)
-    best_q, best_s, best_z = q0, s0, z0
-    x = g.double() * w
-    n = w.sum(dim=-1, keepdim=True)
-    sx = x.sum(dim=-1, keepdim=True)
-    q, s, z = q0, s0, z0
+        w = valid.expand_as(g).to(torch.float64)
+    x = g.double() if w is None else g.double() * w
+    n = torch.full_like(x[..., :1], g.shape[-1]) if w is None else w.sum(dim=-1, keepdim=True)
+    sx, sxx = x.sum(dim=-1, keepdim=True), (x * x).sum(dim=-1, keepdim=True)
+
+    def sums(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qd = q.double() if w is None else q.double() * w
+        return qd.sum(dim=-1, keepdim=True), (qd * qd).sum(dim=-1, keepdim=True), (qd * x).sum(dim=-1, keepdim=True)
+
+    def error(s: torch.Tensor, z: torch.Tensor, sq: torch.Tensor, sqq: torch.Tensor, sqx: torch.Tensor) -> torch.Tensor:
+        s, z = s.double(), z.double()
+        return sxx - 2 * s * sqx - 2 * z * sx + s * s * sqq + 2 * s * z * sq + n * z * z
+
+    s = _fp16(true_divide(hi - lo, top))
+    z = _fp16(lo)
+    q = _codes(g, s, z, top)
+    stats = sums(q)
+    best_err = error(s, z, *stats)
+    best_q, best_s, best_z = q, s, z
     for _ in range(rounds):
-        qd = q.double() * w
-        sq = qd.sum(dim=-1, keepdim=True)
-        sqq = (qd * qd).sum(dim=-1, keepdim=True)
-        sqx = (qd * x).sum(dim=-1, keepdim=True)
+        sq, sqq, sqx = stats
         var = n * sqq - sq * sq
         slope = (n * sqx - sq * sx) / torch.where(var > 0, var, torch.ones_like(var))
         ok = (var > 0) & (slope > 0)
         new_s = _fp16(torch.where(ok, slope, s.double()).float())
         new_z = _fp16(((sx - new_s.double() * sq) / n).float())
-        s = torch.where(ok, new_s, s)
-        z = torch.where(ok, new_z, z)
-        q = _codes(g, s, z, top)
-        err = _group_error(g, q, s, z, w)
+        s, z = torch.where(ok, new_s, s), torch.where(ok, new_z, z)
+        q_next = _codes(g, s, z, top)
+        settled = torch.equal(q_next, q)
+        q = q_next
+        stats = sums(q)
+        err = error(s, z, *stats)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_q = torch.where(better, q, best_q)
         best_s = torch.where(better, s, best_s)
         best_z = torch.where(better, z, best_z)
+        if settled and not bool(better.any()):
+            break  # codes and (s, z) no longer move
     if valid is not None:
         best_q = best_q * valid
     return best_q, best_s, best_z

@@ -40,7 +40,9 @@ def test_fit_is_never_worse_than_min_max_per_group(length, group, bits):
     minmax = quantize_affine(x, bits, group, dim=1).dequantize()
     fitted = fit_affine(x, bits, group, dim=1).dequantize()
     e_minmax, e_fit = _group_errors(x, minmax, group), _group_errors(x, fitted, group)
-    assert bool((e_fit <= e_minmax).all())
+    # the fit compares errors from float64 group sums; the decoded float32 values differ by rounding only
+    scale = _group_errors(x, torch.zeros_like(x), group)
+    assert bool((e_fit <= e_minmax * (1 + 1e-6) + 1e-12 * scale).all())
     if bits == 2 and length >= 32:
         assert float(e_fit.sum()) < 0.8 * float(e_minmax.sum())  # and it pays at low bits
 
