@@ -354,7 +354,8 @@ def main() -> int:
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "note": "shared with other jobs while it ran", "python": platform.python_version(),
                "torch": torch.__version__, "numpy": np.__version__, "highspy": version("highspy"),
-               "date": dt.date.today().isoformat()}
+               "date": dt.date.today().isoformat(),
+               "load average at the end (1, 5, 15 min)": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
     res["machine"] = machine
     command = "python bench/adapters_fleet.py " + " ".join(sys.argv[1:])
     res["command"] = command.strip()
