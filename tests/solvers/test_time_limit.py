@@ -62,3 +62,16 @@ def test_lagrange_gap_is_certified_and_within_one_step():
     # the hull greedy is within one matrix's largest error step of the LP bound
     step = np.nanmax(np.nanmax(error, axis=1) - np.nanmin(error, axis=1))
     assert lag.objective - lag.bound <= step
+
+
+def test_a_large_mip_is_not_started_under_a_time_limit(monkeypatch):
+    import bitalloc.solvers.exact as exact_module
+
+    error, bits, numel, budget = _hard_problem(800)
+    monkeypatch.setattr(exact_module, "LIMITED_MIP_COLUMNS", 10)
+    limited = solve(error, bits, numel, budget, backend="highs", time_limit=3600.0)
+    assert limited.status == "time_limit"
+    assert limited.total_bits <= capacity_bits(budget, numel.sum())
+    exact = solve(error, bits, numel, budget, backend="highs")  # no time limit: the MIP runs
+    assert exact.status == "optimal"
+    assert limited.bound <= exact.objective * (1 + 1e-9) <= limited.objective * (1 + 1e-9)
