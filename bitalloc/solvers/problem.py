@@ -136,9 +136,9 @@ def build_problem(inputs: CheckedInputs, *, prune: bool = True) -> CandidateProb
             "unavailable for one member of a tie is unavailable for the whole tie"
         )
     n_available = int(available.sum())
-    mask = prune_dominated(gerr, gbits) if prune else available
     # Candidates group by group, each group's by (bits, error, column).
     order = row_order(np.where(available, gerr, np.inf), np.where(available, gbits, np.inf))
+    mask = prune_dominated(gerr, gbits, order=order) if prune else available
     g_idx, pos = np.nonzero(np.take_along_axis(mask, order, axis=1))
     c_idx = order[g_idx, pos]
     cand_error = gerr[g_idx, c_idx]

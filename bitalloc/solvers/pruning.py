@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def prune_dominated(error: np.ndarray, bits: np.ndarray) -> np.ndarray:
+def prune_dominated(error: np.ndarray, bits: np.ndarray, *, order: np.ndarray | None = None) -> np.ndarray:
     """Mask of the configs that survive dominance pruning, row by row.
 
     A config is dropped when another config of the same row has no more bits and no more
     error (and is strictly better in one, or is an exact duplicate with a lower column
     index). Unavailable entries (NaN/inf in either array) are never kept. The survivors
     of a row, ordered by bits, have strictly decreasing error. Accepts 1-D (one row) or
-    2-D arrays; returns a boolean array of the same shape.
+    2-D arrays; returns a boolean array of the same shape. ``order``: :func:`row_order` of the
+    2-D arrays (unavailable entries as inf), when the caller has it already.
     """
     err = np.asarray(error, dtype=np.float64)
     b = np.asarray(bits, dtype=np.float64)
@@ -28,7 +29,8 @@ def prune_dominated(error: np.ndarray, bits: np.ndarray) -> np.ndarray:
     ok = np.isfinite(err) & np.isfinite(b)
     e = np.where(ok, err, np.inf)
     bb = np.where(ok, b, np.inf)
-    order = row_order(e, bb)
+    if order is None:
+        order = row_order(e, bb)
     e_sorted = np.take_along_axis(e, order, axis=1)
     # Least error among the cheaper-or-equal configs that precede each entry in its row.
     running = np.minimum.accumulate(e_sorted, axis=1)
