@@ -120,7 +120,7 @@ def load_or_profile(args: argparse.Namespace) -> dict[str, Any]:
         with np.load(path) as data:
             if str(data["key"]) == key:
                 log.info("profiled arrays read from %s", path)
-                return {k: data[k] for k in data.files if k != "key"}
+                return {k: data[k] for k in data.files if k != "key"} | {"reused": True}
         log.info("%s holds another fleet; profiling", path)
     arrays = profile_fleet(args)
     if path is not None:
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": {"generate": t_gen, "profile": t_prof},
         "profile_ms_per_module": 1e3 * t_prof / n_modules,
         "min_budget": float(np.nanmin(bits, axis=1).sum() / total_params),
+        "profile_reused": bool(arrays.get("reused", False)),
     }
 
     def solved(budget: float, rows: np.ndarray | None = None, backend: str = "auto",
@@ -318,6 +319,9 @@ def render(res: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
     lines += ["", f"Goal: solve under 10 s: {met} by the default `auto` solve ({f['seconds']:.1f} s wall, "
               f"{f['cpu_seconds']:.1f} s CPU, certified gap {f['gap']:.2g}).", "",
               "## Command and machine", "", f"`{command}`", ""]
+    if res.get("profile_reused"):
+        lines += ["The profiled arrays were read from `--arrays`; the generate and profile times are those of the "
+                  "run that wrote them (the same code, `--threads 1`, on the same machine).", ""]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
     return "\n".join(lines) + "\n"
 
