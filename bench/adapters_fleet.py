@@ -7,12 +7,15 @@ Factors are Gaussian with a decaying spectrum: module m of adapter a gets ``B = 
 ``c_m ~ LogNormal(0, 0.5)`` per module, so ΔW's singular values follow σ up to the small
 distortion of Gaussian factors. Seeded.
 
-Steps, each timed: generate the factors; profile (the library's kernel
+Steps, each timed (wall and CPU seconds): generate the factors; profile (the library's kernel
 ``bitalloc.adapters.profile_batch``: SVD split and the exact error of every config, batched by
-shape; kept in memory, as the CSV table of a fleet this size would take gigabytes); solve one
-fleet budget with ``bitalloc.solvers.solve`` (the call ``bitalloc adapter solve`` makes); the
-paper's fixed rules ``b@ρ`` and the solver at the bits each reaches; the same budget per adapter.
-Writes ``reports/adapters_fleet/results.md`` and ``results.json``.
+shape; kept in memory, as the CSV table of a fleet this size would take gigabytes; ``--arrays``
+keeps them in an .npz file to reuse); solve one fleet budget with
+``bitalloc.adapters.solve_arrays`` (what ``bitalloc adapter solve`` runs: the ``auto`` backend),
+with ``lagrange`` and with the exact ``highs`` MIP under ``--time-limit``; the paper's fixed rules
+``b@ρ`` and the solver at the bits each reaches; the same budget per adapter. ``--fit`` also
+profiles the ``-fit`` configs (least-squares scales and zeros) and compares them with min-max.
+Writes ``results.md`` and ``results.json`` into ``--out`` (default ``reports/adapters_fleet``).
 
 Run: ``.venv/bin/python bench/adapters_fleet.py`` (``--adapters 20`` for a quick look).
 """
