@@ -19,7 +19,7 @@ from bitalloc.adapters.config import (
 )
 from bitalloc.adapters.peft_io import AdapterError, LoraAdapter, LoraModule, read_adapter, read_adapters
 from bitalloc.adapters.profile import AdapterProfile, AdapterProfileError, load_adapter_profile, profile_adapters, profile_batch
-from bitalloc.adapters.solve import AdapterAllocation, fleet_min_budget, solve_adapters
+from bitalloc.adapters.solve import AdapterAllocation, fleet_min_budget, solve_adapters, solve_arrays
 from bitalloc.adapters.split import SplitFactors, config_errors, svd_split
 
 __all__ = [
@@ -48,5 +48,6 @@ __all__ = [
     "read_adapter",
     "read_adapters",
     "solve_adapters",
+    "solve_arrays",
     "svd_split",
 ]

@@ -14,8 +14,10 @@ SVD re-parameterization of :mod:`bitalloc.adapters.split`) is stored as:
 
 There are no per-module constants: shapes and config names live in the JSON metadata, which
 the model's ``apply`` does not count either. The name grammar is ``lq{bits}-h{high}-g{group}``
-with a ``-l0`` suffix when the low part is dropped, e.g. ``lq2-h3-g128``; with ``high == 0``
-the high bits carry no meaning and are canonicalized to 2.
+with a ``-l0`` suffix when the low part is dropped and a ``-fit`` suffix when each high group's
+scale and zero point are fitted by least squares (:mod:`bitalloc.adapters.fit`; same storage),
+e.g. ``lq2-h3-g128`` or ``lq2-h3-g128-fit``; with ``high == 0`` the high bits and the fit carry
+no meaning and are canonicalized to 2 and off.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ PAPER_VARIANTS = ("2@0.8", "2@0.9", "3@0.8", "3@0.9")
 #: How h follows from ρ: "paper" (smallest count reaching ρ) or "code" (the released code's one less, at least 1).
 H_RULES = ("paper", "code")
 
-_NAME_RE = re.compile(r"^lq(?P<bits>\d+)-h(?P<high>\d+)-g(?P<group>\d+)(?P<l0>-l0)?$")
+_NAME_RE = re.compile(r"^lq(?P<bits>\d+)-h(?P<high>\d+)-g(?P<group>\d+)(?P<l0>-l0)?(?P<fit>-fit)?$")
 _VARIANT_RE = re.compile(r"^(?P<bits>\d+)@(?P<rho>[01]?(?:\.\d+)?)(?:-g(?P<group>\d+))?$")
 
 
@@ -55,12 +57,14 @@ def _check_module(rows: int, cols: int, rank: int) -> None:
 
 @dataclass(frozen=True, order=True)
 class AdapterQuantConfig:
-    """How one LoRA module is stored: ``high`` components at ``bits`` bits, the rest at ``low_bits``."""
+    """How one LoRA module is stored: ``high`` components at ``bits`` bits, the rest at ``low_bits``;
+    ``fit``: the high groups' scales and zeros fitted by least squares instead of min-max."""
 
     bits: int = 2
     high: int = 0
     group: int = 128
     low_bits: int = 1
+    fit: bool = False
 
     def __post_init__(self) -> None:
         for name in ("bits", "high", "group", "low_bits"):
@@ -71,14 +75,18 @@ class AdapterQuantConfig:
             raise ValueError(f"AdapterQuantConfig.group must be >= 1, got {self.group}")
         if self.low_bits not in LOW_BITS:
             raise ValueError(f"AdapterQuantConfig.low_bits must be 1 (sign) or 0 (dropped), got {self.low_bits}")
+        if not isinstance(self.fit, bool):
+            raise ValueError(f"AdapterQuantConfig.fit must be True or False, got {self.fit!r}")
         if self.high == 0:
             object.__setattr__(self, "bits", HIGH_BITS[0])
+            object.__setattr__(self, "fit", False)
 
     # ----- names -------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        """The stable name, e.g. ``lq2-h3-g128`` (``-l0``: low part dropped)."""
-        return f"lq{self.bits}-h{self.high}-g{self.group}" + ("-l0" if self.low_bits == 0 else "")
+        """The stable name, e.g. ``lq2-h3-g128`` (``-l0``: low part dropped; ``-fit``: fitted scales)."""
+        return (f"lq{self.bits}-h{self.high}-g{self.group}" + ("-l0" if self.low_bits == 0 else "")
+                + ("-fit" if self.fit else ""))
 
     def __str__(self) -> str:
         return self.name
@@ -89,10 +97,11 @@ class AdapterQuantConfig:
         m = _NAME_RE.match(name.strip()) if isinstance(name, str) else None
         if m is None:
             raise ValueError(
-                f"invalid adapter config name {name!r}: expected 'lq{{bits}}-h{{high}}-g{{group}}[-l0]', "
-                "e.g. 'lq2-h3-g128'"
+                f"invalid adapter config name {name!r}: expected 'lq{{bits}}-h{{high}}-g{{group}}[-l0][-fit]', "
+                "e.g. 'lq2-h3-g128' or 'lq2-h3-g128-fit'"
             )
-        return cls(bits=int(m["bits"]), high=int(m["high"]), group=int(m["group"]), low_bits=0 if m["l0"] else 1)
+        return cls(bits=int(m["bits"]), high=int(m["high"]), group=int(m["group"]), low_bits=0 if m["l0"] else 1,
+                   fit=bool(m["fit"]))
 
     def replace(self, **changes: Any) -> "AdapterQuantConfig":
         """A copy with some fields changed (validated again)."""
@@ -167,18 +176,23 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class AdapterSpace:
-    """A config space: ``bits`` x ``groups`` x ``low_bits`` x every h from 0 to the rank
-    (or only ``highs`` when given), plus explicit config ``names``."""
+    """A config space: ``bits`` x ``groups`` x ``low_bits`` x ``fit`` x every h from 0 to the
+    rank (or only ``highs`` when given), plus explicit config ``names``."""
 
     bits: tuple[int, ...] = HIGH_BITS
     groups: tuple[int, ...] = DEFAULT_GROUPS
     low_bits: tuple[int, ...] = (1,)
     highs: tuple[int, ...] | None = None
     names: tuple[str, ...] = ()
+    fit: tuple[bool, ...] = (False,)
 
     def __post_init__(self) -> None:
         for field in ("bits", "groups", "low_bits"):
             object.__setattr__(self, field, _ints(getattr(self, field), field))
+        fits = (self.fit,) if isinstance(self.fit, bool) else tuple(self.fit)
+        if not fits or not all(isinstance(f, bool) for f in fits):
+            raise ValueError(f"adapter config space fit must be a list of true/false, got {self.fit!r}")
+        object.__setattr__(self, "fit", fits)
         if self.highs is not None:
             object.__setattr__(self, "highs", _ints(self.highs, "highs"))
         object.__setattr__(self, "names", tuple(str(n) for n in self.names))
@@ -192,8 +206,8 @@ class AdapterSpace:
         """Every config of the space for a module of rank ``rank`` (h above the rank left out)."""
         highs = range(rank + 1) if self.highs is None else [h for h in self.highs if h <= rank]
         grid = (
-            AdapterQuantConfig(bits=b, high=h, group=g, low_bits=lb)
-            for g, b, lb, h in itertools.product(self.groups, self.bits, self.low_bits, highs)
+            AdapterQuantConfig(bits=b, high=h, group=g, low_bits=lb, fit=f)
+            for g, f, b, lb, h in itertools.product(self.groups, self.fit, self.bits, self.low_bits, highs)
         )
         named = (AdapterQuantConfig.from_name(n) for n in self.names)
         return _unique(c for c in itertools.chain(grid, named) if c.high <= rank)
@@ -201,7 +215,8 @@ class AdapterSpace:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
         return {"bits": list(self.bits), "groups": list(self.groups), "low_bits": list(self.low_bits),
-                "highs": None if self.highs is None else list(self.highs), "names": list(self.names)}
+                "highs": None if self.highs is None else list(self.highs), "names": list(self.names),
+                "fit": list(self.fit)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterSpace":
@@ -213,7 +228,7 @@ class AdapterSpace:
 def adapter_space(spec: str | Path | None = None, groups: Sequence[int] | None = None) -> AdapterSpace:
     """The default space (b in {2,3,4,8}, every h, groups {32,64,128}), or one from a JSON/YAML
     file holding a grid ``{"bits": [...], "groups": [...], "low_bits": [...], "highs": [...],
-    "names": [...]}`` (missing keys take the defaults) or a list of config names; ``groups``
+    "fit": [false, true], "names": [...]}`` (missing keys take the defaults) or a list of config names; ``groups``
     overrides the grid's groups."""
     if spec is None or str(spec) == "default":
         space = AdapterSpace()
@@ -227,7 +242,7 @@ def adapter_space(spec: str | Path | None = None, groups: Sequence[int] | None =
                 raise ValueError(f"adapter config space file {path}: a list must hold config names like 'lq2-h3-g128'")
             space = AdapterSpace(bits=(), groups=(), low_bits=(), names=tuple(data))
         elif isinstance(data, dict):
-            known = {"bits", "groups", "low_bits", "highs", "names"}
+            known = {"bits", "groups", "low_bits", "highs", "names", "fit"}
             unknown = set(data) - known
             if unknown:
                 raise ValueError(f"adapter config space file {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bitalloc.adapters.config import AdapterQuantConfig
+from bitalloc.adapters.fit import fit_affine, fit_groups
 from bitalloc.quant.affine import quantize_affine, quantize_binary
 from bitalloc.quant.arith import true_divide
 
@@ -86,12 +87,18 @@ class _Lines:
             flat = torch.nn.functional.pad(flat.unsqueeze(1), (0, self.pad), mode="replicate").squeeze(1)
         self.g = flat.reshape(*lead, -1, group)
         self._range: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: Real (not padding) positions of a line's groups, (groups per line, group).
+        self.valid = (torch.arange(self.length + self.pad) < self.length).view(-1, group)
 
     def _out(self, values: torch.Tensor) -> torch.Tensor:
         return values.reshape(*values.shape[:-2], -1)[..., : self.length]
 
-    def affine(self, bits: int) -> torch.Tensor:
-        """Dequantized affine RTN, bit for bit what ``quantize_affine(...).dequantize()`` gives."""
+    def affine(self, bits: int, fit: bool = False) -> torch.Tensor:
+        """Dequantized affine RTN, bit for bit what ``quantize_affine(...).dequantize()`` gives
+        (with ``fit``: what ``fit_affine(...).dequantize()`` gives)."""
+        if fit:
+            q, s, z = fit_groups(self.g, self.valid if self.pad else None, bits)
+            return self._out(q.mul_(s).add_(z))
         if self._range is None:
             lo, hi = torch.aminmax(self.g, dim=-1, keepdim=True)
             self._range = (lo, hi)
@@ -119,9 +126,10 @@ class _Lines:
         return self._out(out)
 
 
-def fake_affine(lines: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """``quantize_affine(...).dequantize()`` of every line (last dim) at once, float32, bit for bit."""
-    return _Lines(lines, group).affine(bits)
+def fake_affine(lines: torch.Tensor, bits: int, group: int, fit: bool = False) -> torch.Tensor:
+    """``quantize_affine(...).dequantize()`` (``fit``: ``fit_affine``) of every line (last dim)
+    at once, float32, bit for bit."""
+    return _Lines(lines, group).affine(bits, fit)
 
 
 def fake_binary(lines: torch.Tensor, group: int) -> torch.Tensor:
@@ -138,7 +146,8 @@ def dequantized_factors(f: SplitFactors, config: AdapterQuantConfig) -> tuple[to
     b = torch.zeros(f.b.shape[0], rank, f.b.shape[1])
     a = torch.zeros(f.a.shape, dtype=torch.float32)
     if h:
-        b[:, :h], a[:, :h] = b_lines.affine(config.bits)[:, :h], a_lines.affine(config.bits)[:, :h]
+        b[:, :h] = b_lines.affine(config.bits, config.fit)[:, :h]
+        a[:, :h] = a_lines.affine(config.bits, config.fit)[:, :h]
     if config.low_bits and h < rank:
         b[:, h:], a[:, h:] = b_lines.binary()[:, h:], a_lines.binary()[:, h:]
     return b.transpose(1, 2), a
@@ -188,9 +197,9 @@ def config_errors(
         low_b, low_a = _gram(lb, base_b), gram_a(la, base_a)
         p_zz = _prefix(low_b[:, :, rank:] * low_a[:, :, rank:])
         p_uz = _prefix((low_b[:, :, :rank] * low_a[:, :, :rank]).transpose(1, 2))
-        for bits in sorted({configs[j].bits for j in cols}):
-            js = [j for j in cols if configs[j].bits == bits]
-            hb, ha = b_lines.affine(bits).double(), a_lines.affine(bits).double()
+        for bits, fit in sorted({(configs[j].bits, configs[j].fit) for j in cols}):
+            js = [j for j in cols if (configs[j].bits, configs[j].fit) == (bits, fit)]
+            hb, ha = b_lines.affine(bits, fit).double(), a_lines.affine(bits, fit).double()
             cross_b, cross_a = _gram(hb, base_b), gram_a(ha, base_a)  # high · [B'; low]
             p_vv = _prefix(_gram(hb, hb) * gram_a(ha, ha))
             p_uv = _prefix((cross_b[:, :, :rank] * cross_a[:, :, :rank]).transpose(1, 2))
@@ -219,8 +228,9 @@ def quantize_module(b: torch.Tensor, a: torch.Tensor, config: AdapterQuantConfig
     h = config.high
     parts: dict[str, object] = {}
     if h:
-        parts["B.high"] = quantize_affine(b[:, :h].float().contiguous(), config.bits, config.group, dim=0)
-        parts["A.high"] = quantize_affine(a[:h].float().contiguous(), config.bits, config.group, dim=1)
+        affine = fit_affine if config.fit else quantize_affine
+        parts["B.high"] = affine(b[:, :h].float().contiguous(), config.bits, config.group, dim=0)
+        parts["A.high"] = affine(a[:h].float().contiguous(), config.bits, config.group, dim=1)
     if config.low_bits and h < rank:
         parts["B.low"] = quantize_binary(b[:, h:].float().contiguous(), config.group, dim=0)
         parts["A.low"] = quantize_binary(a[h:].float().contiguous(), config.group, dim=1)

@@ -107,9 +107,12 @@ def add_adapter_commands(sub: Any) -> None:
                    help="LoRAQuant's fixed rule instead of the solver, e.g. 2@0.8 (group 128; 3@0.9-g64 for another group)")
     p.add_argument("--h-rule", choices=["paper", "code"], default="paper",
                    help="with --variant: paper (smallest h reaching rho, default) or code (the released code's, one less)")
-    p.add_argument("--backend", default="highs", help="highs (default) | pulp-highs | pulp-cbc | lagrange")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S", help="stop after S seconds with the best allocation found")
-    p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default: 0, exact)")
+    p.add_argument("--backend", default="auto",
+                   help="auto (default: the Lagrangian allocation when its certified gap is at most 1e-4, else highs) "
+                        "| lagrange | highs | pulp-highs | pulp-cbc (exact MIPs)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="exact backends: stop after S seconds with the best allocation found")
+    p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default 0: exact)")
     p.add_argument("--out", default=None, help="write the allocation JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the allocation as one JSON object")

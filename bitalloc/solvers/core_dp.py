@@ -46,17 +46,24 @@ class _SuffixBound:
     def __init__(self, hull: LagrangeHull, ref: np.ndarray) -> None:
         problem = hull.problem
         bits, err = problem.cand_bits, problem.cand_error
-        up_g, up_b, up_e, dn_g, dn_b, dn_e = [], [], [], [], [], []
-        for g in range(problem.n_groups):
-            verts = hull.vert_idx[hull.vert_start[g] : hull.vert_start[g + 1]]
-            p = int(hull.hull_pos[ref[g]])
-            if p < 0:  # reference off the hull: bound from the hull vertex just below it
-                p = int(np.searchsorted(bits[verts], bits[ref[g]], side="right") - 1)
-                p = max(p, 0)
-            for a, c in zip(verts[p:-1], verts[p + 1 :]):
-                up_g.append(g), up_b.append(bits[c] - bits[a]), up_e.append(err[c] - err[a])
-            for a, c in zip(verts[1 : p + 1][::-1], verts[:p][::-1]):
-                dn_g.append(g), dn_b.append(bits[a] - bits[c]), dn_e.append(err[c] - err[a])
+        verts, vstart = hull.vert_idx, hull.vert_start
+        counts = np.diff(vstart)
+        vgroup = np.repeat(np.arange(problem.n_groups), counts)
+        p = hull.hull_pos[ref].copy()
+        off = p < 0
+        if off.any():  # reference off the hull: bound from the hull vertex just below it
+            below = (bits[verts] <= bits[ref][vgroup]).astype(np.int64)
+            p_off = np.add.reduceat(below, vstart[:-1]) - 1 if verts.size else np.zeros(problem.n_groups, np.int64)
+            p[off] = np.maximum(p_off[off], 0)
+        # Hull segments t -> t + 1 of every group: upgrades at positions >= p, downgrades below p.
+        pos = np.arange(verts.size) - vstart[vgroup]
+        seg = np.flatnonzero(pos < counts[vgroup] - 1)
+        lo_v, hi_v, g_s, t_s = verts[seg], verts[seg + 1], vgroup[seg], pos[seg]
+        up = t_s >= p[g_s]
+        up_g, up_b, up_e = g_s[up], bits[hi_v[up]] - bits[lo_v[up]], err[hi_v[up]] - err[lo_v[up]]
+        dn = np.flatnonzero(~up)
+        dn = dn[np.lexsort((-t_s[dn], g_s[dn]))]  # group by group, from the reference down
+        dn_g, dn_b, dn_e = g_s[dn], bits[hi_v[dn]] - bits[lo_v[dn]], err[lo_v[dn]] - err[hi_v[dn]]
         # Upgrades: most error saved per bit first. Downgrades: least error added per bit freed first.
         up_b, up_e = np.asarray(up_b, float), np.asarray(up_e, float)
         dn_b, dn_e = np.asarray(dn_b, float), np.asarray(dn_e, float)

@@ -3,6 +3,13 @@
 Binary column per core candidate, one assignment row per free group (``Σ x = 1``), one
 knapsack row (``Σ bits/params · x ≤ budget``), integrality set through the model's
 integrality array. Deterministic: fixed random seed and thread count.
+
+Time limits: HiGHS checks its ``time_limit`` option only between some phases, so on large
+models it overruns it (measured on a 1,000-adapter fleet: 669 s of HiGHS under a 108 s
+limit; on 100 adapters, 6.0 s of MIP presolve alone under a 6.3 s limit, then 3.2 s more
+at the root node). With a time limit, :func:`solve_highs` therefore also interrupts HiGHS
+from its simplex, IPM and MIP callbacks once the wall-clock deadline passes, and turns MIP
+presolve off, which checks neither the limit nor the callbacks.
 """
 
 from __future__ import annotations
@@ -92,6 +99,19 @@ def new_highs() -> Any:
     return h
 
 
+def deadline_interrupt(h: Any, deadline: float) -> None:
+    """Make HiGHS stop (status interrupt) at the first simplex, IPM or MIP callback after
+    ``deadline`` (a ``time.perf_counter`` value)."""
+
+    def check(event: Any) -> None:
+        if time.perf_counter() >= deadline:
+            event.interrupt()
+
+    h.cbSimplexInterrupt += check
+    h.cbIpmInterrupt += check
+    h.cbMipInterrupt += check
+
+
 def solve_highs(
     sub: SubModel,
     *,
@@ -103,6 +123,7 @@ def solve_highs(
     """Solve a core MIP with HiGHS; ``start`` is a per-group pick to warm-start from.
 
     ``heuristics=False`` applies :data:`PROOF_OPTIONS`, for when ``start`` is believed optimal.
+    ``time_limit`` (seconds from this call) is kept on the wall clock (see the module docstring).
     """
     hs = _highspy()
     t0 = time.perf_counter()
@@ -136,6 +157,9 @@ def solve_highs(
         for option, value in PROOF_OPTIONS.items():
             h.setOptionValue(option, value)
     h.setOptionValue("time_limit", float(time_limit) if time_limit else math.inf)
+    if time_limit:
+        h.setOptionValue("presolve", "off")
+        deadline_interrupt(h, t0 + float(time_limit))
     h.setOptionValue("mip_rel_gap", float(mip_gap))
     h.setOptionValue("mip_abs_gap", 0.0 if mip_gap == 0 else 1e-6)
     if h.passModel(lp) != hs.HighsStatus.kOk:

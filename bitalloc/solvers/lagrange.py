@@ -42,29 +42,28 @@ class LagrangeHull:
 
     def __init__(self, problem: CandidateProblem) -> None:
         self.problem = problem
-        seg_from, seg_to, vertices = [], [], []
-        bits, err, start = problem.cand_bits, problem.cand_error, problem.start
+        bits, err = problem.cand_bits, problem.cand_error
+        vertices, counts = lower_hulls(bits, err, problem.start)
         vert_start = np.zeros(problem.n_groups + 1, dtype=np.int64)
-        for g in range(problem.n_groups):
-            hull = _lower_hull_decreasing(bits, err, int(start[g]), int(start[g + 1]))
-            seg_from.extend(hull[:-1])
-            seg_to.extend(hull[1:])
-            vertices.extend(hull)
-            vert_start[g + 1] = len(vertices)
+        np.cumsum(counts, out=vert_start[1:])
         #: Hull vertices of group g: ``vert_idx[vert_start[g]:vert_start[g+1]]``, cheapest first.
         self.vert_start = vert_start
-        self.vert_idx = np.asarray(vertices, dtype=np.int64)
+        self.vert_idx = vertices
         #: Position of each candidate in its group's hull, -1 off the hull.
         self.hull_pos = np.full(problem.n_candidates, -1, dtype=np.int64)
         self.hull_pos[self.vert_idx] = np.arange(len(vertices)) - vert_start[problem.cand_group[self.vert_idx]]
-        seg_from = np.asarray(seg_from, dtype=np.int64)
-        seg_to = np.asarray(seg_to, dtype=np.int64)
+        last = np.zeros(len(vertices), dtype=bool)
+        last[vert_start[1:][counts > 0] - 1] = True
+        seg_from = vertices[~last]
+        seg_to = vertices[np.flatnonzero(~last) + 1]
         d_bits = bits[seg_to] - bits[seg_from]
         d_err = err[seg_to] - err[seg_from]
         price = -d_err / d_bits
         group = problem.cand_group[seg_from]
-        # Highest price first; within a group the hull order already has falling prices.
-        order = np.lexsort((seg_from, group, -price))
+        # Highest price first; within a group the hull order already has falling prices. The
+        # segments come group by group in hull order, so a stable sort on the price alone
+        # orders ties by group, then position (a lexsort on all three keys, at a fraction of its cost).
+        order = np.argsort(-price, kind="stable")
         self.seg_from = seg_from[order]
         self.seg_to = seg_to[order]
         self.seg_group = group[order]
@@ -115,6 +114,49 @@ class LagrangeHull:
         if fill:
             pick = fill_in(self.problem, pick, capacity)
         return LagrangeResult(pick=pick, bound=bound, price=price, greedy_pick=greedy)
+
+
+def lower_hulls(bits: np.ndarray, err: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The falling lower convex hull of every group at once: vertex indices (group by group,
+    cheapest first) and the vertex count of each group.
+
+    Candidates of group g are ``start[g]:start[g+1]``, sorted by bits, then error. The same
+    monotone chain as :func:`_lower_hull_decreasing`, run in lockstep over the groups: step k
+    looks at the k-th candidate of every group, so the Python loop has as many steps as the
+    largest group has candidates.
+    """
+    n_groups = start.size - 1
+    sizes = np.diff(start)
+    width = int(sizes.max()) if n_groups else 0
+    stack = np.zeros((n_groups, max(width, 1)), dtype=np.int64)
+    top = np.zeros(n_groups, dtype=np.int64)
+    best = np.full(n_groups, np.inf)
+    for k in range(width):
+        gs = np.flatnonzero(sizes > k)
+        cand = start[gs] + k
+        falls = err[cand] < best[gs]  # not below every cheaper point: never on the falling hull
+        gs, cand = gs[falls], cand[falls]
+        best[gs] = err[cand]
+        live, live_cand = gs, cand
+        while live.size:
+            two = top[live] >= 2
+            live, live_cand = live[two], live_cand[two]
+            i = stack[live, top[live] - 2]
+            j = stack[live, top[live] - 1]
+            e, b = err[live_cand], bits[live_cand]
+            # Drop j unless it lies strictly below the chord i -> k.
+            cross = (bits[j] - bits[i]) * (e - err[i]) - (err[j] - err[i]) * (b - bits[i])
+            pop = cross <= 0
+            live, live_cand = live[pop], live_cand[pop]
+            top[live] -= 1
+        has = top[gs] >= 1
+        same = np.zeros(gs.size, dtype=bool)
+        same[has] = bits[stack[gs[has], top[gs[has]] - 1]] == bits[cand[has]]
+        top[gs[same]] -= 1  # same bits, more error (cannot happen after sorting, kept for safety)
+        stack[gs, top[gs]] = cand
+        top[gs] += 1
+    keep = np.arange(stack.shape[1])[None, :] < top[:, None]
+    return stack[keep], top
 
 
 def _lower_hull_decreasing(bits: np.ndarray, err: np.ndarray, lo: int, hi: int) -> list[int]:

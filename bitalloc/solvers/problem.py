@@ -15,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .pruning import prune_dominated
+from .pruning import prune_dominated, row_order
 from .validation import CheckedInputs, short_list
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,11 @@ def build_problem(inputs: CheckedInputs, *, prune: bool = True) -> CandidateProb
         matrix_group[list(tie)] = t
     # Groups ordered by their first member: re-number ties and singletons together.
     key = np.where(matrix_group >= 0, -1 - matrix_group, np.arange(n_mat))
-    group_of_key: dict[int, int] = {}
-    for m in range(n_mat):
-        k = int(key[m])
-        if k not in group_of_key:
-            group_of_key[k] = len(group_of_key)
-        matrix_group[m] = group_of_key[k]
-    n_groups = len(group_of_key)
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    matrix_group = rank[inverse.reshape(-1)]
+    n_groups = int(first.size)
     members = [np.flatnonzero(matrix_group == g) for g in range(n_groups)] if inputs.ties else [
         np.array([m]) for m in range(n_mat)
     ]
@@ -138,13 +136,13 @@ def build_problem(inputs: CheckedInputs, *, prune: bool = True) -> CandidateProb
             "unavailable for one member of a tie is unavailable for the whole tie"
         )
     n_available = int(available.sum())
-    mask = prune_dominated(gerr, gbits) if prune else available
-    g_idx, c_idx = np.nonzero(mask)
+    # Candidates group by group, each group's by (bits, error, column).
+    order = row_order(np.where(available, gerr, np.inf), np.where(available, gbits, np.inf))
+    mask = prune_dominated(gerr, gbits, order=order) if prune else available
+    g_idx, pos = np.nonzero(np.take_along_axis(mask, order, axis=1))
+    c_idx = order[g_idx, pos]
     cand_error = gerr[g_idx, c_idx]
     cand_bits = gbits[g_idx, c_idx]
-    order = np.lexsort((c_idx, cand_error, cand_bits, g_idx))
-    g_idx, c_idx = g_idx[order], c_idx[order]
-    cand_error, cand_bits = cand_error[order], cand_bits[order]
     start = np.zeros(n_groups + 1, dtype=np.int64)
     np.cumsum(np.bincount(g_idx, minlength=n_groups), out=start[1:])
     log.info(

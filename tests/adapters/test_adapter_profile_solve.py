@@ -133,3 +133,23 @@ def test_edited_table_is_refused(profile_dir, tmp_path):
     table.write_text(table.read_text().replace("lq2-h1-g32", "lq2-h2-g32", 1))
     with pytest.raises(ValueError, match="truncated or edited"):
         load_adapter_profile(copy)
+
+
+def test_auto_backend_certifies_its_gap(profile_dir):
+    from bitalloc.adapters.solve import AUTO_GAP
+
+    for budget in (1.6, 2.2, 3.0):
+        auto = solve_adapters(profile_dir, budget).to_dict()
+        exact = solve_adapters(profile_dir, budget, backend="highs").to_dict()
+        lag = solve_adapters(profile_dir, budget, backend="lagrange").to_dict()
+        assert exact["status"] == "optimal" and lag["backend"] == "lagrange"
+        assert auto["backend"] in ("lagrange", "highs")
+        if auto["backend"] == "lagrange":
+            assert lag["gap"] <= AUTO_GAP and auto["objective"] == lag["objective"]
+        else:
+            assert lag["gap"] > AUTO_GAP and auto["objective"] == pytest.approx(exact["objective"], rel=1e-9)
+        assert lag["bound"] <= exact["objective"] * (1 + 1e-9) <= lag["objective"] * (1 + 1e-9)
+        per = solve_adapters(profile_dir, budget, per_adapter=True).to_dict()
+        assert set(per["backend"].split("+")) <= {"lagrange", "highs"}
+    with pytest.raises(ValueError, match="unknown solver backend"):
+        solve_adapters(profile_dir, 2.0, backend="gurobi")

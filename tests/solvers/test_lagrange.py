@@ -54,3 +54,22 @@ def test_hull_bounds_every_budget():
         bound = np.interp(budget, hull.bits_per_param, hull.objective)
         best, _ = brute_force(error, bits, numel, budget, [[0, 1]])
         assert bound <= best * (1 + 1e-9)
+
+
+def test_vectorized_hulls_match_the_monotone_chain():
+    from bitalloc.solvers.lagrange import _lower_hull_decreasing, lower_hulls
+
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 12, 400)
+    start = np.concatenate([[0], np.cumsum(sizes)])
+    # coarse values: many equal bits, equal errors and collinear points
+    bits = rng.integers(0, 8, start[-1]).astype(float)
+    err = rng.integers(0, 10, start[-1]).astype(float)
+    for g in range(sizes.size):
+        lo, hi = start[g], start[g + 1]
+        order = np.lexsort((err[lo:hi], bits[lo:hi]))
+        bits[lo:hi], err[lo:hi] = bits[lo:hi][order], err[lo:hi][order]
+    vertices, counts = lower_hulls(bits, err, start)
+    expect = [_lower_hull_decreasing(bits, err, int(start[g]), int(start[g + 1])) for g in range(sizes.size)]
+    assert counts.tolist() == [len(h) for h in expect]
+    assert vertices.tolist() == [k for h in expect for k in h]
