@@ -115,22 +115,25 @@ def plan(args: argparse.Namespace, profile_dir: Path, work: Path) -> tuple[list[
             entries.append({"label": f"sweep-{name}-{budget:.2f}", "source": "sweep", "objective": name,
                             "budget": budget, "alloc": alloc.to_dict()})
     entries += refined(args, profile_dir, work, avail, notes)
-    sweeps = [e for e in entries if e["source"] == "sweep"]
-    rng = random.Random(args.seed)
-    ladders = move_ladders(df, columns)
-    bases = [e for e in sweeps if e["alloc"]["bits_per_param"] <= args.perturb_below + 1e-9] or sweeps
-    for k in range(args.perturb):
-        base = bases[k % len(bases)] if k < len(bases) else rng.choice(bases)
-        moves = rng.choice(args.moves)
-        new = perturb(base["alloc"]["assignments"], ladders, table, rng, moves=moves,
-                      target_bits=base["alloc"]["bits_per_param"], tolerance=args.tolerance)
-        data = dict(base["alloc"], assignments=new, objective=None, bound=None, gap=None, status="perturbed",
-                    note=f"{base['label']} with {moves} matrices moved one config", bits_histogram={},
-                    bits_per_param=totals(table, new, [])["bits_per_param"])
-        data.pop("params_by_bits", None)
-        entries.append({"label": f"perturb-{k:02d}", "source": "perturbed", "objective": base["objective"],
-                        "budget": base["budget"], "base": base["label"], "moves": moves,
-                        "alloc": Allocation.from_dict(data).to_dict()})
+    # ladders from the plain and Fisher columns, one seeded generator per objective: adding an
+    # objective to the profile adds its perturbations and keeps the others (and their cached measurements)
+    ladders = move_ladders(df, [c for c in ("error", "error_fisher") if c in columns] or columns)
+    for name in avail:
+        sweeps = [e for e in entries if e["source"] == "sweep" and e["objective"] == name]
+        bases = [e for e in sweeps if e["alloc"]["bits_per_param"] <= args.perturb_below + 1e-9] or sweeps
+        rng = random.Random(f"{args.seed}:{name}")
+        for k in range(args.perturb if bases else 0):
+            base = bases[k % len(bases)]
+            moves = rng.choice(args.moves)
+            new = perturb(base["alloc"]["assignments"], ladders, table, rng, moves=moves,
+                          target_bits=base["alloc"]["bits_per_param"], tolerance=args.tolerance)
+            data = dict(base["alloc"], assignments=new, objective=None, bound=None, gap=None, status="perturbed",
+                        note=f"{base['label']} with {moves} matrices moved one config", bits_histogram={},
+                        bits_per_param=totals(table, new, [])["bits_per_param"])
+            data.pop("params_by_bits", None)
+            entries.append({"label": f"perturb-{name}-{k:02d}", "source": "perturbed", "objective": name,
+                            "budget": base["budget"], "base": base["label"], "moves": moves,
+                            "alloc": Allocation.from_dict(data).to_dict()})
     seen: set[str] = set()
     unique = []
     for e in entries:
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
-    p.add_argument("--perturb", type=int, default=20, help="random perturbations of solver answers")
+    p.add_argument("--perturb", type=int, default=8, help="random perturbations of each objective's solver answers")
     p.add_argument("--perturb-below", type=float, default=3.5, help="perturb solver answers at most this many bits")
     p.add_argument("--moves", default="2,4,8", help="how many matrices a perturbation moves (one drawn each time)")
     p.add_argument("--tolerance", type=float, default=0.02, help="bits/param a perturbation may drift")

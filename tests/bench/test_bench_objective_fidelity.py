@@ -124,13 +124,13 @@ def test_perturb_moves_along_ladders_near_budget(lib, tiny_profile):
 def test_quick_run(bench, tiny_profile, tiny_llama_dir, tiny_text_file, tmp_path):
     out = tmp_path / "report"
     argv = ["--model", str(tiny_llama_dir), "--profile", str(tiny_profile), "--data", str(tiny_text_file),
-            "--budgets", "3.0,3.6,4.2", "--perturb", "3", "--moves", "1,2", "--tolerance", "0.3",
+            "--budgets", "3.0,3.6,4.2", "--perturb", "2", "--moves", "1,2", "--tolerance", "0.3",
             "--perturb-below", "4.2", "--refine-budgets", "", "--range", "2.9,3.7", "--windows", "2", "--seqlen", "32",
             "--work", str(tmp_path / "work"), "--out", str(out)]
     assert bench.main(argv) == 0
     with (out / "measurements.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) >= 6 + 3 - 1  # two objectives x three budgets (two may coincide) and three perturbations
+    assert len(rows) >= 6 + 4 - 1  # two objectives x (three budgets + two perturbations), two may coincide
     assert {r["source"] for r in rows} == {"sweep", "perturbed"}
     for r in rows:
         assert float(r["kl"]) > 0 and float(r["perplexity"]) > 1
