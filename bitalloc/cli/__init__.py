@@ -85,14 +85,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     """`bitalloc profile`: the error of every config for every target matrix (resumable)."""
     check_model_spec(args.model, flag="--model")  # before the stages' heavy imports
-    if not args.no_fisher:
+    if not (args.no_fisher and args.no_act):
         check_text_source(args.calib, flag="--calib")
     from bitalloc.configs import parse_ranks
     from bitalloc.profiles import ProfileRequest, profile
 
     request = ProfileRequest(
         model=args.model, out=args.out, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-        fisher=not args.no_fisher, fisher_mode=args.fisher_mode, space=args.space,
+        fisher=not args.no_fisher, fisher_mode=args.fisher_mode, act=not args.no_act, space=args.space,
         ranks=parse_ranks(args.ranks), include=args.include, exclude=args.exclude,
         device=args.device, shard=args.shard, resume=args.resume, seed=args.seed,
         progress=not args.quiet, jobs=args.jobs, allow_unusual_config=args.allow_unusual_config,
@@ -266,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, help="calibration text for the Fisher: wikitext2, c4, a file, or self:N (default: self: text)")
     p.add_argument("--samples", type=positive_int, default=None, help="calibration sequences (default: chosen per device)")
     p.add_argument("--seqlen", type=positive_int, default=None, help="tokens per calibration sequence (default: chosen per device)")
-    p.add_argument("--no-fisher", action="store_true", help="plain errors only (no Fisher estimate)")
+    p.add_argument("--no-fisher", action="store_true", help="no Fisher-weighted errors (no Fisher estimate)")
+    p.add_argument("--no-act", action="store_true",
+                   help="no activation-aware errors (error_act, from the calibration inputs' second moments)")
     p.add_argument("--fisher-mode", choices=["exact", "batched"], default=None,
                    help="exact: one sequence per backward pass (LQ-LoRA); batched: cheaper (default: chosen per device)")
     p.add_argument("--space", default="default", help="config space: default, lqlora, or a JSON/YAML file")

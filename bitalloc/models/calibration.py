@@ -13,7 +13,7 @@ profile computed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,21 +108,36 @@ def fisher_cache_dir() -> Path:
     return cache_root() / "fisher"
 
 
+def calibration_token_source(calibration: Calibration, model: torch.nn.Module, tokenizer: Any, *, seed: int,
+                             progress: bool = True) -> Callable[[], torch.Tensor]:
+    """A function giving the calibration tokens of ``calibration`` (drawn on the first call, then kept),
+    so that the estimates of one profile run (Fisher, input moments, KL probes) share one draw."""
+    drawn: list[torch.Tensor] = []
+
+    def tokens() -> torch.Tensor:
+        if not drawn:
+            drawn.append(calibration_tokens(calibration.source, model, tokenizer, calibration.seqlen,
+                                            calibration.samples, seed=seed, progress=progress))
+        return drawn[0]
+
+    return tokens
+
+
 def calibration_fisher(model: torch.nn.Module, tokenizer: Any, targets: Sequence[tuple[str, torch.nn.Module]],
                        calibration: Calibration, *, model_id: str, model_hash: str, seed: int,
                        device: str | torch.device | None,
-                       progress: bool = True) -> dict[str, torch.Tensor]:
+                       progress: bool = True,
+                       tokens: Callable[[], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The Fisher estimate of ``targets`` with ``calibration``, from the cache when there.
 
     The cache key is ``model_id``, ``model_hash``, the calibration settings and ``seed`` (the
     seed that draws the calibration sequences): a profile and an ``apply`` of its allocation
-    name the same estimate. Returns ``{target name: float32 (out, in) tensor}``.
+    name the same estimate. ``tokens`` gives the calibration tokens (default:
+    :func:`calibration_token_source`); it is called only on a cache miss. Returns
+    ``{target name: float32 (out, in) tensor}``.
     """
-
-    def tokens() -> torch.Tensor:
-        return calibration_tokens(calibration.source, model, tokenizer, calibration.seqlen, calibration.samples,
-                                  seed=seed, progress=progress)
-
+    if tokens is None:
+        tokens = calibration_token_source(calibration, model, tokenizer, seed=seed, progress=progress)
     key_fields = calibration.key_fields(model_id=model_id, model_hash=model_hash, seed=seed)
     return load_or_estimate_fisher(model, tokens, targets, cache_dir=fisher_cache_dir(), key_fields=key_fields,
                                    batch_size=calibration.batch_size, device=device, progress=progress)

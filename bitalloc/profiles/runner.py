@@ -25,6 +25,8 @@ from bitalloc.errors import InputError, UnavailableError
 from bitalloc.identity import model_fingerprint, model_id
 from bitalloc.lowrank import decompose_many
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
+from bitalloc.models.activations import ACT_FULL_MAX, act_error, calibration_moments
+from bitalloc.models.calibration import calibration_token_source
 from bitalloc.models.fisher import FISHER_MODES
 from bitalloc.models.loading import check_finite
 from bitalloc.models.targets import float_target_weight
@@ -58,7 +60,8 @@ class ProfileRequest:
     """Everything that defines a profile run (the CLI's flags), checked when made.
 
     ``calib``, ``samples``, ``seqlen`` and ``fisher_mode`` left None take the device's
-    defaults (see :meth:`calibration`). ``ranks`` is a sequence of ranks, ``"0,8"`` or ``"auto"``;
+    defaults (see :meth:`calibration`). ``act`` records ``error_act`` (the activation-aware
+    error, see :mod:`bitalloc.models.activations`) from the same calibration text. ``ranks`` is a sequence of ranks, ``"0,8"`` or ``"auto"``;
     ``shard`` is ``"i/n"`` or None; ``jobs`` None or 0 lets the profiler choose.
     """
 
@@ -69,6 +72,7 @@ class ProfileRequest:
     seqlen: int | None = None
     fisher: bool = True
     fisher_mode: str | None = None
+    act: bool = True
     space: str | os.PathLike[str] = "default"
     ranks: Sequence[int] | str = "auto"
     include: str | None = None
@@ -125,20 +129,22 @@ class ProfileRequest:
 
 
 def _matrix_rows(index: int, name: str, W: torch.Tensor, configs: Sequence[QuantConfig],
-                 decompositions: Sequence[Any], seconds: float) -> pd.DataFrame:
+                 decompositions: Sequence[Any], seconds: float, H: torch.Tensor | None = None) -> pd.DataFrame:
     rows, cols = W.shape
     norm_sq = float(W.double().pow(2).sum())
     per_config = seconds / max(len(decompositions), 1)
     records = []
     for cfg, dec in zip(configs, decompositions):
         ef = getattr(dec, "error_fisher", None)
+        ea = math.nan if H is None else act_error(W - dec.reconstruct().to(W.device), H)
         records.append({
             "matrix": name, "index": index, "rows": rows, "cols": cols, "config": cfg.name,
             "bits": cfg.bits, "block": cfg.block, "scale_bits": cfg.scale_bits,
             "scale_block": cfg.scale_block, "scale_dtype": cfg.scale_dtype, "rank": cfg.rank,
             "lowrank_bits": cfg.lowrank_bits, "storage_bits": cfg.storage_bits(rows, cols),
             "bits_per_param": cfg.bits_per_param(rows, cols), "error": float(dec.error),
-            "error_fisher": math.nan if ef is None else float(ef), "weight_norm_sq": norm_sq,
+            "error_fisher": math.nan if ef is None else float(ef), "error_act": ea, "error_kl": math.nan,
+            "weight_norm_sq": norm_sq,
             "iterations": int(dec.iterations), "seconds": float(getattr(dec, "seconds", per_config)),
         })
     return pd.DataFrame.from_records(records)
@@ -159,6 +165,8 @@ def describe_meta_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What differs between two profiles' meta.json in the keys a resume needs equal (``""`` when nothing)."""
     parts = []
     for key in RESUME_KEYS:
+        if key == "calibration" and (old.get(key) is None or new.get(key) is None):
+            continue  # one run without calibration text: the "fisher" key tells whether they differ
         if old.get(key) != new.get(key):
             if key == "targets":
                 parts.append("targets (matrix names or shapes)")
@@ -224,7 +232,7 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
     config_space(request.space, ranks=(0,) if isinstance(request.ranks, str) else tuple(request.ranks),
                  allow_unusual=request.allow_unusual_config)
     check_model_spec(request.model, flag="--model")
-    if request.fisher:
+    if request.fisher or request.act:
         check_text_source(request.calib, flag="--calib")
     device = resolve_device(request.device)
     started = time.perf_counter()
@@ -238,7 +246,7 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
     configs = config_space(request.space, ranks=ranks, allow_unusual=request.allow_unusual_config)
     work = shard_indices(len(targets), shard)
     check_ranks_fit(targets, shapes, configs)
-    calibration = request.calibration(device) if request.fisher else None
+    calibration = request.calibration(device) if request.fisher or request.act else None
     meta: dict[str, Any] = {
         "format": PROFILE_FORMAT, "format_version": PROFILE_VERSION,
         "model": request.model_id, "model_hash": model_fingerprint(model),
@@ -247,6 +255,7 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
         "space": str(request.space), "ranks": list(ranks),
         "configs": [c.name for c in configs],
         "fisher": bool(request.fisher), "calibration": None if calibration is None else calibration.to_dict(),
+        "act": {"full_max": ACT_FULL_MAX} if request.act else False,
         "seed": request.seed, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
         "work": work, "device": str(device), "versions": _versions(), "complete": False,
     }
@@ -254,9 +263,15 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
     done = _prepare_directory(out, meta, request.resume)
     todo = [i for i in work if i not in done]
 
+    tokens = None if calibration is None else calibration_token_source(calibration, model, tokenizer,
+                                                                        seed=request.seed, progress=request.progress)
     try:
-        fisher = (request_fisher(request, model, tokenizer, targets, calibration, meta["model_hash"], device)
-                  if todo and calibration is not None else None)
+        fisher = (request_fisher(request, model, tokenizer, targets, calibration, meta["model_hash"], device, tokens)
+                  if todo and request.fisher else None)
+        moments = (calibration_moments(model, tokenizer, targets, calibration, model_id=request.model_id,
+                                       model_hash=meta["model_hash"], seed=request.seed, device=device,
+                                       progress=request.progress, tokens=tokens)
+                   if todo and request.act else None)
     except BaseException:  # e.g. a missing --calib file: leave no meta-only directory that blocks the next run
         if fresh:
             (out / META_FILE).unlink(missing_ok=True)
@@ -270,17 +285,19 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
                desc=f"profile ({len(configs)} configs each)" if jobs == 1 else f"profile ({jobs} processes)",
                disable=not request.progress)
 
-    def task(index: int) -> tuple[int, str, torch.Tensor, torch.Tensor | None, list[QuantConfig]]:
+    def task(index: int) -> tuple[int, str, torch.Tensor, torch.Tensor | None, list[QuantConfig], torch.Tensor | None]:
         name, module = targets[index]
         W = float_target_weight(name, module, device)
         F = None if fisher is None else fisher[name].to(device=device, dtype=torch.float32)
-        return index, name, W, F, [c for c in configs if c.rank <= min(W.shape)]
+        H = None if moments is None else moments.of(name).to(device=device, dtype=torch.float32)
+        return index, name, W, F, [c for c in configs if c.rank <= min(W.shape)], H
 
     try:
         if jobs == 1:
             with _one_cpu_thread(device):
                 for index in todo:
-                    write_part(out, index, _profile_matrix(*task(index), request.seed, decompose_fn))
+                    index_, name, W, F, cfgs, H = task(index)
+                    write_part(out, index, _profile_matrix(index_, name, W, F, cfgs, request.seed, decompose_fn, H))
                     bar.update(1)
         else:
             # largest matrices first: the last to finish are then small ones, so that no worker
@@ -291,6 +308,9 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
         bar.close()
 
     table = read_parts(out, work)
+    if not request.act and table["error_act"].notna().any() and table["error_act"].isna().any():
+        log.warning("error_act is known for only some matrices (profiled with and without it): left out")
+        table["error_act"] = math.nan
     meta["seconds"] = float(read_meta(out).get("seconds", 0.0)) + time.perf_counter() - started
     write_table(out, table, meta)
     log.info("profile %s: %d rows for %d matrices x %d configs", out, len(table), len(work), len(configs))
@@ -343,19 +363,21 @@ def resolve_jobs(jobs: int | None, device: torch.device, matrices: int, work: fl
 
 
 def _profile_matrix(index: int, name: str, W: torch.Tensor, F: torch.Tensor | None, configs: list[QuantConfig],
-                    seed: int, decompose_fn: Callable[..., Sequence[Any]]) -> pd.DataFrame:
-    """The profile rows of one matrix (seeded by the profile's seed and the matrix index)."""
+                    seed: int, decompose_fn: Callable[..., Sequence[Any]], H: torch.Tensor | None = None) -> pd.DataFrame:
+    """The profile rows of one matrix (seeded by the profile's seed and the matrix index);
+    ``H``: its input moments, for ``error_act``."""
     torch.manual_seed(seed * 100003 + index)
     t0 = time.perf_counter()
     decs = decompose_fn(W, configs, fisher=F)
-    return _matrix_rows(index, name, W, configs, decs, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return _matrix_rows(index, name, W, configs, decs, seconds, H)
 
 
 def _profile_arrays(index: int, name: str, W: np.ndarray, F: np.ndarray | None, configs: list[QuantConfig],
-                    seed: int) -> pd.DataFrame:
+                    seed: int, H: np.ndarray | None = None) -> pd.DataFrame:
     """:func:`_profile_matrix` of a worker process, on the arrays it was sent."""
     return _profile_matrix(index, name, torch.from_numpy(W), None if F is None else torch.from_numpy(F), configs,
-                           seed, decompose_many)
+                           seed, decompose_many, None if H is None else torch.from_numpy(H))
 
 
 @contextlib.contextmanager
@@ -411,11 +433,12 @@ def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], job
         try:
             while pending or running:
                 while pending and len(running) < 2 * jobs:
-                    index, name, W, F, configs = task(pending.pop(0))
+                    index, name, W, F, configs, H = task(pending.pop(0))
                     # numpy arrays pickle as plain bytes; tensors would pass file descriptors, and a
                     # worker killed mid-transfer would print a traceback from the parent's sharing thread
                     fut = pool.submit(_profile_arrays, index, name, W.cpu().numpy(),
-                                      None if F is None else F.cpu().numpy(), configs, seed)
+                                      None if F is None else F.cpu().numpy(), configs, seed,
+                                      None if H is None else H.cpu().numpy())
                     running[fut] = index
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in finished:
@@ -437,10 +460,11 @@ def _profile_in_processes(todo: Sequence[int], task: Callable[[int], tuple], job
 
 def request_fisher(request: ProfileRequest, model: torch.nn.Module, tokenizer: Any,
                    targets: Sequence[tuple[str, torch.nn.Module]], calibration: Calibration, model_hash: str,
-                   device: torch.device) -> dict[str, torch.Tensor]:
+                   device: torch.device, tokens: Callable[[], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The Fisher estimate of a profile run (cached by model, data, samples, seqlen, mode, seed)."""
     return calibration_fisher(model, tokenizer, targets, calibration, model_id=request.model_id,
-                              model_hash=model_hash, seed=request.seed, device=device, progress=request.progress)
+                              model_hash=model_hash, seed=request.seed, device=device, progress=request.progress,
+                              tokens=tokens)
 
 
 def prepare_fisher(request: ProfileRequest) -> dict[str, Any] | None:

@@ -38,15 +38,17 @@ PARTS_DIR = "parts"
 COLUMNS = [
     "matrix", "index", "rows", "cols", "config",
     "bits", "block", "scale_bits", "scale_block", "scale_dtype", "rank", "lowrank_bits",
-    "storage_bits", "bits_per_param", "error", "error_fisher", "weight_norm_sq",
+    "storage_bits", "bits_per_param", "error", "error_fisher", "error_act", "error_kl", "weight_norm_sq",
     "iterations", "seconds",
 ]
+#: Columns a table may lack (it was written before they existed): read as NaN.
+OPTIONAL_COLUMNS = ("error_act", "error_kl")
 _DTYPES = {
     "matrix": str, "index": "int64", "rows": "int64", "cols": "int64", "config": str,
     "bits": "int64", "block": "int64", "scale_bits": "int64", "scale_block": "int64",
     "scale_dtype": str, "rank": "int64", "lowrank_bits": "int64", "storage_bits": "int64",
     "bits_per_param": "float64", "error": "float64", "error_fisher": "float64",
-    "weight_norm_sq": "float64", "iterations": "int64", "seconds": "float64",
+    "error_act": "float64", "error_kl": "float64", "weight_norm_sq": "float64", "iterations": "int64", "seconds": "float64",
 }
 
 
@@ -56,6 +58,7 @@ class ProfileError(IntegrityError):
 
 def _csv_bytes(df: pd.DataFrame) -> bytes:
     buf = io.StringIO()
+    df = df.assign(**{c: float("nan") for c in OPTIONAL_COLUMNS if c not in df.columns})
     df[COLUMNS].to_csv(buf, index=False, float_format="%.17g")
     return buf.getvalue().encode()
 
@@ -65,6 +68,9 @@ def _read_csv(path: Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype={"matrix": str, "config": str, "scale_dtype": str})
     except Exception as exc:  # pandas raises several parser error types
         raise ProfileError(f"{path} is not a readable profile table ({exc}); delete it and rerun") from exc
+    for column in OPTIONAL_COLUMNS:
+        if column not in df.columns:
+            df[column] = float("nan")
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ProfileError(f"{path} lacks profile columns {missing}; is it a bitalloc profile table?")
@@ -133,6 +139,8 @@ def part_problem(path: Path, index: int, meta: dict[str, Any] | None = None) -> 
     configs = meta.get("configs") or []
     if list(df["config"]) != list(configs):
         return f"{len(df)} rows, {len(configs)} expected (one per config, in the order of {META_FILE})"
+    if meta.get("act") and df["error_act"].isna().all():
+        return "no error_act (profiled without it)"
     targets = meta.get("targets") or []
     if index < len(targets) and (df["matrix"] != targets[index].get("name")).any():
         return f"rows of another matrix than {targets[index].get('name')}"
@@ -186,8 +194,9 @@ def load_profile(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, 
     """Read a finished profile: ``(table as a DataFrame, meta dict)``.
 
     The table has (at least) the columns ``matrix``, ``rows``, ``cols``, ``config``,
-    ``storage_bits``, ``bits_per_param``, ``error``, ``error_fisher`` (NaN without Fisher)
-    and ``seconds``. A truncated, edited or unfinished table is refused.
+    ``storage_bits``, ``bits_per_param``, ``error``, ``error_fisher`` (NaN without Fisher),
+    ``error_act`` and ``error_kl`` (NaN when not profiled, and in tables written before
+    they existed) and ``seconds``. A truncated, edited or unfinished table is refused.
     """
     directory = Path(path)
     if directory.is_file() and directory.name in (META_FILE, TABLE_FILE):

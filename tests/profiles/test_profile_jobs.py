@@ -107,7 +107,7 @@ def test_killed_profile_takes_its_workers_with_it_and_resumes(tiny_llama_dir, tm
         f"""
         import sys
         from bitalloc.cli import main
-        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher",
+        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher", "--no-act",
                        "--space", {str(space_file)!r}, "--jobs", "2", "--out", {str(out)!r}]))
         """
     )
@@ -168,7 +168,7 @@ def test_a_killed_worker_is_one_line_and_the_profile_resumes(tiny_llama_dir, tmp
         f"""
         import sys
         from bitalloc.cli import main
-        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher",
+        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher", "--no-act",
                        "--space", {str(space_file)!r}, "--jobs", "2", "--out", {str(out)!r}]))
         """
     )

@@ -30,6 +30,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 def _request(model_dir, out, space_file, **kw) -> ProfileRequest:
     kw.setdefault("fisher", False)
+    kw.setdefault("act", False)
     return ProfileRequest(model=str(model_dir), out=out, space=str(space_file), progress=False, **kw)
 
 
