@@ -196,3 +196,66 @@ def score(model: torch.nn.Module, windows: torch.Tensor, reference: Sequence[tor
         positions += w.numel()
     mean = nll / tokens
     return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "kl": kl / positions}
+
+
+# ----- in-memory substitution -------------------------------------------------------------------------
+class Substitution:
+    """A loaded model whose target weights are replaced in place by ``Q`` of a config, computed as
+    ``bitalloc apply`` computes it (the same ``decompose`` call: weight, config, the profile's
+    Fisher estimate, seed ``seed * 100003 + target index``) and kept for reuse across allocations.
+
+    Only rank-0 configs (``Q`` alone, no adapter) are substituted; :meth:`supports` says whether
+    an allocation qualifies. :meth:`max_difference` compares with a model ``bitalloc.load`` loaded.
+    """
+
+    def __init__(self, model: torch.nn.Module, targets: Sequence[tuple[str, torch.nn.Module]],
+                 fisher: Mapping[str, torch.Tensor] | None, seed: int = 0) -> None:
+        from bitalloc.models.targets import float_target_weight
+
+        self.model = model
+        self.modules = dict(targets)
+        self.index = {name: i for i, (name, _) in enumerate(targets)}
+        self.original = {name: float_target_weight(name, m, "cpu").clone() for name, m in targets}
+        self.fisher = fisher
+        self.seed = seed
+        self.cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.installed: dict[str, str] = {}
+
+    @staticmethod
+    def supports(assignments: Mapping[str, str]) -> bool:
+        """Whether every config of ``assignments`` has rank 0."""
+        from bitalloc.configs import QuantConfig
+
+        return all(QuantConfig.from_name(c, allow_unusual=True).rank == 0 for c in set(assignments.values()))
+
+    def weight(self, name: str, config: str) -> torch.Tensor:
+        """``Q`` of target ``name`` under ``config`` (float32, the weight's shape)."""
+        from bitalloc.configs import QuantConfig
+        from bitalloc.lowrank import decompose
+
+        key = (name, config)
+        if key not in self.cache:
+            F_ = None if self.fisher is None else self.fisher[name]
+            dec = decompose(self.original[name], QuantConfig.from_name(config, allow_unusual=True), F_,
+                            seed=self.seed * 100003 + self.index[name])
+            self.cache[key] = dec.q.dequantize().float()
+        return self.cache[key]
+
+    def install(self, assignments: Mapping[str, str]) -> None:
+        """Put each target's ``Q`` in place (targets already holding their config are left as they are)."""
+        from bitalloc.models.targets import set_target_weight
+
+        for name, config in assignments.items():
+            if self.installed.get(name) != config:
+                set_target_weight(self.modules[name], self.weight(name, config))
+                self.installed[name] = config
+
+    def max_difference(self, loaded: torch.nn.Module) -> float:
+        """Largest absolute difference between the installed weights and those of ``loaded``."""
+        modules = dict(loaded.named_modules())
+        worst = 0.0
+        for name in self.installed:
+            other = modules[name]
+            w = other.dequantized_weight(torch.float32) if hasattr(other, "dequantized_weight") else other.weight
+            worst = max(worst, float((w.float() - self.weight(name, self.installed[name])).abs().max()))
+        return worst

@@ -45,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _fidelity_lib import (OBJECTIVES, available_objectives, calibration_spans, digest, disjoint_windows,  # noqa: E402
-                           lookup, move_ladders, perturb, reference_logprobs, score, spearman, totals)
+from _fidelity_lib import (OBJECTIVES, Substitution, available_objectives, calibration_spans, digest,  # noqa: E402
+                           disjoint_windows, lookup, move_ladders, perturb, reference_logprobs, score, spearman,
+                           totals)
 from _profiles import finished_profile  # noqa: E402
 
 log = logging.getLogger("bench.objective_fidelity")
@@ -134,21 +135,41 @@ def plan(args: argparse.Namespace, profile_dir: Path, work: Path) -> tuple[list[
             entries.append({"label": f"perturb-{name}-{k:02d}", "source": "perturbed", "objective": name,
                             "budget": base["budget"], "base": base["label"], "moves": moves,
                             "alloc": Allocation.from_dict(data).to_dict()})
+    template = next(e["alloc"] for e in entries if e["source"] == "sweep")
+    for config in args.uniform:
+        assignments = {t["name"]: config for t in meta["targets"]}
+        data = dict(template, assignments=assignments, objective=None, bound=None, gap=None, status="uniform",
+                    note=f"every target {config}", bits_histogram={}, bits_per_param=uniform_bits(meta, config))
+        data.pop("params_by_bits", None)
+        entries.append({"label": f"uniform-{config}", "source": "uniform", "objective": None, "budget": None,
+                        "alloc": Allocation.from_dict(data).to_dict()})
     seen: set[str] = set()
     unique = []
     for e in entries:
         e["digest"] = digest(e["alloc"]["assignments"])
         e.update({f"pred_{n}": None for n in OBJECTIVES})
-        t = totals(table, e["alloc"]["assignments"], columns)
-        e["bits_per_param"] = t["bits_per_param"]
-        for name, column in avail.items():
-            if column:
-                e[f"pred_{name}"] = t[column]
+        if e["source"] == "uniform":  # configs outside the profile: no prediction
+            e["bits_per_param"] = e["alloc"]["bits_per_param"]
+        else:
+            t = totals(table, e["alloc"]["assignments"], columns)
+            e["bits_per_param"] = t["bits_per_param"]
+            for name, column in avail.items():
+                if column:
+                    e[f"pred_{name}"] = t[column]
         if e["digest"] in seen:
             notes.append(f"- {e['label']}: the same allocation as one listed before it (measured once)")
         seen.add(e["digest"])
         unique.append(e)
     return unique, notes
+
+
+def uniform_bits(meta: dict[str, Any], config: str) -> float:
+    """Bits/param, everything stored, of every target at ``config``."""
+    from bitalloc.configs import QuantConfig
+
+    cfg = QuantConfig.from_name(config, allow_unusual=True)
+    stored = sum(cfg.storage_bits(t["rows"], t["cols"]) for t in meta["targets"])
+    return stored / sum(t["rows"] * t["cols"] for t in meta["targets"])
 
 
 def refined(args: argparse.Namespace, profile_dir: Path, work: Path, avail: dict[str, str | None],
@@ -192,51 +213,100 @@ def windows_for(args: argparse.Namespace, meta: dict[str, Any], tokenizer: Any) 
 
 def measure_all(args: argparse.Namespace, entries: list[dict[str, Any]], meta: dict[str, Any], work: Path,
                 ) -> dict[str, Any]:
-    """Apply, load and score every allocation not measured before; returns the evaluation setup."""
+    """Score every allocation not measured before (this ``--shard``'s share); returns the evaluation setup.
+
+    Rank-0 allocations are scored by in-memory substitution (:class:`Substitution`, the weights
+    ``bitalloc apply`` writes, checked once against a real apply and load: ``--verify-apply``);
+    others, and all with ``--no-substitute``, are applied with ``bitalloc.apply_allocation`` and loaded.
+    """
     from bitalloc.apply import apply_allocation, load_model_or_applied, read_info
-    from bitalloc.models import load_model
+    from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model
 
     done_path = work / "measured.jsonl"
-    done = {}
-    if done_path.exists():
-        for line in done_path.read_text().splitlines():
-            row = json.loads(line)
-            done[row["key"]] = row
+    done = _read_done(done_path)
     original, tokenizer = load_model(args.model, device="cpu")
     windows, starts, avoided = windows_for(args, meta, tokenizer)
     key_base = f"{args.data}|{args.seqlen}|{','.join(map(str, starts))}"
     todo = [e for e in entries if f"{e['digest']}|{key_base}" not in done]
+    shard, shards = args.shard
+    todo = todo[shard - 1 :: shards]
+    verify_key = f"verify|{key_base}"
     setup = {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "starts": starts,
              "calibration_spans_avoided": avoided, "measured": len(todo)}
-    reference = None
-    if todo or f"original|{key_base}" not in done:
-        reference = reference_logprobs(original, windows)
-        if f"original|{key_base}" not in done:
-            row = {"key": f"original|{key_base}", **score(original, windows, reference)}
-            with done_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            done[row["key"]] = row
-    setup["original"] = done[f"original|{key_base}"]
-    del original
-    for i, e in enumerate(todo):
-        target = work / "models" / e["digest"]
+    need_original = f"original|{key_base}" not in done and shard == 1
+    need_verify = args.verify_apply and verify_key not in done and shard == 1
+    reference = reference_logprobs(original, windows) if todo or need_original or need_verify else None
+    if need_original:
+        _append(done_path, done, {"key": f"original|{key_base}", **score(original, windows, reference)})
+    sub = None
+    if (todo or need_verify) and not args.no_substitute:
+        targets = find_targets(original, include=meta.get("include"), exclude=meta.get("exclude"))
+        fisher = None
+        if meta.get("fisher") and meta.get("calibration"):
+            from bitalloc.identity import model_id
+
+            fisher = calibration_fisher(original, tokenizer, targets, Calibration.from_dict(meta["calibration"]),
+                                        model_id=model_id(meta.get("model")), model_hash=meta["model_hash"],
+                                        seed=int(meta.get("seed") or 0), device="cpu", progress=False)
+        sub = Substitution(original, targets, fisher, seed=0)
+    if need_verify and sub is not None:
+        e = next(e for e in entries if e["source"] == "sweep" and Substitution.supports(e["alloc"]["assignments"]))
+        target = work / "models" / f"verify-{e['digest']}"
         t0 = time.perf_counter()
         apply_allocation(e["alloc"], out=target, model=args.model, device="cpu", force=True, progress=False)
-        t1 = time.perf_counter()
-        model, _ = load_model_or_applied(str(target), device="cpu")
-        measured = score(model, windows, reference)
-        row = {"key": f"{e['digest']}|{key_base}", **measured, "applied_bits_per_param": read_info(target)["bits_per_param"],
-               "apply_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1}
-        del model
+        loaded, _ = load_model_or_applied(str(target), device="cpu")
+        sub.install(e["alloc"]["assignments"])
+        row = {"key": verify_key, "label": e["label"], "max_abs_difference": sub.max_difference(loaded),
+               "kl_applied": score(loaded, windows, reference)["kl"], "kl_substituted": score(original, windows, reference)["kl"],
+               "seconds": time.perf_counter() - t0}
+        del loaded
         shutil.rmtree(target, ignore_errors=True)
-        with done_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        done[row["key"]] = row
+        _append(done_path, done, row)
+        log.info("apply check on %s: max |difference| %g, KL %.6f applied vs %.6f substituted", e["label"],
+                 row["max_abs_difference"], row["kl_applied"], row["kl_substituted"])
+    for i, e in enumerate(todo):
+        t0 = time.perf_counter()
+        if sub is not None and Substitution.supports(e["alloc"]["assignments"]):
+            sub.install(e["alloc"]["assignments"])
+            t1 = time.perf_counter()
+            measured = score(original, windows, reference)
+            row = {"mode": "substituted", "applied_bits_per_param": e["bits_per_param"]}
+        else:
+            target = work / "models" / e["digest"]
+            apply_allocation(e["alloc"], out=target, model=args.model, device="cpu", force=True, progress=False)
+            t1 = time.perf_counter()
+            model, _ = load_model_or_applied(str(target), device="cpu")
+            measured = score(model, windows, reference)
+            row = {"mode": "applied", "applied_bits_per_param": read_info(target)["bits_per_param"]}
+            del model
+            shutil.rmtree(target, ignore_errors=True)
+        row.update({"key": f"{e['digest']}|{key_base}", **measured, "apply_seconds": t1 - t0,
+                    "eval_seconds": time.perf_counter() - t1})
+        _append(done_path, done, row)
         log.info("[%d/%d] %-28s bits %.3f  kl %.4f  ppl %.2f  (%.0f s)", i + 1, len(todo), e["label"],
-                 row["applied_bits_per_param"], row["kl"], row["perplexity"], time.perf_counter() - t0)
+                 e["bits_per_param"], row["kl"], row["perplexity"], time.perf_counter() - t0)
+    done = _read_done(done_path)  # the other shards' rows too
+    setup["original"] = done.get(f"original|{key_base}")
+    setup["verify"] = done.get(verify_key)
     for e in entries:
-        e.update({k: v for k, v in done[f"{e['digest']}|{key_base}"].items() if k != "key"})
+        e.update({k: v for k, v in done.get(f"{e['digest']}|{key_base}", {}).items() if k != "key"})
     return setup
+
+
+def _read_done(path: Path) -> dict[str, dict[str, Any]]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["key"]] = row
+    return done
+
+
+def _append(path: Path, done: dict[str, Any], row: dict[str, Any]) -> None:
+    with path.open("a") as f:  # one short line per write: shards append to one file
+        f.write(json.dumps(row) + "\n")
+    done[row["key"]] = row
 
 
 # ----- the report --------------------------------------------------------------------------------------------
@@ -256,7 +326,48 @@ def correlations(entries: list[dict[str, Any]], low: tuple[float, float]) -> lis
 
 
 FIELDS = ("label", "source", "objective", "budget", "base", "moves", "bits_per_param", "applied_bits_per_param",
-          *(f"pred_{n}" for n in OBJECTIVES), "kl", "perplexity", "apply_seconds", "eval_seconds", "digest")
+          *(f"pred_{n}" for n in OBJECTIVES), "kl", "perplexity", "mode", "apply_seconds", "eval_seconds", "digest")
+
+
+def budget_goals(entries: list[dict[str, Any]], original_ppl: float) -> list[str]:
+    """The solver answers per budget and objective on the scoring windows, the uniform baselines,
+    and the issue's goals checked on them."""
+    sweeps = [e for e in entries if e["source"] in ("sweep", "refined") and e.get("kl") is not None]
+    names = [n for n in (*OBJECTIVES, *sorted({e["objective"] for e in sweeps if e["source"] == "refined"}))
+             if any(e["objective"] == n and e["source"] == "sweep" for e in sweeps)]
+    variants = [(n, "sweep") for n in names] + sorted({(e["objective"], "refined") for e in sweeps
+                                                       if e["source"] == "refined"})
+    budgets = sorted({e["budget"] for e in sweeps})
+    at = {(e["objective"], e["source"], e["budget"]): e for e in sweeps}
+    head = " | ".join(f"{n}{' refined' if src == 'refined' else ''} KL / ppl" for n, src in variants)
+    lines = [f"| budget | {head} |", "| ---: | " + " | ".join("---:" for _ in variants) + " |"]
+    for b in budgets:
+        cells = [f"{at[(n, src, b)]['kl']:.4f} / {at[(n, src, b)]['perplexity']:.2f}" if (n, src, b) in at else "-"
+                 for n, src in variants]
+        lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
+    uniform = [e for e in entries if e["source"] == "uniform" and e.get("kl") is not None]
+    lines += ["", "| uniform baseline | bits/param | KL | perplexity |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {e['label']} | {e['bits_per_param']:.4f} | {e['kl']:.4f} | {e['perplexity']:.2f} |" for e in uniform]
+    nf4 = next((e for e in uniform if e["label"].startswith("uniform-nf4")), None)
+    lines += ["", f"Goals on these windows (original perplexity {original_ppl:.2f}):", ""]
+    for n, src in variants:
+        name = f"{n}{' refined' if src == 'refined' else ''}"
+        low = [b for b in budgets if 2.5 <= b <= 3.5 and (n, src, b) in at and ("fisher", "sweep", b) in at]
+        if (n, src) != ("fisher", "sweep") and low:
+            cut = [1 - at[(n, src, b)]["kl"] / at[("fisher", "sweep", b)]["kl"] for b in low]
+            ok = all(c >= 0.25 for c in cut) and len(low) == len([b for b in budgets if 2.5 <= b <= 3.5])
+            lines.append(f"- {name}: KL below the Fisher objective's by " + ", ".join(
+                f"{100 * c:.0f}% at {b:g}" for b, c in zip(low, cut)) + f": **{'met' if ok else 'missed'}** "
+                "(goal: at least 25% at every budget 2.5-3.5)")
+        if (n, src, 2.5) in at:
+            ppl = at[(n, src, 2.5)]["perplexity"]
+            lines.append(f"- {name}: perplexity at 2.5 bits {ppl:.2f} vs twice the original {2 * original_ppl:.2f}: "
+                         f"**{'met' if ppl < 2 * original_ppl else 'missed'}**")
+        if (n, src, 3.25) in at and nf4:
+            ppl = at[(n, src, 3.25)]["perplexity"]
+            lines.append(f"- {name}: perplexity at 3.25 bits {ppl:.2f} vs uniform NF4 ({nf4['bits_per_param']:.3f} "
+                         f"bits) {nf4['perplexity']:.2f}: **{'met' if ppl <= nf4['perplexity'] else 'missed'}**")
+    return lines
 
 
 def _f(x: Any, spec: str) -> str:
@@ -290,8 +401,7 @@ def write_report(args: argparse.Namespace, entries: list[dict[str, Any]], notes:
         f"{setup['starts']}), none sharing a token with the {setup['calibration_spans_avoided']} calibration "
         "windows; KL is the mean per position of KL(original || model), perplexity the GPTQ convention on the "
         f"same tokens (original: {orig['perplexity']:.3f})",
-        "- every allocation is applied with `bitalloc.apply_allocation` (what `bitalloc apply` runs) and loaded "
-        "with `bitalloc.load`: the measured model is the one `bitalloc apply` writes",
+        _mode_line(entries, setup),
         f"- allocations: {len(entries)} ({sum(e['source'] == 'sweep' for e in entries)} solver answers at budgets "
         f"{', '.join(f'{b:g}' for b in args.budgets)}, {sum(e['source'] == 'refined' for e in entries)} refined, "
         f"{sum(e['source'] == 'perturbed' for e in entries)} random perturbations of solver answers at most "
@@ -311,6 +421,8 @@ def write_report(args: argparse.Namespace, entries: list[dict[str, Any]], notes:
         met = (c["overall"] or -1) >= 0.95 and (c["low"] or -1) >= 0.9
         lines.append(f"| {c['objective']} | {c['n']} | {_f(c['overall'], '.3f')} | {_f(c['low'], '.3f')} "
                      f"({c['n_low']}) | {'met' if met else 'missed'} |")
+    lines += ["", "## Solver answers per budget, and uniform baselines, on the scoring windows", "",
+              *budget_goals(entries, orig["perplexity"])]
     lines += ["", "## Allocations", "",
               "| allocation | from | bits/param | " + " | ".join(f"pred {n}" for n in OBJECTIVES)
               + " | KL | perplexity | apply s | eval s |",
@@ -323,6 +435,21 @@ def write_report(args: argparse.Namespace, entries: list[dict[str, Any]], notes:
                      f"{_f(e.get('apply_seconds'), '.1f')} | {_f(e.get('eval_seconds'), '.1f')} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return corr
+
+
+def _mode_line(entries: list[dict[str, Any]], setup: dict[str, Any]) -> str:
+    """How the scored models were made, and the check of substitution against apply."""
+    modes = {m: sum(e.get("mode") == m for e in entries) for m in ("substituted", "applied")}
+    line = (f"- models: {modes['applied']} applied with `bitalloc.apply_allocation` (what `bitalloc apply` runs) and "
+            f"loaded with `bitalloc.load`; {modes['substituted']} rank-0 allocations by in-memory substitution: each "
+            "target's weight replaced by `Q` from the same `decompose` call `apply` makes (weight, config, the "
+            "profile's Fisher estimate, seed)")
+    v = setup.get("verify")
+    if v:
+        line += (f"; checked on `{v['label']}` against a real apply and load: largest weight difference "
+                 f"{v['max_abs_difference']:.3g}, KL {v['kl_applied']:.6f} applied vs {v['kl_substituted']:.6f} "
+                 "substituted")
+    return line
 
 
 def _figure(entries: list[dict[str, Any]], corr: list[dict[str, Any]], path: Path) -> None:
@@ -380,6 +507,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--uniform", default="nf4-g64-s8x256-fp32-r0,nf3-g64-s8x256-fp32-r0",
+                   help="uniform baselines scored on the same windows (no prediction)")
+    p.add_argument("--no-substitute", action="store_true",
+                   help="apply and load every allocation (default: rank-0 ones by in-memory substitution)")
+    p.add_argument("--no-verify-apply", dest="verify_apply", action="store_false",
+                   help="skip checking the substitution against one real apply and load")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a loaded machine)")
+    p.add_argument("--shard", default="1/1", help="i/n: measure every n-th allocation left (run n at once, then "
+                   "once more without --shard for the report)")
     p.add_argument("--work", default=str(ROOT / ".bench-cache" / "objective_fidelity"))
     p.add_argument("--out", default=str(ROOT / "reports" / "objective_fidelity"))
     args = p.parse_args(argv)
@@ -387,6 +523,13 @@ def main(argv: list[str] | None = None) -> int:
     args.refine_budgets = _floats(args.refine_budgets)
     args.moves = [int(m) for m in _floats(args.moves)]
     args.range = tuple(_floats(args.range))
+    args.uniform = [u for u in args.uniform.split(",") if u.strip()]
+    try:
+        args.shard = tuple(int(x) for x in args.shard.split("/"))
+        assert len(args.shard) == 2 and 1 <= args.shard[0] <= args.shard[1]
+    except (ValueError, AssertionError):
+        p.error("--shard is i/n with 1 <= i <= n")
+    torch.set_num_threads(args.threads)
     if len(args.range) != 2 or args.range[0] > args.range[1]:
         p.error("--range is LOW,HIGH bits/param")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -402,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     entries, notes = plan(args, profile_dir, work)
     _, meta = load_profile(profile_dir)
     setup = measure_all(args, entries, meta, work)
+    if args.shard[1] > 1:
+        log.info("shard %d/%d measured %d allocations; run without --shard for the report", *args.shard,
+                 setup["measured"])
+        return 0
     env = {
         "command": "python bench/objective_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "

@@ -126,16 +126,20 @@ def test_quick_run(bench, tiny_profile, tiny_llama_dir, tiny_text_file, tmp_path
     argv = ["--model", str(tiny_llama_dir), "--profile", str(tiny_profile), "--data", str(tiny_text_file),
             "--budgets", "3.0,3.6,4.2", "--perturb", "2", "--moves", "1,2", "--tolerance", "0.3",
             "--perturb-below", "4.2", "--refine-budgets", "", "--range", "2.9,3.7", "--windows", "2", "--seqlen", "32",
-            "--work", str(tmp_path / "work"), "--out", str(out)]
+            "--uniform", "nf4-g16-s8x16-r0", "--work", str(tmp_path / "work"), "--out", str(out)]
     assert bench.main(argv) == 0
     with (out / "measurements.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) >= 6 + 4 - 1  # two objectives x (three budgets + two perturbations), two may coincide
-    assert {r["source"] for r in rows} == {"sweep", "perturbed"}
+    assert {r["source"] for r in rows} == {"sweep", "perturbed", "uniform"}
     for r in rows:
-        assert float(r["kl"]) > 0 and float(r["perplexity"]) > 1
-        assert float(r["pred_fisher"]) > 0 and float(r["pred_plain"]) > 0
-        assert float(r["applied_bits_per_param"]) == pytest.approx(float(r["bits_per_param"]), abs=1e-3)
+        assert float(r["kl"]) > 0 and float(r["perplexity"]) > 1 and r["mode"] == "substituted"
+        if r["source"] != "uniform":
+            assert float(r["pred_fisher"]) > 0 and float(r["pred_plain"]) > 0
+    measured = [json.loads(line) for line in (tmp_path / "work" / "measured.jsonl").read_text().splitlines()]
+    check = next(m for m in measured if m["key"].startswith("verify|"))
+    assert check["max_abs_difference"] == 0.0  # substitution gives the weights `bitalloc apply` writes
+    assert check["kl_applied"] == pytest.approx(check["kl_substituted"], rel=1e-5)
     corr = {c["objective"]: c for c in json.loads((out / "correlations.json").read_text())}
     assert set(corr) == {"plain", "fisher", "act", "kl"}
     assert corr["fisher"]["available"] and -1 <= corr["fisher"]["overall"] <= 1
