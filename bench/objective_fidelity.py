@@ -437,6 +437,59 @@ def write_report(args: argparse.Namespace, entries: list[dict[str, Any]], notes:
     return corr
 
 
+def write_quality(args: argparse.Namespace, entries: list[dict[str, Any]], setup: dict[str, Any],
+                  meta: dict[str, Any], env: dict[str, Any], out: Path) -> None:
+    """The quality table per objective (solver answers at each budget against uniform baselines) on
+    the scoring windows, with profile, calibration and solve time: ``out``/results.md and quality.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    orig = setup["original"]
+    cal = meta.get("calibration") or {}
+    sweeps = [e for e in entries if e["source"] in ("sweep", "refined") and e.get("kl") is not None]
+    solve = {}
+    for e in sweeps:
+        solve.setdefault(f"{e['objective']}{' refined' if e['source'] == 'refined' else ''}", []).append(
+            e["alloc"].get("seconds") or 0.0)
+    lines = [
+        "# quality per objective: solver answers against uniform baselines", "",
+        f"- command: `{env['command']}` (written with `--quality-out`)", f"- machine: {env['machine']}",
+        f"- load average (1 min) at start / end: {env['load_start']:.1f} / {env['load_end']:.1f}",
+        f"- model: {env['model']}; profile: space `{meta.get('space')}`, ranks {meta.get('ranks')}, calibration "
+        f"{cal.get('samples')} x {cal.get('seqlen')} tokens of `{cal.get('source')}`",
+        f"- profile wall time (meta.json `seconds`, all runs of the profile together): {_f(meta.get('seconds'), '.0f')} s",
+        *[f"- {line}" for line in args.timing_notes],
+        "- solve time per objective (sum over budgets): " + ", ".join(
+            f"{k} {sum(v):.2f} s ({len(v)} budgets)" for k, v in solve.items()),
+        f"- scoring: {setup['windows']} windows x {setup['seqlen']} tokens of `{args.data}` apart from the calibration "
+        "text (the windows of `reports/objective_fidelity/`), not the 16 x 2048 of `reports/quality-v2/`: "
+        "perplexities here are over short contexts and read higher",
+        _mode_line(entries, setup), "",
+        "![perplexity against bits per parameter](quality.png)", "",
+        *budget_goals(entries, orig["perplexity"]),
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(orig["perplexity"], color="k", ls=":", label=f"original ({orig['perplexity']:.2f})")
+    for key in sorted({(e["objective"], e["source"]) for e in sweeps}):
+        pts = sorted((e for e in sweeps if (e["objective"], e["source"]) == key), key=lambda e: e["bits_per_param"])
+        ax.plot([e["bits_per_param"] for e in pts], [e["perplexity"] for e in pts], marker="o",
+                label=f"{key[0]}{' refined' if key[1] == 'refined' else ''}")
+    for e in entries:
+        if e["source"] == "uniform" and e.get("perplexity") is not None:
+            ax.scatter([e["bits_per_param"]], [e["perplexity"]], marker="s", s=50, zorder=3, label=e["label"])
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per parameter (targets, everything stored)")
+    ax.set_ylabel(f"perplexity, {setup['windows']} x {setup['seqlen']} tokens (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(out / "quality.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _mode_line(entries: list[dict[str, Any]], setup: dict[str, Any]) -> str:
     """How the scored models were made, and the check of substitution against apply."""
     modes = {m: sum(e.get("mode") == m for e in entries) for m in ("substituted", "applied")}
@@ -513,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="apply and load every allocation (default: rank-0 ones by in-memory substitution)")
     p.add_argument("--no-verify-apply", dest="verify_apply", action="store_false",
                    help="skip checking the substitution against one real apply and load")
+    p.add_argument("--quality-out", default=None, help="also write the per-budget quality table here")
+    p.add_argument("--timing-note", dest="timing_notes", action="append", default=[],
+                   help="a line on how long profiling or calibration took, for the quality table (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a loaded machine)")
     p.add_argument("--shard", default="1/1", help="i/n: measure every n-th allocation left (run n at once, then "
                    "once more without --shard for the report)")
@@ -558,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - started, "measured": setup["measured"],
     }
     corr = write_report(args, entries, notes, setup, meta, env, Path(args.out))
+    if args.quality_out:
+        write_quality(args, entries, setup, meta, env, Path(args.quality_out))
     for c in corr:
         if c["available"]:
             print(f"{c['objective']:>7}: Spearman {_f(c['overall'], '.3f')} overall ({c['n']}), "

@@ -126,7 +126,7 @@ def test_quick_run(bench, tiny_profile, tiny_llama_dir, tiny_text_file, tmp_path
     argv = ["--model", str(tiny_llama_dir), "--profile", str(tiny_profile), "--data", str(tiny_text_file),
             "--budgets", "3.0,3.6,4.2", "--perturb", "2", "--moves", "1,2", "--tolerance", "0.3",
             "--perturb-below", "4.2", "--refine-budgets", "", "--range", "2.9,3.7", "--windows", "2", "--seqlen", "32",
-            "--uniform", "nf4-g16-s8x16-r0", "--work", str(tmp_path / "work"), "--out", str(out)]
+            "--uniform", "nf4-g16-s8x16-r0", "--quality-out", str(tmp_path / "quality"), "--work", str(tmp_path / "work"), "--out", str(out)]
     assert bench.main(argv) == 0
     with (out / "measurements.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -147,6 +147,8 @@ def test_quick_run(bench, tiny_profile, tiny_llama_dir, tiny_text_file, tmp_path
     assert "Spearman" in text and (out / "fidelity.png").stat().st_size > 0
     for name in ("act", "kl"):
         assert corr[name]["available"] or f"`{name}` (error_{name}): not available" in text
+    quality = (tmp_path / "quality" / "results.md").read_text()
+    assert "| budget |" in quality and "uniform-nf4-g16-s8x16-r0" in quality and "solve time" in quality
     # a rerun reads every measurement from the cache
     assert bench.main(argv) == 0
     assert "0 allocations applied and scored in this run" in (out / "results.md").read_text()
