@@ -30,6 +30,8 @@ _EXPORTS = {
     "sweep": "bitalloc.allocation",
     "Allocation": "bitalloc.allocation",
     "SolveOptions": "bitalloc.allocation",
+    "refine": "bitalloc.allocation",
+    "RefineOptions": "bitalloc.allocation",
     "report": "bitalloc.reports",
     "apply_allocation": "bitalloc.apply",
     "load": "bitalloc.apply",

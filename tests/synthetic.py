@@ -41,7 +41,7 @@ def synthetic_table(n_layers: int = 3, seed: int = 0, fisher: bool = True, confi
                     "weight_norm_sq": float(rows * cols), "iterations": 1, "seconds": 0.01,
                 })
             index += 1
-    return pd.DataFrame.from_records(records)[COLUMNS]
+    return pd.DataFrame.from_records(records).reindex(columns=COLUMNS)  # error_act, error_kl: NaN
 
 
 def write_synthetic_profile(directory: Path, table: pd.DataFrame | None = None, model: str = "synthetic") -> Path:

@@ -219,3 +219,77 @@ def test_cli_bad_profile(tmp_path, capsys):
 def test_cli_bad_budgets(prof, capsys):
     assert main(["-q", "sweep", str(prof), "--budgets", "3:x"]) == 2
     assert "budgets" in capsys.readouterr().err
+
+
+def _old_profile(directory: Path) -> Path:
+    """A finished profile as bitalloc wrote it before the error_act and error_kl columns existed."""
+    import hashlib
+
+    from bitalloc.profiles.store import COLUMNS, TABLE_FILE
+
+    out = write_synthetic_profile(directory)
+    old_columns = [c for c in COLUMNS if c not in ("error_act", "error_kl")]
+    df, _ = bitalloc.load_profile(out)
+    data = df[old_columns].to_csv(index=False, float_format="%.17g").encode()
+    (out / TABLE_FILE).write_bytes(data)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["table"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_an_old_profile_solves_with_fisher_and_plain_and_names_the_command_for_act_and_kl(tmp_path, capsys):
+    out = _old_profile(tmp_path / "old")
+    assert "error_act" not in (out / "profile.csv").read_text().splitlines()[0]
+    fisher = bitalloc.solve(out, 3.5)
+    assert fisher.objective_column == "fisher" and fisher.status == "optimal"
+    assert bitalloc.solve(out, 3.5, objective="plain").status == "optimal"
+    for objective, column in (("act", "error_act"), ("kl", "error_kl")):
+        with pytest.raises(ValueError, match=f"needs the column {column}") as info:
+            bitalloc.solve(out, 3.5, objective=objective)
+        message = str(info.value)
+        assert f"bitalloc profile --out {out} --model synthetic" in message and "resumes" in message
+        assert "--no-act" not in message.split("`")[-2]  # the command itself turns every column on
+    assert main(["solve", str(out), "--budget", "3.5", "--objective", "act"]) == 2
+    assert "needs the column error_act" in capsys.readouterr().err
+
+
+def test_a_profile_without_fisher_names_a_new_profile_for_fisher(tmp_path):
+    from synthetic import synthetic_table
+
+    out = write_synthetic_profile(tmp_path / "nofisher", synthetic_table(fisher=False))
+    with pytest.raises(ValueError, match="made without") as info:
+        bitalloc.solve(out, 3.5, objective="fisher")
+    assert f"--out {out}-fisher" in str(info.value) and "--no-fisher" not in str(info.value).split("`")[-2]
+    assert bitalloc.solve(out, 3.5).objective_column == "plain"
+
+
+def test_refinement_never_returns_a_worse_measured_kl(tiny_llama_dir, tiny_text_file, tmp_path, monkeypatch):
+    from bitalloc.allocation import RefineOptions, refine
+    from bitalloc.models import find_targets, load_model
+    from bitalloc.models.allocation_probe import AllocationProbe
+    from bitalloc.models.text import calibration_tokens
+    from bitalloc.profiles import ProfileRequest, profile
+
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(["nf2-g16-s16-r0", "nf3-g16-s16-r0", "nf4-g16-s16-r0", "nf8-g16-s16-r0"]))
+    out = profile(ProfileRequest(model=str(tiny_llama_dir), out=tmp_path / "p", space=str(space), progress=False,
+                                 fisher=False, calib=str(tiny_text_file), samples=3, seqlen=24, kl_windows=3))
+    plain = bitalloc.solve(out, 3.5, objective="plain")
+    refined = refine(out, 3.5, SolveOptions(objective="plain", ties=("fuse",)),
+                     RefineOptions(iterations=2, progress=False))
+    record = refined.extra["refinement"]
+    assert len(record["rounds"]) == 2 and record["kl_runs"] > 2 and record["windows"] == 3
+    assert record["kl_best"] <= record["kl_start"]
+    assert record["kl_best"] == min([record["kl_start"]] + [r["kl"] for r in record["rounds"]])
+    assert refined.bits_per_param <= 3.5 + 1e-9 and refined.objective_column == "plain"
+    assert set(refined.to_dict()) >= set(plain.to_dict())  # new keys only
+    # the chosen allocation measures as recorded, independently of the refinement's probe
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    tokens = calibration_tokens(str(tiny_text_file), model, tokenizer, 24, 3, seed=0)
+    measured = AllocationProbe(model, tokens, find_targets(model)).kl(refined.assignments)
+    assert measured == pytest.approx(record["kl_best"], rel=1e-6)
+    saved = refined.save(tmp_path / "refined.json")
+    assert Allocation.load(saved).extra["refinement"]["kl_best"] == record["kl_best"]

@@ -102,7 +102,7 @@ def test_bad_numbers_rejected_by_argparse(tiny_llama_dir, capsys):
 def test_invalid_config_name_in_space(tiny_llama_dir, tmp_path, capsys):
     bad = tmp_path / "space.json"
     bad.write_text(json.dumps(["nf4-g64-s8x256-r0", "nf5-g64"]))
-    err = _error(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--space", str(bad),
+    err = _error(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--space", str(bad),
                   "--out", str(tmp_path / "p")], capsys)
     assert "invalid config name 'nf5-g64'" in err
 

@@ -73,7 +73,7 @@ def test_profile_progress_is_in_matrices(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("bitalloc.profiles.runner.tqdm", _Spy(calls))
     space = tmp_path / "space.json"
     space.write_text(json.dumps(["nf4-g16-s16-r0", "nf3-g16-s16-r0"]))
-    assert main(["profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--space", str(space), "--ranks", "0",
+    assert main(["profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--space", str(space), "--ranks", "0",
                  "--jobs", "1", "--out", str(tmp_path / "p")]) == 0
     assert [(c["unit"], c["total"], c["done"]) for c in calls] == [("matrix", 14, 14)]
 
@@ -81,7 +81,7 @@ def test_profile_progress_is_in_matrices(tiny_llama_dir, tmp_path, monkeypatch):
 def test_sweep_progress_is_in_budgets(tiny_llama_dir, tmp_path, monkeypatch):
     space = tmp_path / "space.json"
     space.write_text(json.dumps(["nf4-g16-s16-r0", "nf3-g16-s16-r0", "nf2-g16-s16-r0"]))
-    assert main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--space", str(space),
+    assert main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--space", str(space),
                  "--ranks", "0", "--out", str(tmp_path / "p")]) == 0
     calls = []
     monkeypatch.setattr(importlib.import_module("bitalloc.solvers.sweep"), "tqdm", _Spy(calls))

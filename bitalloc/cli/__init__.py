@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from bitalloc import __version__
 from bitalloc.atomic import atomic_write_bytes, check_output
 from bitalloc.cli.adapter_commands import add_adapter_commands
-from bitalloc.cli.common import (BUILTIN_HELP, MODEL_FORMS, add_allow_unusual, add_model_arg, add_target_filters, jobs_count,
-                                 positive_int, print_json, table)
+from bitalloc.cli.common import (BUILTIN_HELP, MODEL_FORMS, add_allow_unusual, add_model_arg, add_target_filters,
+                                 float_list, jobs_count, positive_int, print_json, table)
 from bitalloc.errors import BitallocError
 from bitalloc.identity import BUILTIN_ALIAS
 from bitalloc.preflight import check_appendable, check_input_file, check_model_spec, check_text_source
@@ -85,14 +85,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     """`bitalloc profile`: the error of every config for every target matrix (resumable)."""
     check_model_spec(args.model, flag="--model")  # before the stages' heavy imports
-    if not (args.no_fisher and args.no_act):
+    if not (args.no_fisher and args.no_act and args.no_kl):
         check_text_source(args.calib, flag="--calib")
     from bitalloc.configs import parse_ranks
     from bitalloc.profiles import ProfileRequest, profile
 
     request = ProfileRequest(
         model=args.model, out=args.out, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-        fisher=not args.no_fisher, fisher_mode=args.fisher_mode, act=not args.no_act, space=args.space,
+        fisher=not args.no_fisher, fisher_mode=args.fisher_mode, act=not args.no_act, kl=not args.no_kl,
+        kl_windows=args.kl_windows, kl_levels=args.kl_levels, space=args.space,
         ranks=parse_ranks(args.ranks), include=args.include, exclude=args.exclude,
         device=args.device, shard=args.shard, resume=args.resume, seed=args.seed,
         progress=not args.quiet, jobs=args.jobs, allow_unusual_config=args.allow_unusual_config,
@@ -159,10 +160,15 @@ def _solve_options(args: argparse.Namespace) -> SolveOptions:
 
 def cmd_solve(args: argparse.Namespace) -> int:
     """`bitalloc solve PROFILE --budget B`: the exact allocation at one budget."""
-    from bitalloc.allocation import solve
+    from bitalloc.allocation import RefineOptions, refine, solve
     if args.out:
         check_output(args.out, force=args.force, kind="file", what="--out")
-    alloc = solve(args.profile, args.budget, _solve_options(args))
+    if args.refine:
+        alloc = refine(args.profile, args.budget, _solve_options(args),
+                       RefineOptions(iterations=args.refine, windows=args.refine_windows, device=args.device,
+                                     progress=not args.quiet))
+    else:
+        alloc = solve(args.profile, args.budget, _solve_options(args))
     if args.out:
         alloc.save(args.out)
     if args.json:
@@ -178,6 +184,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
         print(f"{bits:>7}  {count:>8}  {100 * shares.get(bits, 0.0):>14.1f}%")
     if alloc.note:
         print(f"\nnote: {alloc.note}")
+    done = alloc.extra.get("refinement")
+    if done:
+        print(f"\nrefined: measured KL {done['kl_start']:.5g} -> {done['kl_best']:.5g} (round {done['chosen_round']} of "
+              f"{done['iterations']}, {done['kl_runs']} KL runs on {done['positions']} positions, {done['seconds']:.1f} s)")
     if alloc.status != "optimal":
         print(f"\nnot proven optimal (status {alloc.status}, gap {gap})")
     if args.out:
@@ -269,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fisher", action="store_true", help="no Fisher-weighted errors (no Fisher estimate)")
     p.add_argument("--no-act", action="store_true",
                    help="no activation-aware errors (error_act, from the calibration inputs' second moments)")
+    p.add_argument("--no-kl", action="store_true",
+                   help="no KL-calibrated errors (error_kl: per-matrix factors measured by injecting noise into "
+                        "one matrix at a time)")
+    p.add_argument("--kl-windows", type=positive_int, default=2, metavar="N",
+                   help="calibration sequences each KL probe runs on (default 2; cost grows linearly)")
+    p.add_argument("--kl-levels", type=float_list, default=(0.01, 0.04), metavar="A,B",
+                   help="relative errors of the injected noise, one probe per matrix and level (default 0.01,0.04)")
     p.add_argument("--fisher-mode", choices=["exact", "batched"], default=None,
                    help="exact: one sequence per backward pass (LQ-LoRA); batched: cheaper (default: chosen per device)")
     p.add_argument("--space", default="default", help="config space: default, lqlora, or a JSON/YAML file")
@@ -338,12 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--budget", type=float, required=True, help="bits per parameter, everything stored counted (e.g. 2.85)")
             p.add_argument("--out", default=None, help="write the allocation JSON here")
             p.add_argument("--json", action="store_true", help="print the allocation as one JSON object")
+            p.add_argument("--refine", type=positive_int, default=None, metavar="N",
+                           help="then N rounds of: measure the KL of one-step moves of each matrix (or tied group) "
+                                "around the allocation, correct its objective factor, solve again; the allocation "
+                                "with the lowest measured KL is kept (loads the profile's model)")
+            p.add_argument("--refine-windows", type=positive_int, default=None, metavar="N",
+                           help="calibration sequences the refinement measures KL on (default: the profile's "
+                                "--kl-windows, else 2)")
+            p.add_argument("--device", default="auto", help="where --refine runs the model: auto | cpu | cuda[:i]")
         else:
             p.add_argument("--budgets", required=True, help="A:B:STEP (inclusive) or a comma list, e.g. 2.25:4.5:0.05")
             p.add_argument("--out", default=None, help="write the Pareto table (CSV) here")
             p.add_argument("--allocs", default=None, metavar="DIR", help="also write one allocation JSON per budget into DIR")
             p.add_argument("--json", action="store_true", help="print the table as one JSON object")
-        p.add_argument("--objective", default=None, help="error column: fisher | plain (default: fisher when profiled)")
+        p.add_argument("--objective", default=None,
+                       help="what is minimized: plain (error) | fisher (error_fisher) | act (error_act) | kl (error_kl) "
+                            "(default: fisher when profiled, else plain)")
         p.add_argument("--backend", default="highs", help="highs (default) | pulp-highs | pulp-cbc | lagrange")
         p.add_argument("--tie", action="append", metavar="REGEX",
                        help="matrices matching REGEX share one config within each layer, e.g. 'self_attn\\.[qkv]_proj' (repeatable)")

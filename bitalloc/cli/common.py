@@ -67,3 +67,14 @@ def int_at_least(low: int, what: str) -> Callable[[str], int]:
 
 positive_int = int_at_least(1, "a positive integer")
 jobs_count = int_at_least(0, "a number of worker processes >= 0 (0: one per core)")
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated positive numbers (``0.01,0.04``)."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values

@@ -27,6 +27,8 @@ from bitalloc.lowrank import decompose_many
 from bitalloc.models import Calibration, calibration_fisher, find_targets, load_model, resolve_device, target_weight
 from bitalloc.models.activations import ACT_FULL_MAX, act_error, calibration_moments
 from bitalloc.models.calibration import calibration_token_source
+from bitalloc.models.kl_probe import ProbeSettings
+from bitalloc.profiles.kl_factors import add_error_kl, kl_basis, measure_kl_factors
 from bitalloc.models.fisher import FISHER_MODES
 from bitalloc.models.loading import check_finite
 from bitalloc.models.targets import float_target_weight
@@ -61,7 +63,9 @@ class ProfileRequest:
 
     ``calib``, ``samples``, ``seqlen`` and ``fisher_mode`` left None take the device's
     defaults (see :meth:`calibration`). ``act`` records ``error_act`` (the activation-aware
-    error, see :mod:`bitalloc.models.activations`) from the same calibration text. ``ranks`` is a sequence of ranks, ``"0,8"`` or ``"auto"``;
+    error, see :mod:`bitalloc.models.activations`) from the same calibration text; ``kl``
+    records ``error_kl`` from per-matrix KL factors measured on ``kl_windows`` calibration
+    sequences at the relative noise levels ``kl_levels`` (see :mod:`bitalloc.profiles.kl_factors`). ``ranks`` is a sequence of ranks, ``"0,8"`` or ``"auto"``;
     ``shard`` is ``"i/n"`` or None; ``jobs`` None or 0 lets the profiler choose.
     """
 
@@ -73,6 +77,9 @@ class ProfileRequest:
     fisher: bool = True
     fisher_mode: str | None = None
     act: bool = True
+    kl: bool = True
+    kl_windows: int = ProbeSettings.windows
+    kl_levels: Sequence[float] = ProbeSettings.levels
     space: str | os.PathLike[str] = "default"
     ranks: Sequence[int] | str = "auto"
     include: str | None = None
@@ -100,6 +107,12 @@ class ProfileRequest:
         ranks = parse_ranks(self.ranks) if isinstance(self.ranks, str) else tuple(int(r) for r in self.ranks)
         object.__setattr__(self, "ranks", ranks)
         parse_shard(self.shard)  # a clear error now rather than after the model is loaded
+        object.__setattr__(self, "kl_levels", self.probe_settings.levels)  # checked, as a tuple
+
+    @property
+    def probe_settings(self) -> ProbeSettings:
+        """The KL probe settings of this run."""
+        return ProbeSettings(windows=self.kl_windows, levels=tuple(self.kl_levels), seed=self.seed)
 
     @property
     def model_id(self) -> str:
@@ -112,6 +125,7 @@ class ProfileRequest:
         data["out"] = os.fspath(self.out)
         data["space"] = os.fspath(self.space)
         data["ranks"] = self.ranks if isinstance(self.ranks, str) else list(self.ranks)
+        data["kl_levels"] = list(self.kl_levels)
         return data
 
     @classmethod
@@ -232,7 +246,7 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
     config_space(request.space, ranks=(0,) if isinstance(request.ranks, str) else tuple(request.ranks),
                  allow_unusual=request.allow_unusual_config)
     check_model_spec(request.model, flag="--model")
-    if request.fisher or request.act:
+    if request.fisher or request.act or request.kl:
         check_text_source(request.calib, flag="--calib")
     device = resolve_device(request.device)
     started = time.perf_counter()
@@ -246,7 +260,8 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
     configs = config_space(request.space, ranks=ranks, allow_unusual=request.allow_unusual_config)
     work = shard_indices(len(targets), shard)
     check_ranks_fit(targets, shapes, configs)
-    calibration = request.calibration(device) if request.fisher or request.act else None
+    calibration = request.calibration(device) if request.fisher or request.act or request.kl else None
+    basis = kl_basis(request.act, request.fisher)
     meta: dict[str, Any] = {
         "format": PROFILE_FORMAT, "format_version": PROFILE_VERSION,
         "model": request.model_id, "model_hash": model_fingerprint(model),
@@ -256,6 +271,7 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
         "configs": [c.name for c in configs],
         "fisher": bool(request.fisher), "calibration": None if calibration is None else calibration.to_dict(),
         "act": {"full_max": ACT_FULL_MAX} if request.act else False,
+        "kl": {**request.probe_settings.to_dict(), "basis": basis} if request.kl else False,
         "seed": request.seed, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
         "work": work, "device": str(device), "versions": _versions(), "complete": False,
     }
@@ -267,11 +283,11 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
                                                                         seed=request.seed, progress=request.progress)
     try:
         fisher = (request_fisher(request, model, tokenizer, targets, calibration, meta["model_hash"], device, tokens)
-                  if todo and request.fisher else None)
+                  if request.fisher and (todo or basis == "fisher" and request.kl) else None)
         moments = (calibration_moments(model, tokenizer, targets, calibration, model_id=request.model_id,
                                        model_hash=meta["model_hash"], seed=request.seed, device=device,
                                        progress=request.progress, tokens=tokens)
-                   if todo and request.act else None)
+                   if request.act and (todo or request.kl) else None)
     except BaseException:  # e.g. a missing --calib file: leave no meta-only directory that blocks the next run
         if fresh:
             (out / META_FILE).unlink(missing_ok=True)
@@ -311,6 +327,12 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
     if not request.act and table["error_act"].notna().any() and table["error_act"].isna().any():
         log.warning("error_act is known for only some matrices (profiled with and without it): left out")
         table["error_act"] = math.nan
+    table = table.assign(error_kl=math.nan)
+    if request.kl and tokens is not None:
+        names = [targets[i][0] for i in work]
+        factors = measure_kl_factors(out, model, targets, names, request.probe_settings, basis, tokens(),
+                                     moments=moments, fisher=fisher, device=device, progress=request.progress)
+        table = add_error_kl(table, factors, basis)
     meta["seconds"] = float(read_meta(out).get("seconds", 0.0)) + time.perf_counter() - started
     write_table(out, table, meta)
     log.info("profile %s: %d rows for %d matrices x %d configs", out, len(table), len(work), len(configs))

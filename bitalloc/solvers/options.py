@@ -20,8 +20,9 @@ from .validation import check_backend, check_options
 class SolveOptions:
     """How to solve: the objective column, ties, bit bounds, budget convention and backend.
 
-    ``objective``: ``fisher``, ``plain`` or a profile column name; None picks ``fisher`` when
-    the profile has Fisher-weighted errors, else ``plain``.
+    ``objective``: ``plain`` (``error``), ``fisher`` (``error_fisher``), ``act``
+    (``error_act``), ``kl`` (``error_kl``) or a profile column name; None picks ``fisher``
+    when the profile has Fisher-weighted errors, else ``plain``.
     ``ties``: regexes whose matches share a config within each layer; the item ``"fuse"``
     stands for :data:`FUSE_PRESET` (q/k/v, gate/up, ...).
     ``min_bits`` / ``max_bits``: ``"REGEX=BITS"`` floors / ceilings on bits/param.
@@ -48,7 +49,7 @@ class SolveOptions:
 
     def __post_init__(self) -> None:
         if self.objective is not None and (not isinstance(self.objective, str) or not self.objective):
-            raise ValueError(f"objective must be 'fisher', 'plain' or a profile column name, got {self.objective!r}")
+            raise ValueError(f"objective must be plain, fisher, act, kl or a profile column name, got {self.objective!r}")
         set_ = object.__setattr__
         set_(self, "ties", tie_patterns(self.ties))
         set_(self, "min_bits", _bounds(self.min_bits))

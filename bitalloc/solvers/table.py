@@ -28,7 +28,21 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("matrix", "rows", "cols", "config", "storage_bits")
 #: Objective names and the profile columns they read.
-OBJECTIVE_COLUMNS = {"plain": "error", "fisher": "error_fisher"}
+OBJECTIVE_COLUMNS = {"plain": "error", "fisher": "error_fisher", "act": "error_act", "kl": "error_kl"}
+#: What adds each optional column to a profile (for the message when it is missing).
+COLUMN_SOURCES = {
+    "error_fisher": "a Fisher estimate (profile without --no-fisher)",
+    "error_act": "the calibration inputs' second moments (profile without --no-act)",
+    "error_kl": "the per-matrix KL factors (profile without --no-kl)",
+}
+
+
+class MissingObjectiveError(ValueError):
+    """The objective asks for a profile column the profile lacks (or holds only NaN in)."""
+
+    def __init__(self, objective: str, column: str, message: str) -> None:
+        super().__init__(message)
+        self.objective, self.column = objective, column
 
 
 @dataclass
@@ -53,19 +67,31 @@ class ProfileArrays:
 
 def _objective_column(df: pd.DataFrame, objective: str) -> str:
     column = OBJECTIVE_COLUMNS.get(objective, objective)
-    if column not in df.columns:
+    values = pd.to_numeric(df[column], errors="coerce") if column in df.columns else None
+    if values is None or values.isna().all():
+        have = available_objectives(df)
+        if column in COLUMN_SOURCES:
+            raise MissingObjectiveError(
+                objective, column,
+                f"objective {objective!r} needs the column {column}, which this profile lacks (it needs "
+                f"{COLUMN_SOURCES[column]}); this profile solves with {', '.join(have) or 'no objective'}. Rerun the "
+                "`bitalloc profile` command that made it, with the same --out and without --no-fisher/--no-act/--no-kl: "
+                "it resumes and adds the column")
         known = sorted(set(OBJECTIVE_COLUMNS) | {c for c in df.columns if str(c).startswith("error")})
-        raise ValueError(f"objective {objective!r}: the profile has no column {column!r}; use one of {known}")
-    values = pd.to_numeric(df[column], errors="coerce")
-    if values.isna().all():
-        if objective == "fisher":
-            raise ValueError(
-                "objective 'fisher' needs Fisher-weighted errors, but the profile's "
-                "error_fisher column is all NaN (profiled without a Fisher estimate); "
-                "profile with --fisher or use objective='plain'"
-            )
+        if values is None:
+            raise ValueError(f"objective {objective!r}: the profile has no column {column!r}; use one of {known}")
         raise ValueError(f"objective {objective!r}: column {column!r} is all NaN")
+    if values.isna().any():
+        bad = df.loc[values.isna(), "matrix"].iloc[0]
+        log.warning("objective %r: column %s is NaN for some rows (e.g. matrix %s): those configs are left out",
+                    objective, column, bad)
     return column
+
+
+def available_objectives(df: pd.DataFrame) -> list[str]:
+    """The objective names (of :data:`OBJECTIVE_COLUMNS`) whose column this profile table holds values in."""
+    return [name for name, column in OBJECTIVE_COLUMNS.items()
+            if column in df.columns and pd.to_numeric(df[column], errors="coerce").notna().any()]
 
 
 def profile_arrays(
@@ -73,7 +99,8 @@ def profile_arrays(
 ) -> ProfileArrays:
     """Pivot a profile table into arrays; matrices and configs keep their first-seen order.
 
-    ``objective``: "plain" (column ``error``), "fisher" (``error_fisher``) or a column name.
+    ``objective``: "plain" (column ``error``), "fisher" (``error_fisher``), "act"
+    (``error_act``), "kl" (``error_kl``) or a column name.
     ``exclude_lowrank_from_budget``: LQ-LoRA's convention, the budget leaves out the
     low-rank factors (``QuantConfig.lowrank_storage_bits``); ``storage_bits`` keeps them.
     """
@@ -190,6 +217,12 @@ class TableProblem:
     ties: list[list[int]]
     min_bits: list[Bound]
     max_bits: list[Bound]
+
+    @staticmethod
+    def check_objective(df: pd.DataFrame, objective: str) -> str:
+        """The column ``objective`` reads in ``df``; MissingObjectiveError (a ValueError) when the
+        profile lacks it, naming what adds it."""
+        return _objective_column(df, objective)
 
     @classmethod
     def build(cls, df: pd.DataFrame, options: SolveOptions) -> TableProblem:

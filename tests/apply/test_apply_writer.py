@@ -32,7 +32,7 @@ def _profile(model_dir: Path, out: Path, tmp_path: Path, fisher: bool = False, s
     space_file = tmp_path / "space.json"
     space_file.write_text(json.dumps(space))
     return profile(ProfileRequest(model=str(model_dir), out=out, space=str(space_file), fisher=fisher,
-                                  samples=4, seqlen=32, progress=False))
+                                  act=False, kl=False, samples=4, seqlen=32, progress=False))
 
 
 def _ids(vocab: int, seed: int = 0) -> torch.Tensor:

@@ -84,7 +84,7 @@ def test_profile_records_error_act_of_each_config(tiny_llama_dir, tiny_text_file
     space = tmp_path / "space.json"
     space.write_text('["nf2-g16-s8x16-r0", "nf4-g16-s16-r0"]')
     request = ProfileRequest(model=str(tiny_llama_dir), out=tmp_path / "p", space=str(space), progress=False,
-                             fisher=False, calib=str(tiny_text_file), samples=3, seqlen=24)
+                             fisher=False, kl=False, calib=str(tiny_text_file), samples=3, seqlen=24)
     df, meta = load_profile(profile(request))
     assert df["error_act"].notna().all() and (df["error_act"] > 0).all()
     assert meta["act"] and meta["calibration"]["samples"] == 3
@@ -106,7 +106,7 @@ def test_a_profile_without_error_act_loads_and_a_rerun_adds_it(tiny_llama_dir, t
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     space = tmp_path / "space.json"
     space.write_text('["nf2-g16-s8x16-r0", "nf4-g16-s16-r0"]')
-    kw = dict(model=str(tiny_llama_dir), out=tmp_path / "p", space=str(space), progress=False, fisher=False,
+    kw = dict(model=str(tiny_llama_dir), out=tmp_path / "p", space=str(space), progress=False, fisher=False, kl=False,
               calib=str(tiny_text_file), samples=3, seqlen=24)
     out = profile(ProfileRequest(act=False, **kw))
     df, meta = load_profile(out)

@@ -27,7 +27,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 def _request(model_dir, out, space_file, **kw) -> ProfileRequest:
     kw.setdefault("device", "cpu")  # worker processes are a CPU feature (one process per GPU)
     return ProfileRequest(model=str(model_dir), out=out, space=str(space_file), progress=False, fisher=False,
-                          **kw)
+                          act=False, kl=False, **kw)
 
 
 def _without_timing(df: pd.DataFrame) -> pd.DataFrame:
@@ -107,7 +107,7 @@ def test_killed_profile_takes_its_workers_with_it_and_resumes(tiny_llama_dir, tm
         f"""
         import sys
         from bitalloc.cli import main
-        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher", "--no-act",
+        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher", "--no-act", "--no-kl",
                        "--space", {str(space_file)!r}, "--jobs", "2", "--out", {str(out)!r}]))
         """
     )
@@ -168,7 +168,7 @@ def test_a_killed_worker_is_one_line_and_the_profile_resumes(tiny_llama_dir, tmp
         f"""
         import sys
         from bitalloc.cli import main
-        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher", "--no-act",
+        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher", "--no-act", "--no-kl",
                        "--space", {str(space_file)!r}, "--jobs", "2", "--out", {str(out)!r}]))
         """
     )

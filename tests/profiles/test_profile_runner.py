@@ -31,6 +31,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 def _request(model_dir, out, space_file, **kw) -> ProfileRequest:
     kw.setdefault("fisher", False)
     kw.setdefault("act", False)
+    kw.setdefault("kl", False)
     return ProfileRequest(model=str(model_dir), out=out, space=str(space_file), progress=False, **kw)
 
 
@@ -99,7 +100,7 @@ def test_killed_process_resumes(tiny_llama_dir, tmp_path, space_file):
             return real(W, cfgs, fisher=fisher)
         lr.decompose_many = slow
         from bitalloc.cli import main
-        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher",
+        sys.exit(main(["-q", "profile", "--model", {str(tiny_llama_dir)!r}, "--no-fisher", "--no-act", "--no-kl",
                        "--space", {str(space_file)!r}, "--out", {str(out)!r}]))
         """
     )
@@ -114,7 +115,7 @@ def test_killed_process_resumes(tiny_llama_dir, tmp_path, space_file):
     proc.wait()
     parts = len(list((out / "parts").glob("*.csv")))
     assert 3 <= parts < 14, "the process was not killed mid-run"
-    assert main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--space", str(space_file),
+    assert main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--space", str(space_file),
                  "--out", str(out)]) == 0
     resumed, _ = load_profile(out)
     full, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "full", space_file)))
@@ -144,7 +145,7 @@ def test_merge_refuses_foreign_shard(tiny_llama_dir, tiny_gpt2_dir, tmp_path, sp
 
 @pytest.mark.parametrize("spec", ["3/2", "0/2", "1/0", "a/b", "1", "-1/2"])
 def test_bad_shard(tiny_llama_dir, tmp_path, space_file, spec, capsys):
-    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--space", str(space_file),
+    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--space", str(space_file),
                  "--out", str(tmp_path / "x"), f"--shard={spec}"])
     assert code == 2
     assert "--shard" in capsys.readouterr().err
@@ -220,7 +221,7 @@ def test_nan_matrix_named(tiny_builders, tiny_tokenizer, tmp_path, space_file, m
 def test_empty_space_file(tiny_llama_dir, tmp_path, capsys):
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--space", str(empty),
+    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--space", str(empty),
                  "--out", str(tmp_path / "x")])
     assert code == 2
     assert "no configs" in capsys.readouterr().err
@@ -283,7 +284,7 @@ def test_fisher_default_calibration_is_self_text(tiny_llama_dir, tmp_path, space
     [(["--device", "tpu9"], "--device"), (["--ranks", "a,b"], "--ranks"), (["--ranks", "999"], "rank")],
 )
 def test_bad_profile_flags(tiny_llama_dir, tmp_path, space_file, flags, message, capsys):
-    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--out", str(tmp_path / "x")] + flags)
+    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--out", str(tmp_path / "x")] + flags)
     assert code == 2
     assert message in capsys.readouterr().err
 
@@ -291,7 +292,7 @@ def test_bad_profile_flags(tiny_llama_dir, tmp_path, space_file, flags, message,
 @pytest.mark.parametrize("value", ["-1", "two"])
 def test_bad_jobs_is_refused_before_anything_runs(tmp_path, value, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["-q", "profile", "--no-fisher", "--jobs", value, "--out", str(tmp_path / "x")])
+        main(["-q", "profile", "--no-fisher", "--no-act", "--no-kl", "--jobs", value, "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
     assert f"argument --jobs: expected a number of worker processes >= 0 (0: one per core), got '{value}'" in (
         capsys.readouterr().err)
@@ -300,7 +301,7 @@ def test_bad_jobs_is_refused_before_anything_runs(tmp_path, value, capsys):
 
 def test_cuda_device_without_cuda(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert main(["-q", "profile", "--no-fisher", "--device", "cuda:0", "--out", str(tmp_path / "x")]) == 2
+    assert main(["-q", "profile", "--no-fisher", "--no-act", "--no-kl", "--device", "cuda:0", "--out", str(tmp_path / "x")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -340,7 +341,7 @@ def test_profile_refuses_an_unusual_space_file_before_the_model_loads(tmp_path, 
     monkeypatch.setattr("bitalloc.profiles.runner.load_model", no_load)
     space = tmp_path / "space.json"
     space.write_text(json.dumps(["nf4-g46-s8x256"]))
-    assert main(["-q", "profile", "--no-fisher", "--space", str(space), "--ranks", "0",
+    assert main(["-q", "profile", "--no-fisher", "--no-act", "--no-kl", "--space", str(space), "--ranks", "0",
                  "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "nf4-g46-s8x256" in err and "nf4-g64-s8x256-r0" in err and "--allow-unusual-config" in err

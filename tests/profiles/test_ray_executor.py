@@ -59,6 +59,8 @@ def driver_cache(tmp_path, monkeypatch) -> Path:
 
 def _request(model_dir, out, space_file, **kw) -> ProfileRequest:
     kw.setdefault("fisher", False)
+    kw.setdefault("act", False)
+    kw.setdefault("kl", False)
     return ProfileRequest(model=str(model_dir), out=out, space=str(space_file), progress=False, device="cpu", **kw)
 
 
@@ -73,7 +75,7 @@ def _assert_same_table(a: pd.DataFrame, b: pd.DataFrame) -> None:
 def test_cli_ray_matches_local(ray_local, driver_cache, tiny_llama_dir, tmp_path, space_file, capsys):
     local, _ = load_profile(profile(_request(tiny_llama_dir, tmp_path / "local", space_file)))
     out = tmp_path / "ray"
-    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--space", str(space_file),
+    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--space", str(space_file),
                  "--device", "cpu", "--out", str(out), "--executor", "ray", "--shards", "2"])
     assert code == 0, capsys.readouterr().err
     merged, meta = load_profile(out)
@@ -84,7 +86,7 @@ def test_cli_ray_matches_local(ray_local, driver_cache, tiny_llama_dir, tmp_path
     _, meta1 = load_profile(root / "shard-1-of-2")
     assert meta1["shard"] == "1/2" and meta1["work"] == list(range(0, 14, 2))
     # The merged profile exists: a rerun into it is refused before anything runs.
-    assert main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--space", str(space_file),
+    assert main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--space", str(space_file),
                  "--out", str(out), "--executor", "ray"]) == 2
     assert "not empty" in capsys.readouterr().err
 
@@ -187,7 +189,7 @@ def test_bad_input_found_by_the_prepare_task(ray_local, driver_cache, tiny_llama
     out = tmp_path / "ray"
     with pytest.raises(ValueError, match=r"has no config with rank <= 32 .*on Ray node"):
         profile_with_ray(ProfileRequest(model=str(tiny_llama_dir), out=out, ranks=(999,), fisher=False,
-                                        device="cpu", progress=False))
+                                        act=False, kl=False, device="cpu", progress=False))
     assert not out.exists() and not shards_root(out).exists()
 
 
@@ -210,7 +212,7 @@ def test_missing_ray_error(monkeypatch, tmp_path, tiny_llama_dir, capsys):
 
 @pytest.mark.parametrize("flags", [["--shards", "2"], ["--ray-address", "auto"]])
 def test_ray_flags_need_ray_executor(flags, tmp_path, tiny_llama_dir, capsys):
-    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--out", str(tmp_path / "p")] + flags)
+    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--out", str(tmp_path / "p")] + flags)
     assert code == 2
     assert "--executor ray" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
@@ -218,7 +220,7 @@ def test_ray_flags_need_ray_executor(flags, tmp_path, tiny_llama_dir, capsys):
 
 def test_shard_flag_and_ray_executor_exclusive(tmp_path, tiny_llama_dir, capsys):
     pytest.importorskip("ray")
-    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--out", str(tmp_path / "p"),
+    code = main(["-q", "profile", "--model", str(tiny_llama_dir), "--no-fisher", "--no-act", "--no-kl", "--out", str(tmp_path / "p"),
                  "--executor", "ray", "--shard", "1/2"])
     assert code == 2
     assert "--shard cannot be combined" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def test_missing_rows_become_nan_and_duplicates_are_refused():
 
 def test_fisher_requested_without_fisher_errors():
     df = make_table(fisher=False)
-    with pytest.raises(ValueError, match="error_fisher column is all NaN"):
+    with pytest.raises(ValueError, match="needs the column error_fisher"):
         solve_table(df, 4.0, objective="fisher")
     with pytest.raises(ValueError, match="'magic'"):
         solve_table(df, 4.0, objective="magic")
