@@ -456,7 +456,7 @@ def write_quality(args: argparse.Namespace, entries: list[dict[str, Any]], setup
         f"- model: {env['model']}; profile: space `{meta.get('space')}`, ranks {meta.get('ranks')}, calibration "
         f"{cal.get('samples')} x {cal.get('seqlen')} tokens of `{cal.get('source')}`",
         f"- profile wall time (meta.json `seconds`, all runs of the profile together): {_f(meta.get('seconds'), '.0f')} s",
-        *[f"- {line}" for line in args.timing_notes],
+        *[f"- {line}" for line in args.notes],
         "- solve time per objective (sum over budgets): " + ", ".join(
             f"{k} {sum(v):.2f} s ({len(v)} budgets)" for k, v in solve.items()),
         f"- scoring: {setup['windows']} windows x {setup['seqlen']} tokens of `{args.data}` apart from the calibration "
@@ -567,8 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify-apply", dest="verify_apply", action="store_false",
                    help="skip checking the substitution against one real apply and load")
     p.add_argument("--quality-out", default=None, help="also write the per-budget quality table here")
-    p.add_argument("--timing-note", dest="timing_notes", action="append", default=[],
-                   help="a line on how long profiling or calibration took, for the quality table (repeatable)")
+    p.add_argument("--note", dest="notes", action="append", default=[],
+                   help="a line for both reports, e.g. how long calibration took (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a loaded machine)")
     p.add_argument("--shard", default="1/1", help="i/n: measure every n-th allocation left (run n at once, then "
                    "once more without --shard for the report)")
@@ -599,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
 
     profile_dir = make_profile(args, work)
     entries, notes = plan(args, profile_dir, work)
+    notes += [f"- {line}" for line in args.notes]
     _, meta = load_profile(profile_dir)
     setup = measure_all(args, entries, meta, work)
     if args.shard[1] > 1:
