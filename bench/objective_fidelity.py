@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -607,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                  setup["measured"])
         return 0
     env = {
-        "command": "python bench/objective_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/objective_fidelity.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads), cpu",
         "model": args.model or "smollm2-135m (built-in)",
