@@ -511,6 +511,7 @@ def _figure(entries: list[dict[str, Any]], corr: list[dict[str, Any]], path: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     shown = [c for c in corr if c["available"]]
     fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.2 * max(1, len(shown)), 4.0), squeeze=False)
@@ -525,6 +526,7 @@ def _figure(entries: list[dict[str, Any]], corr: list[dict[str, Any]], path: Pat
                                 c=[e["bits_per_param"] for e in pts], cmap="viridis", vmin=2.5, vmax=4.5, label=source)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"predicted total ({OBJECTIVES[name]})")
         ax.set_title(f"{name}: Spearman {_f(c['overall'], '.3f')} (low {_f(c['low'], '.3f')})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
