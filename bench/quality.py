@@ -5,8 +5,11 @@ On the built-in model (or ``--model``): one Fisher profile (``--space``, ``--ran
 * the original model;
 * uniform baselines: NF4 and NF3 round-to-nearest with QLoRA/LQ-LoRA double quantization
   (``nf{4,3}-g64-s8x256-fp32``, rank 0), and uniform LQ (the same with ``--fixed-rank``);
-* bitalloc at each budget: ``--objective plain`` and ``fisher`` with every matrix at
-  ``--fixed-rank``, and ``fisher`` with the rank chosen by the solver from ``--ranks``;
+* bitalloc at each budget, one model per ``--variants`` item ``OBJECTIVE:RANKS``: the objective
+  (``plain``, ``fisher``, ``act``, ``kl``) with every matrix at ``--fixed-rank`` (``fixed``), with
+  the rank chosen by the solver from ``--ranks`` (``solver``), or ``bitalloc solve --refine
+  --refine-steps`` around the solver's answer (``refine``); by default ``plain:fixed``,
+  ``fisher:fixed`` and ``fisher:solver``;
 
 each applied with ``bitalloc apply`` (bits/param with everything stored counted) and evaluated
 on WikiText-2 validation (GPTQ convention, ``--windows`` x ``--seqlen``), perplexity and KL to
@@ -50,6 +53,7 @@ from bitalloc.configs import QuantConfig  # noqa: E402
 log = logging.getLogger("bench.quality")
 BUDGETS = (2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.25)
 BASELINE_QUANT = ("nf4-g64-s8x256-fp32", "nf3-g64-s8x256-fp32")
+OBJECTIVE_COLUMNS = {"plain": "error", "fisher": "error_fisher", "act": "error_act", "kl": "error_kl"}
 
 
 def _cli(*args: str) -> list[str]:
@@ -72,7 +76,7 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 # ----- stage 1: the profile ------------------------------------------------------------------------
 def make_profile(args: argparse.Namespace, work: Path) -> Path:
     """The profile, with ``--jobs`` worker processes (`bitalloc profile --jobs`); resumed when it exists."""
-    out = work / "profile"
+    out = Path(args.profile) if args.profile else work / "profile"
     if finished_profile(out):
         log.info("profile %s already complete", out)
         return out
@@ -106,7 +110,7 @@ def plan(args: argparse.Namespace, profile_dir: Path, work: Path) -> list[dict[s
             entries.append({"label": f"uniform-{cfg.name}", "kind": "uniform", "config": cfg.name, "rank": cfg.rank,
                             "rank_mode": "fixed"})
     fixed = df[df["rank"] == r]
-    variants = [("plain", f"fixed-r{r}", fixed), ("fisher", f"fixed-r{r}", fixed), ("fisher", "solver", df)]
+    variants = [(o, f"fixed-r{r}" if k == "fixed" else k, fixed if k == "fixed" else df) for o, k in args.variants]
     alloc_dir = work / "allocs"
     alloc_dir.mkdir(parents=True, exist_ok=True)
     for budget in args.budgets:
@@ -115,23 +119,51 @@ def plan(args: argparse.Namespace, profile_dir: Path, work: Path) -> list[dict[s
             entry = {"label": label, "kind": "bitalloc", "objective": objective, "rank_mode": rank_mode,
                      "budget": budget}
             try:
-                alloc = bitalloc.solve((table, meta), budget, objective=objective)
+                if rank_mode == "refine":
+                    alloc = _refined(args, profile_dir, alloc_dir / f"{label}.json", budget, objective)
+                else:
+                    alloc = bitalloc.solve((table, meta), budget, objective=_objective(objective))
             except InfeasibleBudgetError as err:
                 entry["infeasible"] = str(err)
+                entries.append(entry)
+                continue
+            except (ValueError, RuntimeError) as err:  # a column the profile lacks, a command option missing
+                entry["infeasible"] = f"not available: {err}"
                 entries.append(entry)
                 continue
             path = alloc.save(alloc_dir / f"{label}.json")
             entry.update(alloc=str(path), predicted=alloc.objective, solver_status=alloc.status,
                          solver_seconds=alloc.seconds)
             entries.append(entry)
-    order = {("original", None): 0, ("uniform", None): 1, ("bitalloc", "fisher", "solver"): 2,
-             ("bitalloc", "fisher", f"fixed-r{r}"): 3, ("bitalloc", "plain", f"fixed-r{r}"): 4}
+    order = {("original", None): 0, ("uniform", None): 1}
+    order.update({("bitalloc", o, k): 2 + i for i, (o, k, _) in enumerate(variants)})
 
     def priority(e: dict[str, Any]) -> int:  # what the goals need first, so a partial run answers them
         key = (e["kind"], e.get("objective"), e.get("rank_mode")) if e["kind"] == "bitalloc" else (e["kind"], None)
         return order[key]
 
     return sorted(entries, key=priority)
+
+
+def _objective(name: str) -> str:
+    """What `bitalloc.solve` takes for an objective: its name where the library knows it, else its column."""
+    from bitalloc.solvers.table import OBJECTIVE_COLUMNS as KNOWN
+
+    return name if name in KNOWN else OBJECTIVE_COLUMNS[name]
+
+
+def _refined(args: argparse.Namespace, profile_dir: Path, path: Path, budget: float, objective: str) -> Any:
+    """`bitalloc solve --refine` at ``budget`` (written to ``path`` once, read after); its seconds in the note."""
+    from bitalloc.allocation import Allocation
+
+    if not path.is_file():
+        started = time.perf_counter()
+        _run(_cli("-q", "solve", str(profile_dir), "--budget", str(budget), "--objective", objective,
+                  "--refine", str(args.refine_steps), "--out", str(path), "--force"))
+        data = json.loads(path.read_text())
+        data["seconds"] = time.perf_counter() - started  # the whole command: solves and measurements
+        path.write_text(json.dumps(data, indent=1) + "\n")
+    return Allocation.from_dict(json.loads(path.read_text()), str(path))
 
 
 # ----- stage 3: apply ------------------------------------------------------------------------------------
@@ -282,6 +314,36 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def objective_verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue goals per objective and rank mode: KL at least 25% below the Fisher objective's at each
+    budget 2.5-3.5, no collapse at 2.5 (perplexity under twice the original's), and at 3.25
+    perplexity no worse than uniform NF4 (rank 0)."""
+    orig = next(r["perplexity"] for r in rows if r["kind"] == "original")
+    nf4 = next((u for u in rows if u.get("config") == f"{BASELINE_QUANT[0]}-r0" and u.get("perplexity")), None)
+    ours = [r for r in rows if r["kind"] == "bitalloc" and r.get("perplexity") is not None]
+    fisher = {r["budget"]: r for r in ours if r["objective"] == "fisher" and r["rank_mode"] == "solver"}
+    lines = []
+    for variant in sorted({(r["objective"], r["rank_mode"]) for r in ours}):
+        pts = {r["budget"]: r for r in ours if (r["objective"], r["rank_mode"]) == variant}
+        name = f"{variant[0]}, rank {variant[1]}"
+        low = [b for b in sorted(pts) if 2.5 <= b <= 3.5 and b in fisher and pts[b].get("kl") is not None]
+        if variant != ("fisher", "solver") and low:
+            cut = [1 - pts[b]["kl"] / fisher[b]["kl"] for b in low]
+            lines.append(f"- {name}: KL vs the Fisher objective at " + ", ".join(
+                f"{b:g}: {100 * c:+.0f}%".replace("+-", "-") for b, c in zip(low, cut)) + " (lower is +): "
+                + ("**met**" if all(c >= 0.25 for c in cut) and len(low) == 5 else "**missed**")
+                + " (goal: at least 25% lower at each of 2.5, 2.75, 3.0, 3.25, 3.5)")
+        if 2.5 in pts:
+            ppl = pts[2.5]["perplexity"]
+            lines.append(f"- {name}: 2.5 bits perplexity {ppl:.3f} vs twice the original {2 * orig:.3f}: "
+                         f"**{'met' if ppl < 2 * orig else 'missed'}**")
+        if 3.25 in pts and nf4:
+            ppl = pts[3.25]["perplexity"]
+            lines.append(f"- {name}: 3.25 bits perplexity {ppl:.3f} vs uniform NF4 ({nf4['bits_per_param']:.3f} bits) "
+                         f"{nf4['perplexity']:.3f}: **{'met' if ppl <= nf4['perplexity'] else 'missed'}**")
+    return lines
+
+
 def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], out: Path, env: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
@@ -304,16 +366,16 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], out: Path
         "apply and eval seconds are in the table)",
         "- KL: " + ("not measured (`--no-kl`)" if args.no_kl else "measured"), "",
         "![perplexity against bits per parameter](quality.png)", "",
-        "## Goals", "", *verdicts(rows), "",
+        "## Goals", "", *verdicts(rows), "", "## Objective goals", "", *objective_verdicts(rows), "",
         "## All models", "",
-        "| model | kind | objective | rank | budget | bits/param | perplexity | KL | predicted error | apply s | eval s |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | kind | objective | rank | budget | bits/param | perplexity | KL | predicted error | solve s | apply s | eval s |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(f"| {r['label']} | {r['kind']} | {r.get('objective') or '-'} | {r.get('rank_mode') or '-'} | "
                      f"{_fmt(r.get('budget'), '.2f')} | {_fmt(r.get('bits_per_param'), '.4f')} | "
                      f"{_fmt(r.get('perplexity'))} | {_fmt(r.get('kl'), '.4f')} | {_fmt(r.get('predicted'), '.4g')} | "
-                     f"{_fmt(r.get('apply_seconds'), '.1f')} | {_fmt(r.get('eval_seconds'), '.1f')} |")
+                     f"{_fmt(r.get('solver_seconds'), '.2f')} | {_fmt(r.get('apply_seconds'), '.1f')} | {_fmt(r.get('eval_seconds'), '.1f')} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -362,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", default=",".join(BASELINE_QUANT),
                    help="uniform baselines (apply --uniform), comma-separated; a name without -r{rank} runs at "
                         "ranks 0 and --fixed-rank, e.g. nf4-g64-s8x256-fp32-r0,int4-g64-s16-r0,int3-g64-s16-r0")
+    p.add_argument("--profile", default=None, help="use this profile directory (made there when absent)")
+    p.add_argument("--variants", default="plain:fixed,fisher:fixed,fisher:solver",
+                   help="OBJECTIVE:RANKS items: objective plain|fisher|act|kl, ranks fixed|solver|refine")
+    p.add_argument("--refine-steps", type=int, default=2, help="N of `bitalloc solve --refine N` (refine variants)")
     p.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
     p.add_argument("--calib", default="wikitext2")
     p.add_argument("--samples", type=int, default=16)
@@ -390,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out = str(Path(args.work) / "report")
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    args.variants = [tuple(v.split(":")) for v in args.variants.split(",")]
+    if any(len(v) != 2 or v[0] not in OBJECTIVE_COLUMNS or v[1] not in ("fixed", "solver", "refine") for v in args.variants):
+        p.error("--variants: comma-separated OBJECTIVE:RANKS, objective plain|fisher|act|kl, ranks fixed|solver|refine")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
