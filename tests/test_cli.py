@@ -120,3 +120,15 @@ def test_help_texts_name_one_default_each():
         for action in sub._actions:
             text = action.help or ""
             assert len(re.findall(r"\(default\b|default:|\bdefault\)", text)) <= 1, (name, action.dest, text)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["profile", "--kl-levels", "0.01,-1"], "positive numbers"),
+    (["profile", "--kl-levels", "a,b"], "comma-separated numbers"),
+    (["profile", "--kl-windows", "0"], "positive integer"),
+    (["solve", "p", "--budget", "3", "--refine", "0"], "positive integer"),
+])
+def test_objective_flags_are_checked_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err

@@ -78,7 +78,8 @@ def test_workers_get_the_largest_matrices_first(tiny_llama_dir, tmp_path, space_
     def in_order(todo, task, jobs, seed, out, done_one):  # the pool, without processes
         for index in todo:
             submitted.append(index)
-            write_part(out, index, runner._profile_matrix(*task(index), seed, decompose_many))
+            i, name, W, F, configs, H = task(index)
+            write_part(out, index, runner._profile_matrix(i, name, W, F, configs, seed, decompose_many, H))
             done_one()
 
     monkeypatch.setattr(runner, "_profile_in_processes", in_order)
