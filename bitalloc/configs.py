@@ -8,9 +8,7 @@ A :class:`QuantConfig` describes how one weight matrix ``W`` (rows x cols) is st
   (``family``): ``nf``, NormalFloat levels times the block's absmax; ``int``, asymmetric
   integers ``(code - zero) * step`` with the block's step ``(hi - lo) / (2**bits - 1)`` (``lo``,
   ``hi`` the block's minimum and maximum, widened to include 0) as its scale and a
-  ``bits``-bit integer zero point per block, stored packed beside the codes. With ``fit``
-  (``-fit`` in the name) the step and zero point are refitted to the block by a few
-  least-squares steps instead of min-max (the same bits).
+  ``bits``-bit integer zero point per block, stored packed beside the codes.
 * Block scales: with ``scale_bits == 16`` stored as fp16. Otherwise double-quantized:
   a per-matrix fp32 offset (the minimum scale) is subtracted and the rest is stored as
   ``scale_bits``-bit unsigned codes, in groups of ``scale_block`` blocks, each group with one
@@ -53,7 +51,7 @@ ALLOW_UNUSUAL_HINT = "pass --allow-unusual-config (allow_unusual=True) to use it
 
 _NAME_RE = re.compile(
     r"^(?P<family>nf|int)(?P<bits>\d+)-g(?P<block>\d+)-s(?P<scale_bits>\d+)(?:x(?P<scale_block>\d+))?"
-    r"(?P<fp32>-fp32)?(?P<fit>-fit)?-r(?P<rank>\d+)(?P<lr8>-lr8)?$"
+    r"(?P<fp32>-fp32)?-r(?P<rank>\d+)(?P<lr8>-lr8)?$"
 )
 
 
@@ -62,9 +60,8 @@ class QuantConfig:
     """How one matrix is stored: NF or integer codes, (double-quantized) block scales, the integer
     family's zero points, low-rank factors.
 
-    The name grammar is ``{family}{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32][-fit]-r{rank}[-lr8]``
-    with ``family`` ``nf`` or ``int`` (``nf4-g64-s16-r0`` when scales are plain fp16) and
-    ``-fit`` (``fit``, integer family only) for least-squares fitted steps and zero points;
+    The name grammar is ``{family}{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32]-r{rank}[-lr8]``
+    with ``family`` ``nf`` or ``int`` (``nf4-g64-s16-r0`` when scales are plain fp16);
     :meth:`from_name` parses it back. A config dict without ``family`` (older files) reads as NF.
     """
 
@@ -76,7 +73,6 @@ class QuantConfig:
     rank: int = 0
     lowrank_bits: int = 16
     family: str = "nf"
-    fit: bool = False
 
     def __post_init__(self) -> None:
         for field in ("bits", "block", "scale_bits", "scale_block", "rank", "lowrank_bits"):
@@ -85,10 +81,6 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.{field} must be an int, got {value!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"QuantConfig.family must be one of {FAMILIES}, got {self.family!r}")
-        if not isinstance(self.fit, bool):
-            raise ValueError(f"QuantConfig.fit must be a bool, got {self.fit!r}")
-        if self.fit and self.family != "int":
-            raise ValueError(f"QuantConfig.fit (fitted steps and zero points) needs the int family, got {self.family!r}")
         if self.bits not in NF_BITS:
             raise ValueError(f"QuantConfig.bits must be one of {NF_BITS}, got {self.bits}")
         if self.block < 1:
@@ -128,8 +120,6 @@ class QuantConfig:
             scales = f"s{self.scale_bits}x{self.scale_block}"
             if self.scale_dtype == "fp32":
                 scales += "-fp32"
-        if self.fit:
-            scales += "-fit"
         name = f"{self.family}{self.bits}-g{self.block}-{scales}-r{self.rank}"
         if self.lowrank_bits == 8 and self.rank > 0:
             name += "-lr8"
@@ -153,7 +143,7 @@ class QuantConfig:
             hint = f"; did you mean {' or '.join(repr(c) for c in near)}?" if near else ""
             raise ValueError(
                 f"invalid config name {name!r}: expected "
-                "'{nf|int}{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32][-fit]-r{rank}[-lr8]' "
+                "'{nf|int}{bits}-g{block}-s{scale_bits}x{scale_block}[-fp32]-r{rank}[-lr8]' "
                 "(e.g. 'nf3-g64-s8x256-r64') or '{nf|int}{bits}-g{block}-s16-r{rank}' (e.g. 'int3-g64-s16-r0')"
                 + hint
             )
@@ -184,7 +174,6 @@ class QuantConfig:
             rank=rank,
             lowrank_bits=8 if m["lr8"] else 16,
             family=m["family"],
-            fit=bool(m["fit"]),
         )
         if not allow_unusual:
             check_usual(cfg, spelled=name.strip())
@@ -333,7 +322,7 @@ DEFAULT_CONFIGS: tuple[str, ...] = (
     "nf8-g64-s8x16-r0", "int4-g32-s4x64-r0",
 )
 
-_GRID_FIELDS = ("family", "fit", "bits", "block", "scale_bits", "scale_block", "scale_dtype", "rank", "lowrank_bits")
+_GRID_FIELDS = ("family", "bits", "block", "scale_bits", "scale_block", "scale_dtype", "rank", "lowrank_bits")
 BUILTIN_SPACES: dict[str, Any] = {"lqlora": LQLORA_GRID, "default": DEFAULT_CONFIGS}
 
 

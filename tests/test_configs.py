@@ -319,14 +319,3 @@ def test_space_files_and_grids_name_any_family(tmp_path):
 
 def test_lqlora_space_stays_nf_only():
     assert {c.family for c in config_space("lqlora", ranks=(0,))} == {"nf"}
-
-
-def test_fit_flag_names_round_trip_and_needs_the_int_family():
-    for name in ("int3-g64-s16-fit-r0", "int4-g32-s8x256-fp32-fit-r8-lr8"):
-        cfg = QuantConfig.from_name(name)
-        assert cfg.fit and cfg.name == name and QuantConfig(**cfg.to_dict()) == cfg
-    assert not QuantConfig.from_name("int3-g64-s16-r0").fit
-    with pytest.raises(ValueError, match="int family"):
-        QuantConfig.from_name("nf3-g64-s16-fit-r0")
-    with pytest.raises(ValueError, match="invalid config name"):
-        QuantConfig.from_name("int3-g64-s16-r0-fit")

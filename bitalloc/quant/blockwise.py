@@ -27,7 +27,7 @@ import torch
 
 from bitalloc.configs import QuantConfig
 from bitalloc.quant import kernels
-from bitalloc.quant.integer import block_step_lo, fit_step_lo, int_codes, int_round, int_values, zero_points
+from bitalloc.quant.integer import block_step_lo, int_codes, int_round, int_values, zero_points
 from bitalloc.quant.nf import nf_decode, nf_encode_index, nf_round
 from bitalloc.quant.packing import pack_bits, packed_nbytes, unpack_bits
 from bitalloc.quant.scales import (
@@ -220,18 +220,14 @@ def _absmax(W: torch.Tensor, block: int) -> torch.Tensor:
     return absmax
 
 
-def _int_step_lo(W: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The steps and minima of every block, each (rows, blocks_per_row): min-max with the range
-    widened to 0, or refitted (:func:`~bitalloc.quant.integer.fit_step_lo`) when ``cfg.fit``."""
+def _int_step_lo(W: torch.Tensor, block: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-max steps and (0-widened) minima of every block, each (rows, blocks_per_row)."""
     rows, cols = W.shape
-    block, bits = cfg.block, cfg.bits
     blocks_per_row = -(-cols // block)
     step = torch.empty(rows, blocks_per_row, dtype=torch.float32, device=W.device)
     lo = torch.empty_like(step)
     for start, stop in _slabs(rows, blocks_per_row * block):
-        blocks = _blocks(W, start, stop, block)
-        s, low = block_step_lo(blocks, bits)
-        step[start:stop], lo[start:stop] = fit_step_lo(blocks, s, low, bits) if cfg.fit else (s, low)
+        step[start:stop], lo[start:stop] = block_step_lo(_blocks(W, start, stop, block), bits)
     return step, lo
 
 
@@ -280,7 +276,7 @@ def _quantize_int(W: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
     bits, block = cfg.bits, cfg.block
     blocks_per_row = -(-cols // block)
     row_len = blocks_per_row * block
-    step, lo = _int_step_lo(W, cfg)
+    step, lo = _int_step_lo(W, block, bits)
     scale_arrays = encode_block_scales(step.view(-1), cfg)
     steps = decode_block_scales(scale_arrays, rows * blocks_per_row, cfg).view(rows, blocks_per_row)
     zeros = zero_points(lo, steps, bits)
@@ -343,7 +339,7 @@ def _round_trip_int(W: torch.Tensor, cfg: QuantConfig, residual: bool) -> torch.
     bits, block = cfg.bits, cfg.block
     blocks_per_row = -(-cols // block)
     row_len = blocks_per_row * block
-    step, lo = _int_step_lo(W, cfg)
+    step, lo = _int_step_lo(W, block, bits)
     steps = roundtrip_block_scales(step, cfg).view(rows, blocks_per_row)
     out = torch.empty((rows, cols), dtype=W.dtype, device=W.device)
     for start, stop in _slabs(rows, row_len):

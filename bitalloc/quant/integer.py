@@ -15,13 +15,6 @@ A block whose decoded step is 0 has ``z = q = 0`` and decodes to zeros. All of i
 arithmetic on integer-valued floats, so :func:`int_values` of the stored codes equals the
 round trip without packing, bit for bit.
 
-With ``fit`` (:func:`fit_step_lo`) the step and zero point come from a few alternating
-least-squares steps instead: given the codes, the best affine map ``w ≈ a q + c`` of the block;
-then the step ``a`` (rounded to fp16, as a reader sees fp16 steps), the integer zero point
-``round(-c / a)`` and new codes; the best (step, zero point) seen is kept per block, so a fitted
-block's error is never above min-max's (for fp16 steps). It trades the clipped extremes of a block
-for finer steps across its bulk.
-
 Uniform quantization noise: for weights spread smoothly over many steps, the rounding error
 of each weight is close to uniform on ``[-s/2, s/2]``, mean square ``s**2 / 12``.
 """
@@ -44,39 +37,6 @@ def block_step_lo(blocks: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     lo = blocks.amin(dim=-1).clamp_(max=0.0)
     hi = blocks.amax(dim=-1).clamp_(min=0.0)
     return true_divide(hi - lo, top_code(bits)), lo
-
-
-#: Alternating least-squares steps of :func:`fit_step_lo`. On the built-in model's matrices of
-#: layers 3 and 20 (int3/int4, g64, fp16 steps) the weight error falls to 0.916/0.949 of min-max's
-#: after 1 step, 0.884/0.915 after 2, 0.863/0.892 after 5 and 0.862/0.891 after 10.
-FIT_STEPS = 5
-
-
-def fit_step_lo(blocks: torch.Tensor, step: torch.Tensor, lo: torch.Tensor, bits: int,
-                steps: int = FIT_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(step, lo)`` refitted from min-max ``(step, lo)`` by ``steps`` alternating least-squares
-    steps (see the module docstring); ``lo`` is ``-zero * step`` of the fitted integer zero point."""
-    top = top_code(bits)
-    best_s, best_lo = step, lo
-    best_e = (blocks - int_round(blocks, step.half().float(), lo, bits)).pow_(2).sum(dim=-1)
-    s, cur_lo = step, lo
-    for _ in range(steps):
-        positive = s > 0
-        z = zero_points(cur_lo, s, bits)
-        q = int_codes(blocks, s, z, bits)
-        qm, wm = q.mean(dim=-1, keepdim=True), blocks.mean(dim=-1, keepdim=True)
-        dq = q - qm
-        var = dq.pow(2).sum(dim=-1)
-        a = torch.where(var > 0, (dq * (blocks - wm)).sum(dim=-1) / var.clamp_min(1e-30), s)
-        c = wm.squeeze(-1) - a * qm.squeeze(-1)
-        s = torch.where(positive & (a > 0), a, s).half().float()
-        z = torch.where(s > 0, torch.round(-c / torch.where(s > 0, s, 1.0)), 0.0).clamp_(0, top)
-        cur_lo = -z * s
-        e = (blocks - int_round(blocks, s, cur_lo, bits)).pow_(2).sum(dim=-1)
-        better = e < best_e
-        best_s, best_lo = torch.where(better, s, best_s), torch.where(better, cur_lo, best_lo)
-        best_e = torch.minimum(e, best_e)
-    return best_s, best_lo
 
 
 def zero_points(lo: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:

@@ -122,31 +122,3 @@ def test_nf_arrays_refuse_zero_points_and_int_arrays_need_them(gen):
     del arrays["zeros"]
     with pytest.raises(ValueError, match="zeros"):
         QuantizedTensor.from_arrays(arrays, (8, 64), W.dtype, it.config)
-
-
-# ----- fitted steps and zero points (-fit) ----------------------------------------------------------
-FIT_NAMES = ["int3-g64-s16-fit-r0", "int4-g32-s4x64-fit-r0", "int2-g16-s3x16-fp32-fit-r0", "int8-g64-s16-fit-r0"]
-
-
-@pytest.mark.parametrize("name", FIT_NAMES)
-def test_fitted_configs_store_exactly_what_they_count_and_round_trip(name, gen):
-    cfg = QuantConfig.from_name(name)
-    assert cfg.fit and cfg.storage_bits(9, 65) == cfg.replace(fit=False).storage_bits(9, 65)
-    W = torch.randn(9, 65, generator=gen)
-    qt = quantize(W, cfg)
-    assert 0 <= 8 * qt.nbytes - cfg.quant_bits(9, 65) < 8 * cfg.stored_arrays()
-    out = QuantizedTensor.from_arrays(qt.arrays(), (9, 65), W.dtype, cfg).dequantize()
-    assert torch.equal(out, quantize_dequantize(W, cfg))
-    assert torch.equal(W - out, quantize_residual(W, cfg))
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_fitting_never_raises_a_blocks_error_with_fp16_steps(bits):
-    """The fit keeps the best (step, zero point) it sees, min-max's among them: per block its
-    error is at most min-max's; on heavy-tailed weights (Student t, 4 degrees) it is clearly lower."""
-    W = torch.distributions.StudentT(4.0).sample((128, 256))
-    plain = QuantConfig(family="int", bits=bits, block=64, scale_bits=16)
-    e_plain = (W - quantize(W, plain).dequantize()).pow(2).view(128, 4, 64).sum(-1)
-    e_fit = (W - quantize(W, plain.replace(fit=True)).dequantize()).pow(2).view(128, 4, 64).sum(-1)
-    assert bool((e_fit <= e_plain * (1 + 1e-6)).all())
-    assert float(e_fit.sum()) < 0.97 * float(e_plain.sum())
