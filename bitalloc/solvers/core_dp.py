@@ -139,6 +139,8 @@ def core_search(
     bits, err = problem.cand_bits, problem.cand_error
     best_pick = incumbent.copy()
     best_err = problem.pick_error(best_pick)
+    if deadline is not None and time.perf_counter() > deadline:  # before the O(candidates) setup
+        return CoreSearchResult(pick=best_pick, objective=best_err, exact=False, peak_states=0, groups=0)
     ref = lagrange.greedy_pick
     tau = best_err - bound
     alt = reduced_cost <= tau * (1 + 1e-9) + 1e-12 * abs(best_err)
