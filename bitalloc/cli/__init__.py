@@ -325,10 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kl", action="store_true",
                    help="no KL-calibrated errors (error_kl: per-matrix factors measured by injecting noise into "
                         "one matrix at a time)")
-    p.add_argument("--kl-windows", type=positive_int, default=2, metavar="N",
-                   help="calibration sequences each KL probe runs on (default 2; cost grows linearly)")
-    p.add_argument("--kl-levels", type=float_list, default=(0.01, 0.04), metavar="A,B",
-                   help="relative errors of the injected noise, one probe per matrix and level (default 0.01,0.04)")
+    p.add_argument("--kl-windows", type=positive_int, default=1, metavar="N",
+                   help="calibration sequences each KL probe runs on (default 1; cost grows linearly)")
+    p.add_argument("--kl-levels", type=float_list, default=(0.04,), metavar="A,B",
+                   help="relative errors of the injected noise, one probe per matrix and level (default 0.04)")
     p.add_argument("--fisher-mode", choices=["exact", "batched"], default=None,
                    help="exact: one sequence per backward pass (LQ-LoRA); batched: cheaper (default: chosen per device)")
     p.add_argument("--space", default="default", help="config space: default, lqlora, or a JSON/YAML file")
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with the lowest measured KL is kept (loads the profile's model)")
             p.add_argument("--refine-windows", type=positive_int, default=None, metavar="N",
                            help="calibration sequences the refinement measures KL on (default: the profile's "
-                                "--kl-windows, else 2)")
+                                "--kl-windows, else 1)")
             p.add_argument("--device", default="auto", help="where --refine runs the model: auto | cpu | cuda[:i]")
         else:
             p.add_argument("--budgets", required=True, help="A:B:STEP (inclusive) or a comma list, e.g. 2.25:4.5:0.05")

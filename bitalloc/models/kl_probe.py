@@ -54,8 +54,8 @@ class ProbeSettings:
     gives); ``seed``: of the noise. Cost grows with ``windows × len(levels)``.
     """
 
-    windows: int = 2
-    levels: tuple[float, ...] = (0.01, 0.04)
+    windows: int = 1
+    levels: tuple[float, ...] = (0.04,)
     seed: int = 0
 
     def __post_init__(self) -> None:

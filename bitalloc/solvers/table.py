@@ -163,9 +163,16 @@ def profile_arrays(
 
 
 def default_objective(df: pd.DataFrame) -> str:
-    """``fisher`` when the profile has Fisher-weighted errors, else ``plain``."""
-    if "error_fisher" in df.columns and pd.to_numeric(df["error_fisher"], errors="coerce").notna().any():
-        return "fisher"
+    """The best-measured objective the profile has: ``kl``, else ``fisher``, else ``plain``.
+
+    ``reports/objective_fidelity/`` ranks them: ``kl`` and ``fisher`` predict measured KL about
+    equally (Spearman 0.987 and 0.983), ``kl`` losing half as much at 2.5 bits/param; ``act``
+    alone is never the default (0.709).
+    """
+    for objective in ("kl", "fisher"):
+        column = OBJECTIVE_COLUMNS[objective]
+        if column in df.columns and pd.to_numeric(df[column], errors="coerce").notna().any():
+            return objective
     return "plain"
 
 
