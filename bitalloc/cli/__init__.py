@@ -326,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no KL-calibrated errors (error_kl: per-matrix factors measured by injecting noise into "
                         "one matrix at a time)")
     p.add_argument("--kl-windows", type=positive_int, default=1, metavar="N",
-                   help="calibration sequences each KL probe runs on (default 1; cost grows linearly)")
+                   help="calibration sequences each KL probe runs on; cost grows linearly (default: 1)")
     p.add_argument("--kl-levels", type=float_list, default=(0.04,), metavar="A,B",
-                   help="relative errors of the injected noise, one probe per matrix and level (default 0.04)")
+                   help="relative errors of the injected noise, one probe per matrix and level (default: 0.04)")
     p.add_argument("--fisher-mode", choices=["exact", "batched"], default=None,
                    help="exact: one sequence per backward pass (LQ-LoRA); batched: cheaper (default: chosen per device)")
     p.add_argument("--space", default="default", help="config space: default, lqlora, or a JSON/YAML file")

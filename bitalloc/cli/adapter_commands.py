@@ -112,7 +112,7 @@ def add_adapter_commands(sub: Any) -> None:
                         "| lagrange | highs | pulp-highs | pulp-cbc (exact MIPs)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="exact backends: stop after S seconds with the best allocation found")
-    p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap (default 0: exact)")
+    p.add_argument("--mip-gap", type=float, default=0.0, help="accept a relative optimality gap; 0 is exact (default: 0)")
     p.add_argument("--out", default=None, help="write the allocation JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the allocation as one JSON object")
