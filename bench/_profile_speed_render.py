@@ -351,7 +351,7 @@ def _ablations(a: dict | None, micro: dict) -> list[str]:
         f"time beyond the noise, or {100 * a['threshold']:.0f}% or more work (and goes when its removal "
         f"saves that much work); a CPU time "
         f"{100 * a['threshold']:.0f}% or more higher but within the noise is 'unclear' (kept).",
-        *([f"", f"The ablations ran apart from the main comparison, with `{a['command']}` ({a['date']})."]
+        *(["", f"The ablations ran apart from the main comparison, with `{a['command']}` ({a['date']})."]
           if a.get("command") else []),
         "",
         "| knob | variant (the knob at its neutral value) | CPU time | work | quantize calls / config | entries >1% worse (change) | "

@@ -51,7 +51,6 @@ from _adapters_train import (  # noqa: E402
     split_text_ids,
 )
 from bitalloc.adapters import (  # noqa: E402
-    AdapterSpace,
     apply_adapters,
     load_adapter,
     profile_adapters,

@@ -411,7 +411,7 @@ def write_report(args: argparse.Namespace, entries: list[dict[str, Any]], notes:
         "- predicted total: the allocation's sum of the objective's column (every allocation under every column)",
         *notes, "",
         "![predicted total against measured KL](fidelity.png)", "",
-        f"## Spearman correlation of predicted total against measured KL", "",
+        "## Spearman correlation of predicted total against measured KL", "",
         f"| objective | allocations | all budgets | {lo:g}-{hi:g} bits/param (allocations) | goal (>= 0.95 / >= 0.9) |",
         "| --- | ---: | ---: | ---: | --- |",
     ]

@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evals", default=None, metavar="JSONL", help="evaluated models, one JSON object per line "
                    "(label, bits_per_param, perplexity, kl, baseline, ...)")
     p.add_argument("--alloc", action="extend", nargs="+", metavar="JSON", help="allocation JSON(s) of this profile, one map each")
-    p.add_argument("--objectives", default=None, help="plain,fisher (default: those the profile has)")
+    p.add_argument("--objectives", default=None, help="comma-separated: plain, fisher, act, kl (default: those the profile has)")
     p.add_argument("--budgets", default=None, help="A:B:STEP or a list: budgets solved when no sweep has the objective "
                    "(default: 9 across the profile's range)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and its PNG/SVG figures")

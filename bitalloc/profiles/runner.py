@@ -32,6 +32,7 @@ from bitalloc.models.kl_probe import ProbeSettings
 from bitalloc.models.loading import check_finite
 from bitalloc.models.targets import float_target_weight
 from bitalloc.preflight import check_model_spec, check_text_source
+from bitalloc.profiles.jobs import resolve_jobs
 from bitalloc.profiles.kl_factors import add_error_kl, kl_basis, measure_kl_factors
 from bitalloc.profiles.shards import parse_shard, shard_indices
 from bitalloc.profiles.store import (
@@ -349,49 +350,6 @@ def _run_profile(request: ProfileRequest, decompose_fn: Callable[..., Sequence[A
 
 #: With ``jobs`` unset, worker processes pay off only above this many (parameter x config)
 #: entries: starting one costs seconds (it imports torch), a tiny model's profile less.
-AUTO_JOBS_MIN_WORK = 50_000_000
-
-
-#: Memory one worker process needs, for --jobs auto: the interpreter with torch and the memory
-#: the allocator keeps, plus this many float32 copies of its largest matrix (W, F, the iterates
-#: and the quantizer's temporaries). Measured (peak RSS of decompose_many, default space, ranks
-#: 0 and 8, with Fisher): 370 MB after imports; +1.5 GB (24 copies beyond W and F) for a 4096 x
-#: 4096 matrix; +330 MB for 1536 x 576, mostly freed memory glibc keeps for reuse.
-WORKER_BASE_BYTES = 700 * 2**20
-WORKER_MATRIX_COPIES = 32
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new processes (Linux ``MemAvailable``), or None if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def resolve_jobs(jobs: int | None, device: torch.device, matrices: int, work: float = math.inf,
-                 largest: int = 0, memory: int | None = None) -> int:
-    """Worker processes for a profile: ``jobs``, or with None/0 one per CPU core when the work
-    (parameters x configs left to do) is large enough, as many as ``memory`` (default: what the
-    machine has available) holds with the ``largest`` matrix's (elements) working set; always 1
-    on CUDA and never more than the matrices left to do."""
-    if jobs is not None and jobs < 0:
-        raise ValueError(f"--jobs must be >= 0 (0 = one per CPU core), got {jobs}")
-    if device.type != "cpu":
-        return 1
-    if not jobs:
-        jobs = (os.cpu_count() or 1) if work >= AUTO_JOBS_MIN_WORK else 1
-        memory = available_memory() if memory is None else memory
-        if memory is not None and jobs > 1:
-            per_worker = WORKER_BASE_BYTES + WORKER_MATRIX_COPIES * 4 * largest
-            jobs = min(jobs, int(0.8 * memory) // per_worker)
-    return max(1, min(jobs, matrices))
-
-
 def _profile_matrix(index: int, name: str, W: torch.Tensor, F: torch.Tensor | None, configs: list[QuantConfig],
                     seed: int, decompose_fn: Callable[..., Sequence[Any]], H: torch.Tensor | None = None) -> pd.DataFrame:
     """The profile rows of one matrix (seeded by the profile's seed and the matrix index);

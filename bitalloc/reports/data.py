@@ -26,11 +26,13 @@ from bitalloc.solvers import lagrange_hull, profile_arrays
 log = logging.getLogger(__name__)
 
 #: Objective names and the profile columns they read.
-OBJECTIVES = {"plain": "error", "fisher": "error_fisher"}
+OBJECTIVES = {"plain": "error", "fisher": "error_fisher", "act": "error_act", "kl": "error_kl"}
 #: Axis labels of the predicted error per objective.
 ERROR_LABELS = {
     "plain": "predicted error  Σ‖W − Ŵ‖²_F",
     "fisher": "predicted error  Σ‖√F ⊙ (W − Ŵ)‖²_F",
+    "act": "predicted error  Σ tr(ΔW H ΔWᵀ)",
+    "kl": "predicted KL  Σ factor · error_act",
 }
 #: Number of budgets the report solves exactly when no sweep is given.
 DEFAULT_N_BUDGETS = 9
@@ -89,7 +91,8 @@ def profile_info(profile: str | os.PathLike[str]) -> ProfileInfo:
     df, meta = load_profile(profile)
     if df.empty:
         raise ValueError(f"profile {profile} has no rows")
-    objectives = [o for o, col in OBJECTIVES.items() if pd.to_numeric(df[col], errors="coerce").notna().any()]
+    objectives = [o for o, col in OBJECTIVES.items()
+                  if col in df.columns and pd.to_numeric(df[col], errors="coerce").notna().any()]
     return ProfileInfo(df=df, meta=meta, path=str(profile), objectives=objectives)
 
 
@@ -112,17 +115,17 @@ def resolve_objectives(info: ProfileInfo, objectives: Sequence[str] | str | None
     chosen = []
     for o in objectives:
         if o not in OBJECTIVES:
-            raise ValueError(f"unknown objective {o!r}; use plain and/or fisher")
+            raise ValueError(f"unknown objective {o!r}; use any of {', '.join(OBJECTIVES)}")
         if o not in info.objectives:
             raise ValueError(
                 f"objective {o!r} asked for, but profile {info.path} has no "
-                f"{OBJECTIVES[o]!r} values (profiled without a Fisher estimate); "
-                "drop it or profile with Fisher"
+                f"{OBJECTIVES[o]!r} values (profiled without it, e.g. --no-fisher, --no-act or --no-kl); "
+                "drop it, or rerun the profile command without that flag (it resumes)"
             )
         if o not in chosen:
             chosen.append(o)
     if not chosen:
-        raise ValueError("no objective to report; use plain and/or fisher")
+        raise ValueError(f"no objective to report; use any of {', '.join(OBJECTIVES)}")
     return chosen, notes
 
 
@@ -151,7 +154,7 @@ def uniform_points(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({
         "bits_per_param": g["storage_bits"].sum().astype(float) / g["params"].sum(),
         "error": g["error"].sum(min_count=n),
-        "error_fisher": g["error_fisher"].sum(min_count=n),
+        **{column: g[column].sum(min_count=n) for column in OBJECTIVES.values() if column != "error"},
     }).reset_index().sort_values(["bits_per_param", "error"], ignore_index=True)
     best = np.minimum.accumulate(out["error"].to_numpy()) if len(out) else np.array([])
     prev = np.concatenate([[np.inf], best[:-1]]) if len(out) else np.array([])
@@ -255,11 +258,11 @@ def check_sweep(table: pd.DataFrame, info: ProfileInfo, path: str = "the sweep")
                 )
     for objective in table["objective_column"].unique():
         if objective not in OBJECTIVES:
-            raise ValueError(f"{path} has objective {objective!r}; the report draws plain and fisher")
+            raise ValueError(f"{path} has objective {objective!r}; the report draws {', '.join(OBJECTIVES)}")
         if objective not in info.objectives:
             raise ValueError(
                 f"{path} holds {objective} errors, but profile {info.path} has none "
-                "(profiled without a Fisher estimate): a sweep from another profile?"
+                "(profiled without that column): a sweep from another profile?"
             )
     lo, hi = bits_range(info.df)
     ilp = _feasible_ilp(table)

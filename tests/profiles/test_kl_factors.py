@@ -39,7 +39,7 @@ def test_error_kl_is_the_measured_factor_times_error_act(kl_profile, monkeypatch
     assert df["error_kl"].notna().all() and (df["error_kl"] > 0).all()
     assert meta["kl"]["basis"] == "act" and meta["kl"]["windows"] == 3
     kept = json.loads((out / KL_FACTORS_FILE).read_text())
-    assert kept["basis"] == "act" and kept["probes"] == 14 * 2
+    assert kept["basis"] == "act" and kept["probes"] == 14 * len(request.kl_levels)
     for name, entry in kept["factors"].items():
         rows = df[df["matrix"] == name]
         assert (rows["error_kl"] / rows["error_act"]).to_numpy() == pytest.approx(entry["factor"], rel=1e-12)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from bitalloc.profiles import ProfileRequest, load_profile, profile
-from bitalloc.profiles.runner import AUTO_JOBS_MIN_WORK, resolve_jobs
+from bitalloc.profiles import jobs
+from bitalloc.profiles.jobs import AUTO_JOBS_MIN_WORK, resolve_jobs
 
 
 @pytest.fixture(autouse=True)
@@ -51,12 +52,12 @@ def test_auto_jobs_fit_the_available_memory(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(runner.os, "cpu_count", lambda: 16)
     big = 8192 * 28672  # a 70B down_proj: about 29 GiB of working set per worker
-    per_worker = runner.WORKER_BASE_BYTES + runner.WORKER_MATRIX_COPIES * 4 * big
+    per_worker = jobs.WORKER_BASE_BYTES + jobs.WORKER_MATRIX_COPIES * 4 * big
     assert resolve_jobs(None, cpu, 500, largest=big, memory=int(3.5 * per_worker / 0.8)) == 3
     assert resolve_jobs(None, cpu, 500, largest=big, memory=per_worker // 2) == 1  # never below one
     assert resolve_jobs(None, cpu, 500, largest=576 * 1536, memory=64 * 2**30) == 16  # small matrices: all cores
     assert resolve_jobs(12, cpu, 500, largest=big, memory=1) == 12  # an explicit --jobs is the user's call
-    assert runner.available_memory() is None or runner.available_memory() > 0
+    assert jobs.available_memory() is None or jobs.available_memory() > 0
 
 
 def test_worker_processes_give_the_same_table(tiny_llama_dir, tmp_path, space_file):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -208,7 +207,6 @@ def test_output_dir_not_a_profile_refused(tiny_llama_dir, tmp_path, space_file):
 
 
 def test_nan_matrix_named(tiny_builders, tiny_tokenizer, tmp_path, space_file, monkeypatch):
-    import bitalloc.profiles.runner as runner
 
     model = tiny_builders.llama(len(tiny_tokenizer))
     name = "model.layers.1.mlp.up_proj"

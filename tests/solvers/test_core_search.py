@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from solver_helpers import brute_force, feasible_budget, random_problem
 
