@@ -139,25 +139,53 @@ def kl_divergence(
 
     The reference model runs on its own device; its logits are brought to the model's.
     """
+    return perplexity_and_kl(model, reference_model, windows, batch_size=batch_size, device=device,
+                             progress=progress, desc="KL divergence")["kl"]
+
+
+@torch.inference_mode()
+def perplexity_and_kl(
+    model: torch.nn.Module,
+    reference_model: torch.nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    desc: str = "perplexity and KL",
+) -> dict[str, Any]:
+    """:func:`perplexity`'s result plus ``kl`` (as :func:`kl_divergence`), from one forward pass
+    of ``model`` per batch: the same logits give both."""
     require_causal_lm(model, "KL divergence")
     require_causal_lm(reference_model, "KL divergence")
     windows = _check_windows(windows)
     check_seqlen(model, windows.shape[1])
     run_on = _place(model, device)
     ref_device = next(reference_model.parameters()).device
-    total = 0.0
-    positions = 0
+    total_nll = total_kl = 0.0
+    tokens = positions = 0
     with eval_mode(model, reference_model):
-        for batch in _batches(windows, batch_size, "KL divergence", progress):
-            logits = _logits(model, batch.to(run_on))
+        for batch in _batches(windows, batch_size, desc, progress):
+            ids = batch.to(run_on)
+            logits = _logits(model, ids)
             ref_logits = _logits(reference_model, batch.to(ref_device)).to(run_on)
             if logits.shape != ref_logits.shape:
                 raise ValueError(
                     f"model and reference disagree on output shape: {tuple(logits.shape)} vs {tuple(ref_logits.shape)}"
                 )
-            total += _kl_sum(logits, ref_logits)
+            total_nll += _nll_sum(logits, ids)
+            total_kl += _kl_sum(logits, ref_logits)
+            tokens += ids.shape[0] * (ids.shape[1] - 1)
             positions += logits.shape[0] * logits.shape[1]
-    return total / positions
+    nll = total_nll / tokens
+    return {
+        "perplexity": math.exp(nll) if nll < 700 else math.inf,
+        "nll": nll,
+        "tokens": tokens,
+        "windows": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "kl": total_kl / positions,
+    }
 
 
 def evaluate(
@@ -196,11 +224,12 @@ def evaluate(
     else:
         ids = token_windows(tokenizer, load_text(data), seqlen, windows)
         data_name = os.fspath(data)
-    result = perplexity(model, ids, batch_size=batch_size, device=device, progress=progress)
-    kl = None
-    if kl_to is not None:
-        kl = kl_divergence(model, kl_to, ids, batch_size=batch_size, device=device, progress=progress)
-    result.update(kl=kl, seconds=time.perf_counter() - started, data=data_name)
+    if kl_to is None:
+        result = perplexity(model, ids, batch_size=batch_size, device=device, progress=progress)
+        result["kl"] = None
+    else:
+        result = perplexity_and_kl(model, kl_to, ids, batch_size=batch_size, device=device, progress=progress)
+    result.update(seconds=time.perf_counter() - started, data=data_name)
     logger.info(
         "perplexity %.3f on %d windows of %d tokens (%s)",
         result["perplexity"],

@@ -155,3 +155,20 @@ def test_self_text_needs_a_count(tiny_llama):
         evaluate(model, tokenizer, "self", seqlen=16, windows=None, progress=False)
     with pytest.raises(ValueError, match="at least one sampled window"):
         evaluate(model, tokenizer, "self:0", seqlen=16, windows=4, progress=False)
+
+
+def test_perplexity_and_kl_in_one_pass_equal_the_two_passes(tiny_llama, windows):
+    from bitalloc.models.evaluate import perplexity_and_kl
+
+    model, _ = tiny_llama
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)
+        log_p = torch.log_softmax(other(windows).logits, -1)
+        log_q = torch.log_softmax(model(windows).logits, -1)
+        expected_kl = (log_q.exp() * (log_q - log_p)).sum(-1).mean().item()
+    both = perplexity_and_kl(other, model, windows, batch_size=2, progress=False)
+    alone = perplexity(other, windows, progress=False)
+    assert both["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)
+    assert both["tokens"] == alone["tokens"] and both["windows"] == alone["windows"]
+    assert both["kl"] == pytest.approx(expected_kl, rel=1e-4)
