@@ -90,6 +90,18 @@ def _batches(windows: torch.Tensor, batch_size: int, desc: str, progress: bool):
             bar.update(batch.numel())
 
 
+def _perplexity_result(total_nll: float, tokens: int, windows: torch.Tensor) -> dict[str, Any]:
+    """:func:`perplexity`'s result from the summed NLL over ``tokens`` predicted tokens."""
+    nll = total_nll / tokens
+    return {
+        "perplexity": math.exp(nll) if nll < 700 else math.inf,
+        "nll": nll,
+        "tokens": tokens,
+        "windows": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+    }
+
+
 @torch.inference_mode()
 def perplexity(
     model: torch.nn.Module,
@@ -115,14 +127,7 @@ def perplexity(
             ids = batch.to(run_on)
             total_nll += _nll_sum(_logits(model, ids), ids)
             tokens += ids.shape[0] * (ids.shape[1] - 1)
-    nll = total_nll / tokens
-    return {
-        "perplexity": math.exp(nll) if nll < 700 else math.inf,
-        "nll": nll,
-        "tokens": tokens,
-        "windows": int(windows.shape[0]),
-        "seqlen": int(windows.shape[1]),
-    }
+    return _perplexity_result(total_nll, tokens, windows)
 
 
 @torch.inference_mode()
@@ -177,15 +182,7 @@ def perplexity_and_kl(
             total_kl += _kl_sum(logits, ref_logits)
             tokens += ids.shape[0] * (ids.shape[1] - 1)
             positions += logits.shape[0] * logits.shape[1]
-    nll = total_nll / tokens
-    return {
-        "perplexity": math.exp(nll) if nll < 700 else math.inf,
-        "nll": nll,
-        "tokens": tokens,
-        "windows": int(windows.shape[0]),
-        "seqlen": int(windows.shape[1]),
-        "kl": total_kl / positions,
-    }
+    return {**_perplexity_result(total_nll, tokens, windows), "kl": total_kl / positions}
 
 
 def evaluate(
