@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from bitalloc.quant.affine import AffineQuantized
+from bitalloc.quant.affine import AffineQuantized, group_lines
 from bitalloc.quant.arith import true_divide
 from bitalloc.quant.packing import pack_bits
 
@@ -109,15 +109,7 @@ def fit_affine(x: torch.Tensor, bits: int, group: int, dim: int = 1) -> AffineQu
 
     Same layout, arrays and storage; :meth:`AffineQuantized.dequantize` decodes it.
     """
-    lines = x.to(torch.float32)
-    if dim == 0:
-        lines = lines.t()
-    length = lines.shape[1]
-    pad = -length % group
-    if pad:
-        lines = torch.nn.functional.pad(lines, (0, pad))
-    g = lines.reshape(lines.shape[0], -1, group)
-    valid = (torch.arange(length + pad) < length).view(-1, group)
+    g, valid = group_lines(x, group, dim)
     q, s, z = fit_groups(g, valid, bits)
     return AffineQuantized(
         codes=pack_bits(q.to(torch.uint8).reshape(-1), bits),

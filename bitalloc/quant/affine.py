@@ -73,8 +73,11 @@ def binary_storage_bits(rows: int, cols: int, group: int, dim: int = 1) -> int:
     return n_padded + n_groups * 16
 
 
-def _grouped(x: torch.Tensor, group: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 groups (n_lines, groups_per_line, group), zero-padded, and the validity mask
+def group_lines(x: torch.Tensor, group: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups of a 2-D ``x`` as the affine and binary quantizers lay them out.
+
+    Groups run along each row (``dim=1``) or down each column (``dim=0``). Returns float32
+    groups (n_lines, groups_per_line, group), zero-padded, and the validity mask
     (groups_per_line, group) of the non-padding positions."""
     lines = x.to(torch.float32)
     if dim == 0:
@@ -88,7 +91,7 @@ def _grouped(x: torch.Tensor, group: int, dim: int) -> tuple[torch.Tensor, torch
 
 
 def _ungrouped(values: torch.Tensor, shape: tuple[int, int], dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`_grouped`: drop padding, restore orientation, cast."""
+    """Inverse of :func:`group_lines`: drop padding, restore orientation, cast."""
     rows, cols = shape
     n_lines, line_len = _lines(rows, cols, dim)
     lines = values.reshape(n_lines, -1)[:, :line_len]
@@ -183,7 +186,7 @@ def quantize_affine(x: torch.Tensor, bits: int, group: int, dim: int = 1) -> Aff
     _check_bits(bits)
     _check_input(x, group, dim)
     top_code = 2**bits - 1
-    g, valid = _grouped(x, group, dim)
+    g, valid = group_lines(x, group, dim)
     inf = torch.tensor(float("inf"), device=x.device)
     lo = torch.where(valid, g, inf).amin(dim=-1)
     hi = torch.where(valid, g, -inf).amax(dim=-1)
@@ -260,7 +263,7 @@ class BinaryQuantized:
 def quantize_binary(x: torch.Tensor, group: int, dim: int = 1) -> BinaryQuantized:
     """1-bit sign times the group's fp16 ``mean |x|``, per group of ``group`` along ``dim``."""
     _check_input(x, group, dim)
-    g, valid = _grouped(x, group, dim)
+    g, valid = group_lines(x, group, dim)
     count = valid.sum(dim=-1).to(torch.float32)  # padding is zero, so it adds nothing below
     scales = _to_fp16(g.abs().sum(dim=-1) / count, "group means")
     signs = (g >= 0).to(torch.uint8)
