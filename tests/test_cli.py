@@ -59,6 +59,15 @@ def _error(argv, capsys) -> str:
     return capsys.readouterr().err
 
 
+def test_eval_of_several_models_prints_a_row_each_and_needs_a_label_each(tiny_llama_dir, tiny_text_file, capsys):
+    argv = ["-q", "eval", str(tiny_llama_dir), str(tiny_llama_dir), "--data", str(tiny_text_file), "--seqlen", "32",
+            "--windows", "1"]
+    assert "1 --label for 2 models" in _error(argv + ["--label", "a"], capsys)
+    assert main(argv + ["--label", "a", "--label", "b", "--json"]) == 0
+    rows = _last_json(capsys.readouterr().out)
+    assert [r["label"] for r in rows] == ["a", "b"] and rows[0]["perplexity"] == rows[1]["perplexity"]
+
+
 def test_unknown_model(capsys):
     err = _error(["-q", "info", "no-such-org/no-such-model"], capsys)
     assert "no-such-org/no-such-model" in err and "local" in err

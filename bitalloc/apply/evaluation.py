@@ -13,18 +13,21 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+import time
+from typing import Any, Sequence
+
+import torch
 
 from bitalloc.apply.layout import is_applied_dir, read_info
 from bitalloc.apply.loader import load_model_or_applied
 from bitalloc.apply.quantized_linear import QuantizedLinear
 from bitalloc.apply.summary import parameter_counts
 from bitalloc.identity import model_id
-from bitalloc.models import evaluate, find_targets, model_summary
+from bitalloc.models import evaluate_many, find_targets, model_summary
 from bitalloc.models.text import is_self_source
 from bitalloc.preflight import check_appendable, check_model_spec, check_text_source
 
-__all__ = ["evaluate_model", "evaluation_labels", "model_info"]
+__all__ = ["evaluate_model", "evaluate_models", "evaluation_labels", "model_info"]
 
 
 def evaluation_labels(spec: str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -80,34 +83,97 @@ def evaluate_model(
     tokens (sampling, perplexity, KL). ``verify`` (default) checks an applied directory's SHA-256
     digests before loading it (see :func:`bitalloc.load`).
     """
-    check_model_spec(spec)  # a mistyped path or an unreachable text source fails before any model loads
+    return evaluate_models([spec], data=data, seqlen=seqlen, windows=windows, kl_to=kl_to, kl=kl,
+                           labels=None if label is None else [label], append=append, device=device,
+                           progress=progress, verify=verify)[0]
+
+
+def evaluate_models(
+    specs: Sequence[str | os.PathLike[str] | None],
+    *,
+    data: str = "wikitext2",
+    seqlen: int = 2048,
+    windows: int | None = None,
+    kl_to: str | None = None,
+    kl: bool = True,
+    labels: Sequence[str | None] | None = None,
+    append: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    verify: bool = True,
+) -> list[dict[str, Any]]:
+    """:func:`evaluate_model` of several models or applied directories, sharing the work they can.
+
+    Models made from the same original (applied directories of one model, and that model
+    itself) are evaluated together in one pass over the text: the text is read once, each
+    window runs through their KL reference once, and the original, when listed, is scored
+    from the reference's own logits (its ``kl`` is 0). They are held in memory together.
+    Models of different originals are evaluated one group after another. ``labels`` (one per
+    spec, None keeps the default) name the results. Each group's results are appended to
+    ``append`` in one write as soon as the group is done. Results come back in the order of
+    ``specs``; ``seconds`` is the wall time of the group's pass (loads included), shared by
+    its models, and ``model_seconds`` each model's own forward passes.
+    """
+    specs = list(specs) or [None]
+    if labels is not None and len(labels) != len(specs):
+        raise ValueError(f"{len(labels)} labels for {len(specs)} models: give one --label per model, in order")
+    for spec in specs:  # a mistyped path or an unreachable text source fails before any model loads
+        check_model_spec(spec)
     check_model_spec(kl_to, flag="--kl-to")
     check_text_source(data, flag="--data")
-    labels = evaluation_labels(spec)
     check_appendable(append)  # fail before the (long) evaluation, creating nothing
-    model, tokenizer = load_model_or_applied(spec, device=device, verify=verify)
-    source = labels["source_model"]
-    if kl_to is None and source and kl:
-        kl_to = source
-    reference = None
-    if kl_to is not None and kl:
-        reference, _ = load_model_or_applied(kl_to, device=device, verify=verify)
+    described = [evaluation_labels(spec) for spec in specs]
+    groups: dict[str, list[int]] = {}
+    for i, (spec, info) in enumerate(zip(specs, described)):
+        groups.setdefault(info["source_model"] or model_id(spec), []).append(i)
+    results: list[dict[str, Any] | None] = [None] * len(specs)
+    for source, members in groups.items():
+        started = time.perf_counter()
+        rows = _evaluate_group(source, [specs[i] for i in members], [described[i] for i in members], data=data,
+                               seqlen=seqlen, windows=windows, kl_to=kl_to, kl=kl, device=device,
+                               progress=progress, verify=verify)
+        for i, row in zip(members, rows):
+            row["seconds"] = time.perf_counter() - started
+            if labels is not None and labels[i]:
+                row["label"] = labels[i]
+            results[i] = row
+        if append is not None:
+            lines = "".join(json.dumps(results[i], default=str) + "\n" for i in members)
+            with open(append, "a", encoding="utf-8") as f:  # the file appears only with its first full lines
+                f.write(lines)
+    return [r for r in results if r is not None]
+
+
+def _evaluate_group(source: str, specs: list[Any], described: list[dict[str, Any]], *, data: str, seqlen: int,
+                    windows: int | None, kl_to: str | None, kl: bool, device: str, progress: bool,
+                    verify: bool) -> list[dict[str, Any]]:
+    """The results of models made from one original ``source`` (see :func:`evaluate_models`)."""
+    applied = any(info["source_model"] for info in described)
+    reference_spec = kl_to if kl_to is not None else (source if applied else None)
+    if not kl:
+        reference_spec = None
+    loaded: dict[str, tuple[torch.nn.Module, Any]] = {}
+
+    def load(spec: Any) -> tuple[torch.nn.Module, Any]:
+        key = os.path.abspath(spec) if spec and os.path.exists(spec) else model_id(spec)
+        if key not in loaded:
+            loaded[key] = load_model_or_applied(spec, device=device, verify=verify)
+        return loaded[key]
+
+    reference = None if reference_spec is None else load(reference_spec)[0]
+    pairs = [load(spec) for spec in specs]
     text_model = None
-    if is_self_source(data) and source and reference is None:
-        text_model, _ = load_model_or_applied(source, device=device, verify=verify)
-    result = evaluate(model, tokenizer, data=data, seqlen=seqlen, windows=windows, kl_to=reference,
-                      text_model=text_model, progress=progress)
-    result["model"] = model_id(spec)
-    result.update(parameter_counts(model))
-    result["kl_to"] = kl_to if reference is not None else None
-    result.update({k: v for k, v in labels.items() if k != "source_model"})
-    if label:
-        result["label"] = label
-    if append is not None:
-        line = json.dumps(result, default=str) + "\n"
-        with open(append, "a", encoding="utf-8") as f:  # the file appears only with its first full line
-            f.write(line)
-    return result
+    if is_self_source(data) and applied and reference is None:
+        text_model = load(source)[0]
+    models = [model for model, _ in pairs]
+    results = evaluate_many(models, pairs[0][1], data, seqlen, windows, reference, progress=progress,
+                            text_model=text_model)
+    for spec, info, model, result in zip(specs, described, models, results):
+        result["model"] = model_id(spec)
+        result.update(parameter_counts(model))
+        result["kl_to"] = reference_spec if reference is not None else None
+        result.update({k: v for k, v in info.items() if k != "source_model"})
+    return results
 
 
 def model_info(spec: str | os.PathLike[str] | None, *, include: Any = None, exclude: Any = None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from bitalloc.models.builtin import BuiltinModelMissingError
 from bitalloc.models.calibration import Calibration, calibration_fisher
 from bitalloc.models.causal import is_causal_lm
 from bitalloc.models.device import resolve_device
-from bitalloc.models.evaluate import evaluate, kl_divergence, perplexity, perplexity_and_kl
+from bitalloc.models.evaluate import evaluate, evaluate_many, kl_divergence, perplexity, perplexity_and_kl, score_models
 from bitalloc.models.hub import ModelNotFoundError
 from bitalloc.models.loading import IncompleteCheckpointError, NonFiniteWeightsError, UnreadableCheckpointError, load_model
 from bitalloc.models.targets import find_targets, model_summary, set_target_weight, target_shapes, target_weight
@@ -25,10 +25,12 @@ __all__ = [
     "calibration_fisher",
     "calibration_tokens",
     "evaluate",
+    "evaluate_many",
     "find_targets",
     "is_causal_lm",
     "kl_divergence",
     "perplexity_and_kl",
+    "score_models",
     "load_model",
     "load_text",
     "model_summary",

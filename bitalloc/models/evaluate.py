@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,68 @@ def _perplexity_result(total_nll: float, tokens: int, windows: torch.Tensor) -> 
 
 
 @torch.inference_mode()
+def score_models(
+    models: Sequence[torch.nn.Module],
+    windows: torch.Tensor,
+    *,
+    reference: torch.nn.Module | None = None,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> list[dict[str, Any]]:
+    """Perplexity of every model in ``models`` (and KL to ``reference``) from one pass over ``windows``.
+
+    Each batch of windows runs through ``reference`` once and through each model once; a model
+    that *is* the reference reuses its logits. One result per model, in order:
+    :func:`perplexity`'s keys, ``kl`` (None without a reference; 0 for the reference itself)
+    and ``model_seconds`` (the time of that model's own forward passes and losses). All the
+    models are held in memory together; the reference runs on its own device and its logits
+    are brought to each model's.
+    """
+    if not models:
+        raise ValueError("score_models needs at least one model")
+    for model in [*models, *([reference] if reference is not None else [])]:
+        require_causal_lm(model, "perplexity" if reference is None else "KL divergence")
+    windows = _check_windows(windows)
+    for model in models:
+        check_seqlen(model, windows.shape[1])
+    places = [_place(model, device) for model in models]
+    ref_device = None if reference is None else next(reference.parameters()).device
+    nll = [0.0] * len(models)
+    kl = [0.0] * len(models)
+    seconds = [0.0] * len(models)
+    tokens = positions = 0
+    label = desc or ("perplexity" if reference is None else "perplexity and KL") + (
+        f" ({len(models)} models)" if len(models) > 1 else "")
+    with eval_mode(*models, *([reference] if reference is not None else [])):
+        for batch in _batches(windows, batch_size, label, progress):
+            ref_logits = None if reference is None else _logits(reference, batch.to(ref_device))
+            for i, (model, run_on) in enumerate(zip(models, places)):
+                started = time.perf_counter()
+                ids = batch.to(run_on)
+                if model is reference:
+                    nll[i] += _nll_sum(ref_logits.to(run_on), ids)
+                else:
+                    logits = _logits(model, ids)
+                    nll[i] += _nll_sum(logits, ids)
+                    if ref_logits is not None:
+                        ref = ref_logits.to(run_on)
+                        if logits.shape != ref.shape:
+                            raise ValueError(f"model and reference disagree on output shape: "
+                                             f"{tuple(logits.shape)} vs {tuple(ref.shape)}")
+                        kl[i] += _kl_sum(logits, ref)
+                seconds[i] += time.perf_counter() - started
+            tokens += batch.shape[0] * (batch.shape[1] - 1)
+            positions += batch.shape[0] * batch.shape[1]
+    return [
+        {**_perplexity_result(nll[i], tokens, windows),
+         "kl": None if reference is None else kl[i] / positions,
+         "model_seconds": seconds[i]}
+        for i, model in enumerate(models)
+    ]
+
+
 def perplexity(
     model: torch.nn.Module,
     windows: torch.Tensor,
@@ -116,21 +178,10 @@ def perplexity(
     Returns ``perplexity``, ``nll`` (mean token NLL, nats), ``tokens`` (predicted tokens:
     ``n * (seqlen - 1)``), ``windows`` and ``seqlen``. Raises ValueError for encoder models.
     """
-    require_causal_lm(model, "perplexity")
-    windows = _check_windows(windows)
-    check_seqlen(model, windows.shape[1])
-    run_on = _place(model, device)
-    total_nll = 0.0
-    tokens = 0
-    with eval_mode(model):
-        for batch in _batches(windows, batch_size, "perplexity", progress):
-            ids = batch.to(run_on)
-            total_nll += _nll_sum(_logits(model, ids), ids)
-            tokens += ids.shape[0] * (ids.shape[1] - 1)
-    return _perplexity_result(total_nll, tokens, windows)
+    result = score_models([model], windows, batch_size=batch_size, device=device, progress=progress)[0]
+    return {k: v for k, v in result.items() if k not in ("kl", "model_seconds")}
 
 
-@torch.inference_mode()
 def kl_divergence(
     model: torch.nn.Module,
     reference_model: torch.nn.Module,
@@ -148,7 +199,6 @@ def kl_divergence(
                              progress=progress, desc="KL divergence")["kl"]
 
 
-@torch.inference_mode()
 def perplexity_and_kl(
     model: torch.nn.Module,
     reference_model: torch.nn.Module,
@@ -161,28 +211,10 @@ def perplexity_and_kl(
 ) -> dict[str, Any]:
     """:func:`perplexity`'s result plus ``kl`` (as :func:`kl_divergence`), from one forward pass
     of ``model`` per batch: the same logits give both."""
-    require_causal_lm(model, "KL divergence")
-    require_causal_lm(reference_model, "KL divergence")
-    windows = _check_windows(windows)
-    check_seqlen(model, windows.shape[1])
-    run_on = _place(model, device)
-    ref_device = next(reference_model.parameters()).device
-    total_nll = total_kl = 0.0
-    tokens = positions = 0
-    with eval_mode(model, reference_model):
-        for batch in _batches(windows, batch_size, desc, progress):
-            ids = batch.to(run_on)
-            logits = _logits(model, ids)
-            ref_logits = _logits(reference_model, batch.to(ref_device)).to(run_on)
-            if logits.shape != ref_logits.shape:
-                raise ValueError(
-                    f"model and reference disagree on output shape: {tuple(logits.shape)} vs {tuple(ref_logits.shape)}"
-                )
-            total_nll += _nll_sum(logits, ids)
-            total_kl += _kl_sum(logits, ref_logits)
-            tokens += ids.shape[0] * (ids.shape[1] - 1)
-            positions += logits.shape[0] * logits.shape[1]
-    return {**_perplexity_result(total_nll, tokens, windows), "kl": total_kl / positions}
+    result = score_models([model], windows, reference=reference_model, batch_size=batch_size, device=device,
+                          progress=progress, desc=desc)[0]
+    result.pop("model_seconds")
+    return result
 
 
 def evaluate(
@@ -208,33 +240,55 @@ def evaluate(
     ``perplexity``, ``nll``, ``tokens``, ``windows``, ``seqlen``, ``kl`` (None without a
     reference), ``seconds`` (wall time of the whole call) and ``data``.
     """
-    started = time.perf_counter()
     if not isinstance(kl_to, (torch.nn.Module, type(None))):
         kl_to, _ = load_model(kl_to, device=next(model.parameters()).device)
+    result = evaluate_many([model], tokenizer, data, seqlen, windows, kl_to, batch_size=batch_size, device=device,
+                           progress=progress, text_model=text_model)[0]
+    result.pop("model_seconds")
+    return result
+
+
+def evaluate_many(
+    models: Sequence[torch.nn.Module],
+    tokenizer: Any,
+    data: str | os.PathLike | torch.Tensor,
+    seqlen: int,
+    windows: int | None,
+    reference: torch.nn.Module | None = None,
+    *,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    text_model: torch.nn.Module | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`evaluate` of several models that share a tokenizer, in one pass over the text.
+
+    The text is read (or sampled, for ``self:N``: from ``text_model``, else ``reference``, else
+    the first model) once, and each window runs through ``reference`` once (see
+    :func:`score_models`). One result per model, in order: :func:`evaluate`'s keys (``seconds``
+    is the wall time of the whole call, shared by all) plus ``model_seconds``, the model's own
+    forward passes.
+    """
+    started = time.perf_counter()
+    if not models:
+        raise ValueError("evaluate_many needs at least one model")
     if isinstance(data, torch.Tensor):
         ids = _check_windows(data)[: windows or None]
         data_name = "tensor"
     elif is_self_source(data):
-        sampler = next(m for m in (text_model, kl_to, model) if m is not None)
+        sampler = next(m for m in (text_model, reference, models[0]) if m is not None)
         ids = _self_ids(data, windows, seqlen, sampler, tokenizer, progress)
         data_name = os.fspath(data)
     else:
         ids = token_windows(tokenizer, load_text(data), seqlen, windows)
         data_name = os.fspath(data)
-    if kl_to is None:
-        result = perplexity(model, ids, batch_size=batch_size, device=device, progress=progress)
-        result["kl"] = None
-    else:
-        result = perplexity_and_kl(model, kl_to, ids, batch_size=batch_size, device=device, progress=progress)
-    result.update(seconds=time.perf_counter() - started, data=data_name)
-    logger.info(
-        "perplexity %.3f on %d windows of %d tokens (%s)",
-        result["perplexity"],
-        result["windows"],
-        result["seqlen"],
-        data_name,
-    )
-    return result
+    results = score_models(models, ids, reference=reference, batch_size=batch_size, device=device, progress=progress)
+    seconds = time.perf_counter() - started
+    for result in results:
+        result.update(seconds=seconds, data=data_name)
+        logger.info("perplexity %.3f on %d windows of %d tokens (%s)", result["perplexity"], result["windows"],
+                    result["seqlen"], data_name)
+    return results
 
 
 def _self_ids(data: Any, windows: int | None, seqlen: int, sampler: torch.nn.Module, tokenizer: Any,

@@ -61,7 +61,7 @@ def test_eval_append_to_an_unwritable_path_fails_before_evaluating(tiny_llama_di
     def no_evaluation(*args, **kwargs):
         raise AssertionError("evaluated although the --append file cannot be written")
 
-    monkeypatch.setattr("bitalloc.apply.evaluation.evaluate", no_evaluation)
+    monkeypatch.setattr("bitalloc.apply.evaluation.evaluate_many", no_evaluation)
     folder = tmp_path / "a-directory"
     folder.mkdir()
     assert main(["eval", str(tiny_llama_dir), "--data", "self:2", "--seqlen", "32", "--append", str(folder)]) == 2
@@ -132,7 +132,7 @@ def test_interrupted_eval_append_leaves_no_empty_file(tiny_llama_dir, tmp_path, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("bitalloc.apply.evaluation.evaluate", interrupted)
+    monkeypatch.setattr("bitalloc.apply.evaluation.evaluate_many", interrupted)
     evals = tmp_path / "evals.jsonl"
     assert main(["eval", str(tiny_llama_dir), "--data", "self:2", "--seqlen", "16", "--append", str(evals)]) == 130
     assert not evals.exists()

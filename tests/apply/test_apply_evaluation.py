@@ -98,3 +98,37 @@ def test_an_applied_dir_without_bitalloc_json_is_refused_by_load_and_eval(applie
         load(unfinished)
     with pytest.raises(IncompleteCheckpointError, match="bitalloc apply"):
         evaluate_model(str(unfinished), data="self:1", seqlen=16, windows=1, kl=False, device="cpu")
+
+
+def test_evaluate_models_shares_one_pass_and_equals_one_at_a_time(tiny_llama_dir, tiny_text_file, applied, tmp_path):
+    from bitalloc.apply import evaluate_models
+
+    nf4 = apply_allocation(uniform="nf4-g16-s16-r0", model=str(tiny_llama_dir), out=tmp_path / "nf4", device="cpu",
+                           progress=False)
+    evals = tmp_path / "evals.jsonl"
+    kw = dict(data=str(tiny_text_file), seqlen=32, windows=2, device="cpu")
+    together = evaluate_models([str(tiny_llama_dir), str(applied), str(nf4)], labels=["original", None, "four"],
+                               append=evals, **kw)
+    assert [r["label"] for r in together] == ["original", "nf3", "four"]
+    assert together[0]["kl"] == 0.0 and together[0]["kind"] == "original"  # scored from the reference's logits
+    for spec, row in zip((applied, nf4), together[1:]):
+        alone = evaluate_model(str(spec), **kw)
+        assert row["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)
+        assert row["kl"] == pytest.approx(alone["kl"], rel=1e-5) and row["kl_to"] == str(tiny_llama_dir)
+        assert row["bits_per_param"] == alone["bits_per_param"]
+    assert together[1]["kl"] > together[2]["kl"]  # 3-bit codes lose more than 4-bit ones
+    original = evaluate_model(str(tiny_llama_dir), **kw)
+    assert together[0]["perplexity"] == pytest.approx(original["perplexity"], rel=1e-6)
+    lines = [json.loads(line) for line in evals.read_text().splitlines()]
+    assert [line["label"] for line in lines] == ["original", "nf3", "four"]
+
+
+def test_evaluate_models_needs_one_label_per_model_and_checks_before_loading(applied, tmp_path):
+    from bitalloc.apply import evaluate_models
+
+    with pytest.raises(ValueError, match="one --label per model"):
+        evaluate_models([str(applied), str(applied)], labels=["only-one"], data="self:1", seqlen=16)
+    with pytest.raises(FileNotFoundError):
+        evaluate_models([str(applied), str(tmp_path / "missing")], data="self:1", seqlen=16,
+                        append=tmp_path / "evals.jsonl")
+    assert not (tmp_path / "evals.jsonl").exists()

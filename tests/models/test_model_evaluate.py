@@ -172,3 +172,48 @@ def test_perplexity_and_kl_in_one_pass_equal_the_two_passes(tiny_llama, windows)
     assert both["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)
     assert both["tokens"] == alone["tokens"] and both["windows"] == alone["windows"]
     assert both["kl"] == pytest.approx(expected_kl, rel=1e-4)
+
+
+def _perturbed(model, scale: float, seed: int):
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return other
+
+
+def test_score_models_runs_the_reference_once_per_batch_and_equals_one_model_at_a_time(tiny_llama, windows):
+    from bitalloc.models import perplexity_and_kl, score_models
+
+    model, _ = tiny_llama
+    a, b = _perturbed(model, 0.02, 1), _perturbed(model, 0.05, 2)
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        together = score_models([a, model, b], windows, reference=model, batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # 4 windows in batches of 2: the reference ran once per batch, listed or not
+    for other, result in zip((a, b), (together[0], together[2])):
+        alone = perplexity_and_kl(other, model, windows, progress=False)
+        assert result["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)
+        assert result["kl"] == pytest.approx(alone["kl"], rel=1e-5) and result["kl"] > 0
+        assert result["model_seconds"] > 0
+    assert together[1]["kl"] == 0.0  # the reference itself, scored from its own logits
+    assert together[1]["perplexity"] == pytest.approx(perplexity(model, windows, progress=False)["perplexity"],
+                                                      rel=1e-6)
+    assert together[0]["kl"] < together[2]["kl"]  # the larger perturbation moves further
+
+
+def test_evaluate_many_without_a_reference_has_no_kl(tiny_llama_dir, tiny_text_file):
+    from bitalloc.models import evaluate_many
+
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    other = _perturbed(model, 0.05, 3)
+    results = evaluate_many([model, other], tokenizer, str(tiny_text_file), seqlen=32, windows=2, progress=False)
+    assert [r["kl"] for r in results] == [None, None]
+    assert results[0]["tokens"] == results[1]["tokens"] == 2 * 31
+    assert results[0]["perplexity"] != results[1]["perplexity"]
+    with pytest.raises(ValueError, match="at least one model"):
+        evaluate_many([], tokenizer, str(tiny_text_file), seqlen=32, windows=2, progress=False)
