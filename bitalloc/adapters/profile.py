@@ -36,6 +36,7 @@ from bitalloc.adapters.peft_io import LoraAdapter, LoraModule, read_adapters
 from bitalloc.adapters.split import config_errors, svd_split
 from bitalloc.atomic import atomic_write_bytes, atomic_write_json
 from bitalloc.models import calibration_tokens, load_model
+from bitalloc.models.text import is_self_source
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +256,10 @@ def _model_side(adapters: Sequence[LoraAdapter], model: str | os.PathLike[str], 
     moments = input_moments(net, tokens, names)
     log.info("input second moments of %d layers over %d tokens in %.1f s", len(names), tokens.numel(),
              time.perf_counter() - t0)
-    return moments, {"source": str(calib), "samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
-                     "seed": seed}
+    info = {"source": str(calib), "samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]), "seed": seed}
+    if not is_self_source(str(calib)):
+        info["part"] = "second-half"  # calibration_tokens' default: evaluation reads the first half
+    return moments, info
 
 
 def _read_checked(directory: Path, entry: dict[str, Any], what: str) -> pd.DataFrame:

@@ -111,7 +111,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     request = ProfileRequest(
         model=args.model, out=args.out, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-        fisher=not args.no_fisher, fisher_mode=args.fisher_mode, act=not args.no_act, kl=not args.no_kl,
+        calib_part=args.calib_part, fisher=not args.no_fisher, fisher_mode=args.fisher_mode, act=not args.no_act, kl=not args.no_kl,
         kl_windows=args.kl_windows, kl_levels=args.kl_levels, space=args.space,
         ranks=parse_ranks(args.ranks), include=args.include, exclude=args.exclude,
         device=args.device, shard=args.shard, resume=args.resume, seed=args.seed,
@@ -336,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "sampled from the model itself)")
     p.add_argument("--samples", type=positive_int, default=None, help="calibration sequences (default: chosen per device)")
     p.add_argument("--seqlen", type=positive_int, default=None, help="tokens per calibration sequence (default: chosen per device)")
+    p.add_argument("--calib-part", choices=("second-half", "whole"), default="second-half",
+                   help="where a calibration text's windows come from: its second half (default), so that `bitalloc eval "
+                        "--windows N`, which reads the first N windows, scores text calibration never saw; or the whole "
+                        "text")
     p.add_argument("--no-fisher", action="store_true", help="no Fisher-weighted errors (no Fisher estimate)")
     p.add_argument("--no-act", action="store_true",
                    help="no activation-aware errors (error_act, from the calibration inputs' second moments)")

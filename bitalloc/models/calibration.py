@@ -4,7 +4,9 @@ A :class:`Calibration` says which text the Fisher estimate is computed on and ho
 source, the number of sequences and their length, the Fisher mode and its batch size. It is
 stored as the ``calibration`` entry of a profile's ``meta.json`` (and, through the
 allocation's provenance, of an applied directory's ``bitalloc.json``), with the keys
-``source``, ``samples``, ``seqlen``, ``mode`` and ``batch_size``.
+``source``, ``samples``, ``seqlen``, ``mode``, ``batch_size`` and, for windows read from the
+second half of a text (the default, see :func:`bitalloc.models.calibration_tokens`), ``part``;
+settings without ``part`` spread their windows over the whole text.
 
 :func:`calibration_fisher` gives the estimate for a model, from the cache under
 :func:`bitalloc.identity.cache_root` when there: ``bitalloc apply`` reuses the estimate its
@@ -24,7 +26,7 @@ from bitalloc.identity import cache_root
 from bitalloc.models.fisher import FISHER_MODES, default_fisher_settings
 from bitalloc.models.fisher_cache import fisher_cache_key, fisher_cache_paths, load_or_estimate_fisher
 from bitalloc.models.sampling import SAMPLER_VERSION
-from bitalloc.models.text import calibration_tokens, is_self_source
+from bitalloc.models.text import CALIBRATION_PARTS, calibration_tokens, is_self_source
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -40,7 +42,9 @@ class Calibration:
     ``source`` is a text source as :func:`bitalloc.models.calibration_tokens` reads it
     (``wikitext2``, ``c4``, a file, ``self:N``); ``samples`` sequences of ``seqlen`` tokens;
     ``mode`` one of :data:`bitalloc.models.fisher.FISHER_MODES`; ``batch_size`` sequences per
-    pass (None: the mode's default; files written before it was recorded lack it).
+    pass (None: the mode's default; files written before it was recorded lack it); ``part``
+    the part of a text source the windows come from (:data:`CALIBRATION_PARTS`; text sampled
+    from the model has no parts and is always ``whole``).
     """
 
     source: str
@@ -48,6 +52,7 @@ class Calibration:
     seqlen: int
     mode: str
     batch_size: int | None = None
+    part: str = "second-half"
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -58,10 +63,14 @@ class Calibration:
             raise ValueError(f"unknown Fisher mode {self.mode!r}; use one of {', '.join(FISHER_MODES)}")
         if self.batch_size is not None:
             _positive_int(self.batch_size, "batch_size")
+        if self.part not in CALIBRATION_PARTS:
+            raise ValueError(f"unknown calibration part {self.part!r}; use one of {', '.join(CALIBRATION_PARTS)}")
+        if is_self_source(self.source):
+            object.__setattr__(self, "part", "whole")  # a sample has no halves
 
     @classmethod
     def for_device(cls, device: str | torch.device | None, *, source: str | None = None, samples: int | None = None,
-                   seqlen: int | None = None, mode: str | None = None) -> Calibration:
+                   seqlen: int | None = None, mode: str | None = None, part: str = "second-half") -> Calibration:
         """The given settings, the rest from :func:`default_fisher_settings` of ``device``.
 
         ``source`` defaults to ``self:<samples>`` (text sampled from the model itself).
@@ -69,14 +78,17 @@ class Calibration:
         defaults = default_fisher_settings(device)
         count = int(samples or defaults["samples"])
         return cls(source=source or f"self:{count}", samples=count, seqlen=int(seqlen or defaults["seqlen"]),
-                   mode=mode or defaults["mode"], batch_size=int(defaults.get("batch_size") or 1))
+                   mode=mode or defaults["mode"], batch_size=int(defaults.get("batch_size") or 1), part=part)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (``meta.json``'s ``calibration``); ``batch_size`` only when known."""
+        """The JSON form (``meta.json``'s ``calibration``); ``batch_size`` only when known, ``part``
+        only when not ``whole``."""
         data: dict[str, Any] = {"source": self.source, "samples": self.samples, "seqlen": self.seqlen,
                                 "mode": self.mode}
         if self.batch_size is not None:
             data["batch_size"] = self.batch_size
+        if self.part != "whole":
+            data["part"] = self.part
         return data
 
     @classmethod
@@ -88,12 +100,14 @@ class Calibration:
         if missing:
             raise ValueError(f"calibration settings lack {', '.join(missing)}: {dict(data)!r}")
         return cls(source=data["source"], samples=data["samples"], seqlen=data["seqlen"], mode=data["mode"],
-                   batch_size=data.get("batch_size"))
+                   batch_size=data.get("batch_size"), part=data.get("part", "whole"))
 
     def key_fields(self, *, model_id: str, model_hash: str, seed: int) -> dict[str, Any]:
         """The Fisher cache key fields of an estimate with these settings (see :func:`fisher_cache_key`)."""
         # text sampled from the model is named with its sampler's version: another sampler's estimate is not reused
         data = f"{self.source}@sampler{SAMPLER_VERSION}" if is_self_source(self.source) else self.source
+        if self.part != "whole":
+            data = f"{data}#{self.part}"
         return {"model_id": model_id, "model_hash": model_hash, "data": data, "samples": self.samples,
                 "seqlen": self.seqlen, "mode": self.mode, "seed": seed}
 
@@ -117,7 +131,8 @@ def calibration_token_source(calibration: Calibration, model: torch.nn.Module, t
     def tokens() -> torch.Tensor:
         if not drawn:
             drawn.append(calibration_tokens(calibration.source, model, tokenizer, calibration.seqlen,
-                                            calibration.samples, seed=seed, progress=progress))
+                                            calibration.samples, seed=seed, part=calibration.part,
+                                            progress=progress))
         return drawn[0]
 
     return tokens

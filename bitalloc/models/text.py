@@ -42,7 +42,7 @@ C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
 C4_DOCUMENTS = 1100
 
 __all__ = ["C4_DOCUMENTS", "C4_NAME", "C4_SHARD", "TEXT_SOURCE_FORMS", "WIKITEXT2_FILE", "WIKITEXT2_NAMES",
-           "TextFileMissingError", "TextSourceError", "calibration_tokens", "check_text_source", "data_search_dirs", "find_data_file",
+           "CALIBRATION_PARTS", "TextFileMissingError", "TextSourceError", "calibration_tokens", "check_text_source", "data_search_dirs", "find_data_file",
            "is_self_source", "load_text", "parse_self_source", "read_text_file", "spread_indices", "token_windows"]
 
 
@@ -173,6 +173,10 @@ def token_windows(tokenizer: Any, text: str, seqlen: int, n_windows: int | None 
     return ids[: count * seqlen].reshape(count, seqlen).long()
 
 
+#: Where a text source's calibration windows come from (see :func:`calibration_tokens`).
+CALIBRATION_PARTS = ("second-half", "whole")
+
+
 def spread_indices(available: int, n: int) -> torch.LongTensor:
     """``n`` indices spread evenly over ``range(available)`` (all of them when n >= available)."""
     if n >= available:
@@ -187,19 +191,26 @@ def calibration_tokens(
     seqlen: int,
     n: int,
     seed: int = 0,
+    part: str = "second-half",
     **sampling: Any,
 ) -> torch.LongTensor:
     """``LongTensor[n, seqlen]`` of calibration tokens from a text source or from the model.
 
     For text sources the text is cut into all its windows (see :func:`token_windows`) and ``n``
-    of them are taken, spread evenly over the text (deterministic; ``seed`` is not used); if the
-    text has fewer, all are returned with a warning. ``self`` samples ``n`` sequences from the
-    model and ``self:N`` samples ``N`` (N overrides ``n``), seeded by ``seed``; extra keyword
-    arguments go to :func:`bitalloc.models.sampling.sample_sequences` (``top_k``,
-    ``temperature``, ``batch_size``, ``progress``).
+    of them are taken, spread evenly over the ``part`` of the text (deterministic; ``seed`` is
+    not used): ``second-half`` (default) keeps them out of the first half, where evaluation
+    takes its windows (``bitalloc eval --windows N`` reads the first N), ``whole`` spreads them
+    over all of it. When the part has fewer than ``n`` windows they come from the whole text,
+    with a warning; when the text has fewer, all are returned with a warning. ``self``
+    samples ``n`` sequences from the model and ``self:N`` samples ``N`` (N overrides ``n``),
+    seeded by ``seed`` (a stream evaluation text is not sampled from); extra keyword arguments
+    go to :func:`bitalloc.models.sampling.sample_sequences` (``top_k``, ``temperature``,
+    ``batch_size``, ``progress``).
     """
     if n < 1:
         raise ValueError(f"need at least one calibration sequence, got n={n}")
+    if part not in CALIBRATION_PARTS:
+        raise ValueError(f"unknown calibration part {part!r}; use one of {', '.join(CALIBRATION_PARTS)}")
     is_self, count = parse_self_source(os.fspath(src))
     if is_self:
         if count == 0:
@@ -210,4 +221,12 @@ def calibration_tokens(
     windows = token_windows(tokenizer, load_text(src), seqlen)
     if windows.shape[0] < n:
         logger.warning("%s has %d windows of %d tokens, fewer than the %d asked for", src, windows.shape[0], seqlen, n)
+    if part == "second-half":
+        half = windows[windows.shape[0] // 2:]
+        if half.shape[0] >= n:
+            return half[spread_indices(half.shape[0], n)]
+        if windows.shape[0] >= n:
+            logger.warning("the second half of %s has %d windows of %d tokens, fewer than the %d asked for: taking "
+                           "them from the whole text, where evaluation windows may overlap them",
+                           src, half.shape[0], seqlen, n)
     return windows[spread_indices(windows.shape[0], n)]

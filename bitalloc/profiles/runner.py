@@ -31,6 +31,7 @@ from bitalloc.models.fisher import FISHER_MODES
 from bitalloc.models.kl_probe import ProbeSettings
 from bitalloc.models.loading import check_finite
 from bitalloc.models.targets import float_target_weight
+from bitalloc.models.text import CALIBRATION_PARTS
 from bitalloc.preflight import check_model_spec, check_text_source
 from bitalloc.profiles.jobs import resolve_jobs
 from bitalloc.profiles.kl_factors import add_error_kl, kl_basis, measure_kl_factors
@@ -65,7 +66,8 @@ class ProfileRequest:
     """Everything that defines a profile run (the CLI's flags), checked when made.
 
     ``calib``, ``samples``, ``seqlen`` and ``fisher_mode`` left None take the device's
-    defaults (see :meth:`calibration`). ``act`` records ``error_act`` (the activation-aware
+    defaults (see :meth:`calibration`); ``calib_part`` is the part of a calibration text the
+    windows come from (see :func:`bitalloc.models.calibration_tokens`). ``act`` records ``error_act`` (the activation-aware
     error, see :mod:`bitalloc.models.activations`) from the same calibration text; ``kl``
     records ``error_kl`` from per-matrix KL factors measured on ``kl_windows`` calibration
     sequences at the relative noise levels ``kl_levels`` (see :mod:`bitalloc.profiles.kl_factors`).
@@ -78,6 +80,7 @@ class ProfileRequest:
     calib: str | None = None
     samples: int | None = None
     seqlen: int | None = None
+    calib_part: str = "second-half"
     fisher: bool = True
     fisher_mode: str | None = None
     act: bool = True
@@ -101,6 +104,8 @@ class ProfileRequest:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.calib_part not in CALIBRATION_PARTS:
+            raise ValueError(f"unknown calibration part {self.calib_part!r}; use one of {', '.join(CALIBRATION_PARTS)}")
         if self.fisher_mode is not None and self.fisher_mode not in FISHER_MODES:
             raise ValueError(f"unknown Fisher mode {self.fisher_mode!r}; use one of {', '.join(FISHER_MODES)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -143,7 +148,7 @@ class ProfileRequest:
     def calibration(self, device: torch.device | str) -> Calibration:
         """The calibration settings of this run on ``device`` (the device's defaults where unset)."""
         return Calibration.for_device(device, source=self.calib, samples=self.samples, seqlen=self.seqlen,
-                                      mode=self.fisher_mode)
+                                      mode=self.fisher_mode, part=self.calib_part)
 
 
 def _matrix_rows(index: int, name: str, W: torch.Tensor, configs: Sequence[QuantConfig],
@@ -192,6 +197,10 @@ def describe_meta_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
                 parts.append(f"configs (space {old.get('space')!r} vs {new.get('space')!r}, ranks {old.get('ranks')} vs {new.get('ranks')})")
             elif key == "model_hash":
                 parts.append(f"model ({old.get('model')!r} vs {new.get('model')!r}: the weights differ)")
+            elif key == "calibration" and old[key].get("part") != new[key].get("part"):
+                parts.append(f"calibration windows (from the {old[key].get('part', 'whole')} of the text in the profile, "
+                             f"the {new[key].get('part', 'whole')} here: --calib-part {old[key].get('part', 'whole')} "
+                             "resumes it)")
             else:
                 parts.append(f"{key} ({old.get(key)!r} vs {new.get(key)!r})")
     return "; ".join(parts)

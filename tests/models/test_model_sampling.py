@@ -70,7 +70,7 @@ def test_fisher_key_of_sampled_text_names_the_sampler():
     file_fields = Calibration(source="wikitext2", samples=16, seqlen=256, mode="exact").key_fields(model_id="m", model_hash="h",
                                                                                      seed=0)
     assert self_fields["data"] == f"self:16@sampler{SAMPLER_VERSION}"
-    assert file_fields["data"] == "wikitext2"
+    assert file_fields["data"] == "wikitext2#second-half"
 
 
 def test_sampling_progress_counts_tokens(tiny_llama, monkeypatch):

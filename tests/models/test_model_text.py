@@ -104,14 +104,28 @@ def test_token_windows_argument_checks(tiny_tokenizer):
         token_windows(tiny_tokenizer, "text", 2, n_windows=0)
 
 
-def test_calibration_from_a_file_spreads_windows(tiny_llama, tiny_text_file):
+def test_calibration_from_a_file_spreads_windows_over_its_second_half(tiny_llama, tiny_text_file):
     model, tokenizer = tiny_llama
     everything = token_windows(tokenizer, load_text(str(tiny_text_file)), 32)
+    whole = calibration_tokens(str(tiny_text_file), model, tokenizer, seqlen=32, n=4, part="whole")
+    assert torch.equal(whole, torch.stack([everything[i * everything.shape[0] // 4] for i in range(4)]))
     picked = calibration_tokens(str(tiny_text_file), model, tokenizer, seqlen=32, n=4)
-    assert picked.shape == (4, 32)
-    step = everything.shape[0] / 4
-    expected = torch.stack([everything[int(i * everything.shape[0] // 4)] for i in range(4)])
-    assert torch.equal(picked, expected) and step > 1
+    half = everything[everything.shape[0] // 2:]
+    assert half.shape[0] > 4 and torch.equal(picked, torch.stack([half[i * half.shape[0] // 4] for i in range(4)]))
+    # the first half, where `bitalloc eval --windows N` reads, holds none of them
+    text = everything.reshape(-1)
+    first_half = text[: everything.shape[0] // 2 * 32].unfold(0, 32, 1)
+    assert not any(bool((first_half == row).all(dim=1).any()) for row in picked)
+    with pytest.raises(ValueError, match="calibration part"):
+        calibration_tokens(str(tiny_text_file), model, tokenizer, seqlen=32, n=4, part="first")
+
+
+def test_calibration_takes_the_whole_text_when_its_second_half_is_too_short(tiny_llama, tiny_text_file, caplog):
+    model, tokenizer = tiny_llama
+    everything = token_windows(tokenizer, load_text(str(tiny_text_file)), 32)
+    n = everything.shape[0] // 2 + 2  # more than the second half holds, fewer than the whole text
+    picked = calibration_tokens(str(tiny_text_file), model, tokenizer, seqlen=32, n=n)
+    assert picked.shape == (n, 32) and "second half" in caplog.text
 
 
 def test_self_sampling_is_seeded(tiny_llama):
