@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -263,8 +264,9 @@ def fit_kl_factors(probe: KLProbe, targets: Sequence[str], settings: ProbeSettin
     ``settings.levels`` of injected noise. Returns ``{name: {"factor", "levels", "errors", "kl"}}``."""
     out: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
-    for i, name in enumerate(tqdm(targets, desc="KL probes", unit="matrix", disable=not progress)):
-        gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
+    for name in tqdm(targets, desc="KL probes", unit="matrix", disable=not progress):
+        # seeded by the matrix's name: its factor does not depend on which others are measured with it
+        gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + zlib.crc32(name.encode()))
         W = target_weight(probe.modules[name]).detach().float()
         errors, kls = [], []
         for level in settings.levels:

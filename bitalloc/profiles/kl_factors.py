@@ -92,6 +92,30 @@ def measure_kl_factors(directory: str | Path, model: torch.nn.Module, targets: S
     return {n: float(entries[n]["factor"]) for n in names}
 
 
+def merge_kl_factors(sources: Sequence[str | Path], out: str | Path) -> bool:
+    """Write the union of the sources' ``kl_factors.json`` to ``out`` (shards of one profile).
+
+    Written only when every source has one and all were measured with the same settings and
+    basis (what :func:`measure_kl_factors` needs to reuse them); otherwise nothing is written,
+    with a warning when some source has factors. Returns whether the file was written.
+    """
+    kept = [read_kl_factors(src) for src in sources]
+    if not any(kept):
+        return False
+    headers = [None if k is None else {"settings": k.get("settings"), "basis": k.get("basis")} for k in kept]
+    if any(h is None for h in headers) or any(h != headers[0] for h in headers[1:]):
+        log.warning("the shards' KL factors (%s) are not all measured with the same settings: %s not written; "
+                    "error_kl keeps each shard's values", KL_FACTORS_FILE, KL_FACTORS_FILE)
+        return False
+    factors: dict[str, Any] = {}
+    for k in kept:
+        factors.update(k["factors"])
+    atomic_write_json(Path(out) / KL_FACTORS_FILE,
+                      {**headers[0], "seconds": sum(float(k.get("seconds", 0.0)) for k in kept),
+                       "probes": sum(int(k.get("probes", 0)) for k in kept), "factors": factors})
+    return True
+
+
 def add_error_kl(table: pd.DataFrame, factors: Mapping[str, float], basis: str) -> pd.DataFrame:
     """``table`` with ``error_kl = factor[matrix] · error_<basis>`` (NaN for a matrix without a factor)."""
     column = BASIS_COLUMNS[basis]

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from bitalloc.atomic import check_output
+from bitalloc.profiles.kl_factors import merge_kl_factors
 from bitalloc.profiles.store import (
     ProfileError,
     load_profile,
@@ -51,7 +52,8 @@ def merge_profiles(sources: Sequence[str | Path], out: str | Path, *, force: boo
     """Join shard profiles into one profile at ``out``.
 
     The shards must describe the same model, targets, configs and calibration, and together
-    cover every target exactly once.
+    cover every target exactly once. Their KL factors (``kl_factors.json``) are joined too
+    (see :func:`bitalloc.profiles.kl_factors.merge_kl_factors`).
     """
     if not sources:
         raise ValueError("merge needs at least one profile directory")
@@ -92,6 +94,7 @@ def merge_profiles(sources: Sequence[str | Path], out: str | Path, *, force: boo
     meta.update(shard=None, work=list(range(n_targets)), merged_from=[str(s) for s in sources], complete=False)
     meta["seconds"] = sum(float(m.get("seconds", 0.0)) for m in metas)
     write_meta(out, meta)
+    merge_kl_factors(sources, out)
     write_table(out, table.reset_index(drop=True), meta)
     log.info("merged %d shards into %s (%d rows)", len(sources), out, len(table))
     return out

@@ -85,3 +85,24 @@ def test_error_kl_orders_allocations_like_measured_kl_where_plain_error_misleads
     assert total("error", a) < total("error", b)  # plain error prefers a
     assert kl_a > kl_b  # measured: b is better
     assert total("error_kl", a) > total("error_kl", b)  # error_kl orders them as measured
+
+
+def test_shards_merge_their_kl_factors(kl_profile, tmp_path, monkeypatch):
+    import dataclasses
+
+    from bitalloc.profiles import merge_profiles
+
+    request, whole = kl_profile
+    shards = [profile(dataclasses.replace(request, out=tmp_path / f"s{i}", shard=f"{i}/2")) for i in (1, 2)]
+    merged = merge_profiles(shards, tmp_path / "merged")
+    factors = json.loads((merged / KL_FACTORS_FILE).read_text())
+    full = json.loads((whole / KL_FACTORS_FILE).read_text())
+    assert factors["basis"] == full["basis"] and factors["settings"] == full["settings"]
+    assert sorted(factors["factors"]) == sorted(full["factors"])  # every matrix, from the shard that measured it
+    assert factors["probes"] == full["probes"]
+    for name, entry in full["factors"].items():
+        assert factors["factors"][name]["factor"] == pytest.approx(entry["factor"], rel=1e-4)
+    # shards measured with other settings are not joined: nothing a rerun could wrongly reuse
+    other = json.loads((shards[1] / KL_FACTORS_FILE).read_text())
+    (shards[1] / KL_FACTORS_FILE).write_text(json.dumps({**other, "basis": "plain"}))
+    assert not (merge_profiles(shards, tmp_path / "mixed") / KL_FACTORS_FILE).exists()
