@@ -82,6 +82,7 @@ def write_report(out: Path, data: dict[str, Any]) -> None:
         f"| {e['label']} | {'-' if e.get('bits_per_param') is None else format(e['bits_per_param'], '.4f')} | "
         f"{e['perplexity']:.2f} | {'-' if e.get('kl') is None else format(e['kl'], '.4f')} | "
         f"{e.get('model_seconds', float('nan')):.1f} |" for e in data["evals"])
+    reference = max((e.get("reference_seconds") or 0.0 for e in data["evals"]), default=0.0)
     text = f"""# demo: `make demo` from a bare clone
 
 `git clone` of the repository into an empty directory with no `../shared` beside it and an empty
@@ -101,7 +102,8 @@ through the original once, as the KL reference), then the report.
 | --- | ---: | ---: | ---: |
 {rows}
 
-The evaluation (`bitalloc eval` of all models in one pass; seconds: each model's own forward passes):
+The evaluation (`bitalloc eval` of all models in one pass; seconds: each model's own forward passes;
+the original's, which give its own row and every KL reference, took {reference:.1f} s):
 
 | model | bits/param | perplexity | KL | seconds |
 | --- | ---: | ---: | ---: | ---: |

@@ -118,7 +118,8 @@ def score_models(
     Each batch of windows runs through ``reference`` once and through each model once; a model
     that *is* the reference reuses its logits. One result per model, in order:
     :func:`perplexity`'s keys, ``kl`` (None without a reference; 0 for the reference itself)
-    and ``model_seconds`` (the time of that model's own forward passes and losses). All the
+    ``model_seconds`` (the time of that model's own forward passes and losses) and
+    ``reference_seconds`` (the reference's forward passes, shared by all). All the
     models are held in memory together; the reference runs on its own device and its logits
     are brought to each model's.
     """
@@ -134,12 +135,15 @@ def score_models(
     nll = [0.0] * len(models)
     kl = [0.0] * len(models)
     seconds = [0.0] * len(models)
+    ref_seconds = 0.0
     tokens = positions = 0
     label = desc or ("perplexity" if reference is None else "perplexity and KL") + (
         f" ({len(models)} models)" if len(models) > 1 else "")
     with eval_mode(*models, *([reference] if reference is not None else [])):
         for batch in _batches(windows, batch_size, label, progress):
+            started = time.perf_counter()
             ref_logits = None if reference is None else _logits(reference, batch.to(ref_device))
+            ref_seconds += time.perf_counter() - started
             for i, (model, run_on) in enumerate(zip(models, places)):
                 started = time.perf_counter()
                 ids = batch.to(run_on)
@@ -160,7 +164,7 @@ def score_models(
     return [
         {**_perplexity_result(nll[i], tokens, windows),
          "kl": None if reference is None else kl[i] / positions,
-         "model_seconds": seconds[i]}
+         "model_seconds": seconds[i], "reference_seconds": ref_seconds}
         for i, model in enumerate(models)
     ]
 
@@ -179,7 +183,7 @@ def perplexity(
     ``n * (seqlen - 1)``), ``windows`` and ``seqlen``. Raises ValueError for encoder models.
     """
     result = score_models([model], windows, batch_size=batch_size, device=device, progress=progress)[0]
-    return {k: v for k, v in result.items() if k not in ("kl", "model_seconds")}
+    return {k: v for k, v in result.items() if k not in ("kl", "model_seconds", "reference_seconds")}
 
 
 def kl_divergence(
@@ -213,7 +217,8 @@ def perplexity_and_kl(
     of ``model`` per batch: the same logits give both."""
     result = score_models([model], windows, reference=reference_model, batch_size=batch_size, device=device,
                           progress=progress, desc=desc)[0]
-    result.pop("model_seconds")
+    for key in ("model_seconds", "reference_seconds"):
+        result.pop(key)
     return result
 
 
@@ -244,7 +249,8 @@ def evaluate(
         kl_to, _ = load_model(kl_to, device=next(model.parameters()).device)
     result = evaluate_many([model], tokenizer, data, seqlen, windows, kl_to, batch_size=batch_size, device=device,
                            progress=progress, text_model=text_model)[0]
-    result.pop("model_seconds")
+    for key in ("model_seconds", "reference_seconds"):
+        result.pop(key)
     return result
 
 
@@ -266,8 +272,8 @@ def evaluate_many(
     The text is read (or sampled, for ``self:N``: from ``text_model``, else ``reference``, else
     the first model) once, and each window runs through ``reference`` once (see
     :func:`score_models`). One result per model, in order: :func:`evaluate`'s keys (``seconds``
-    is the wall time of the whole call, shared by all) plus ``model_seconds``, the model's own
-    forward passes.
+    is the wall time of the whole call, shared by all) plus ``reference_seconds`` and
+    ``model_seconds`` (see :func:`score_models`).
     """
     started = time.perf_counter()
     if not models:
