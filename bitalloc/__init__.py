@@ -35,6 +35,8 @@ _EXPORTS = {
     "report": "bitalloc.reports",
     "apply_allocation": "bitalloc.apply",
     "load": "bitalloc.apply",
+    "evaluate_model": "bitalloc.apply",
+    "evaluate_models": "bitalloc.apply",
     "QuantizedLinear": "bitalloc.apply",
     "AdapterQuantConfig": "bitalloc.adapters",
     "profile_adapters": "bitalloc.adapters",

@@ -37,6 +37,8 @@ def test_the_readme_python_snippet_runs_as_written_on_a_tiny_model(tiny_llama_di
     exec(compile(code, "README.md (Python API)", "exec"), namespace)
     assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "model-3.25" / "bitalloc.json").is_file()
     assert namespace["alloc"].bits_per_param <= 3.25
+    original, quantized = namespace["rows"]
+    assert original["kl"] == 0.0 and quantized["kl"] > 0 and quantized["kl_to"] == str(tiny_llama_dir)
 
 
 @pytest.mark.slow
