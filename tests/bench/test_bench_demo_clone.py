@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_scripts import load_bench
+
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("demo_clone", ROOT / "bench" / "demo_clone.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("demo_clone.py", "demo_clone")
 
 
 LINES = [(0.5, "python3 -m venv .venv"), (80.0, ".venv/bin/bitalloc info | tail -n 3"),

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_scripts import load_bench
+
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("faults", ROOT / "bench" / "faults.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("faults.py", "faults")
 
 
 def _record(command: str, kill: int, equal: bool, lock: bool | None) -> dict:

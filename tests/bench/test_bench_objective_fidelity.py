@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_scripts import load_bench
+
 SPACE = ["nf2-g16-s8x16-r0", "nf3-g16-s8x16-r0", "nf3-g32-s4x16-r0", "nf4-g16-s8x16-r0", "nf4-g16-s16-r0"]
 
 
 def _load(name: str, file: str):
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(file, name)
 
 
 @pytest.fixture(scope="module")
