@@ -249,8 +249,8 @@ def render(res: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
         f"from 0 to {res['rank']}, groups {res['space']['groups']}; everything stored is counted)"
         + (f", and as many with fitted scales (`-fit`), {res['configs']} in all" if "fit" in res else "")
         + ". Spectra decay as `c·(k+1)^(-α)` (see `bench/adapters_fleet.py`). One budget for the whole fleet; "
-        "the solves below use the min-max configs unless a row says `-fit`. Wall seconds on a shared machine "
-        "(see below), CPU seconds of this process beside them.",
+        "the solves below use the min-max configs unless a row says `-fit`. Wall seconds on the machine below "
+        "(with its load), CPU seconds of this process beside them.",
         "",
         "| step | wall s | CPU s | notes |",
         "|---|---:|---:|---|",
@@ -344,6 +344,7 @@ def main() -> int:
     parser.add_argument("--fit", action="store_true", help="also profile the fitted (-fit) configs and compare")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the profile")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--note", default=None, help="a line on the machine's state, for the report")
     parser.add_argument("--out", default=str(ROOT / "reports" / "adapters_fleet"))
     parser.add_argument("--arrays", default=None,
                         help="an .npz file (outside the repository) to keep the profiled arrays in and reuse")
@@ -352,6 +353,7 @@ def main() -> int:
     logging.getLogger("bitalloc").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     t0 = time.perf_counter()
     res = run(args)
     res["time_limit"] = args.time_limit
@@ -359,9 +361,10 @@ def main() -> int:
     from importlib.metadata import version
 
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "note": "shared with other jobs while it ran", "python": platform.python_version(),
+               **({"note": args.note} if args.note else {}), "python": platform.python_version(),
                "torch": torch.__version__, "numpy": np.__version__, "highspy": version("highspy"),
                "date": dt.date.today().isoformat(),
+               "load average at the start (1, 5, 15 min)": load_start,
                "load average at the end (1, 5, 15 min)": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
     res["machine"] = machine
     command = "python bench/adapters_fleet.py " + " ".join(sys.argv[1:])
