@@ -27,6 +27,7 @@ import datetime as dt
 import logging
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -367,7 +368,7 @@ def main() -> int:
                "load average at the start (1, 5, 15 min)": load_start,
                "load average at the end (1, 5, 15 min)": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
     res["machine"] = machine
-    command = "python bench/adapters_fleet.py " + " ".join(sys.argv[1:])
+    command = "python bench/adapters_fleet.py " + shlex.join(sys.argv[1:])
     res["command"] = command.strip()
     out = Path(args.out)
     atomic_write_json(out / "results.json", res)

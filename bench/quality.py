@@ -118,6 +118,9 @@ def plan(args: argparse.Namespace, profile_dir: Path, work: Path) -> list[dict[s
             label = f"bitalloc-{objective}-{rank_mode}-{budget:.2f}"
             entry = {"label": label, "kind": "bitalloc", "objective": objective, "rank_mode": rank_mode,
                      "budget": budget}
+            if rank_mode == "refine" and not _selected(args, label) and not (alloc_dir / f"{label}.json").is_file():
+                entries.append(entry)  # its refinement runs the model: left to a run whose --only selects it
+                continue
             try:
                 if rank_mode == "refine":
                     alloc = _refined(args, profile_dir, alloc_dir / f"{label}.json", budget, objective)
@@ -143,6 +146,11 @@ def plan(args: argparse.Namespace, profile_dir: Path, work: Path) -> list[dict[s
         return order[key]
 
     return sorted(entries, key=priority)
+
+
+def _selected(args: argparse.Namespace, label: str) -> bool:
+    """Whether ``--only`` (when given) selects the model ``label``."""
+    return not args.only or re.search(args.only, label) is not None
 
 
 def _objective(name: str) -> str:
@@ -444,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-models", action="store_true")
     p.add_argument("--no-kl", action="store_true", help="perplexity only (KL doubles the evaluation time)")
     p.add_argument("--only", default=None, metavar="REGEX",
-                   help="evaluate only models whose label matches (others are reported when already measured)")
+                   help="evaluate only models whose label matches (others are reported when already measured); "
+                        "a refine variant is refined only at the budgets it selects")
     p.add_argument("--quick", action="store_true", help="smoke run: layers 0-1, 2 windows of 256, 3 budgets")
     args = p.parse_args(argv)
     if args.quick:
