@@ -141,3 +141,11 @@ def test_objective_flags_are_checked_when_parsed(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_profile_refuses_an_unknown_calibration_part_before_loading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a value outside the choices
+        main(["-q", "profile", "--calib-part", "first", "--out", str(tmp_path / "p")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--calib-part" in err and "second-half" in err and not (tmp_path / "p").exists()

@@ -470,3 +470,13 @@ def test_a_corrupt_meta_is_not_rebuilt_from_another_command_line(tiny_llama_dir,
     with pytest.raises(ProfileError, match="do not fit"):  # --no-fisher differs: parts without Fisher errors
         profile(_request(tiny_llama_dir, out, space_file, resume=True, fisher=True,
                          calib=str(tmp_path / "calib.txt")))
+
+
+def test_a_resume_across_calibration_parts_names_the_flag_that_resumes_it():
+    from bitalloc.profiles.runner import describe_meta_difference
+
+    old = {"calibration": {"source": "wikitext2", "samples": 16, "seqlen": 256, "mode": "persample"}}
+    new = {"calibration": {**old["calibration"], "part": "second-half"}}
+    message = describe_meta_difference(old, new)
+    assert "--calib-part whole resumes it" in message and "second-half" in message
+    assert describe_meta_difference(new, new) == ""
