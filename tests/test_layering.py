@@ -30,7 +30,7 @@ BASE_MODULES = {"atomic": "base", "errors": "base", "identity": "base", "preflig
 #: pulls in no stage).
 ROOT_NAMES = {"__version__"}
 #: Modules that may import bitalloc modules inside functions.
-LAZY_IMPORTERS = {"bitalloc.cli", "bitalloc.cli.adapter_commands"}
+LAZY_IMPORTERS = {"bitalloc.cli", "bitalloc.cli.adapter_commands", "bitalloc.cli.eval_command"}
 RULES = (
     f"stage order: {' -> '.join(STAGES[1:-2])} (with {', '.join(sorted(k for k, v in BASE_MODULES.items() if v == 'base'))} "
     "at the bottom for every stage, and the cli and bitalloc/__init__.py on top)"
